@@ -1,0 +1,115 @@
+"""`ShortVConfig`: which decoder layers freeze their visual tokens, and how. JSON round trip, published presets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_FORMAT_VERSION = 1
+MODES = ("fast", "reference")
+
+#: Layer orders published with the paper (ascending visual Layer Contribution); ShortV freezes the first N.
+PRESET_LAYER_ORDERS: dict[str, tuple[int, ...]] = {
+    "llava-hf/llava-1.5-7b-hf": (31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19),
+    "llava-hf/llava-1.5-13b-hf": (
+        39, 32, 28, 36, 27, 37, 29, 30, 1, 38, 25, 31, 2, 26, 23, 34, 0, 33, 35, 22, 24, 21, 20, 17,
+    ),
+    "llava-hf/llava-v1.6-vicuna-7b-hf": (31, 29, 30, 28, 26, 27, 22, 24, 21, 23, 25, 20, 19, 17, 18, 15, 12, 0, 2),
+    "llava-hf/llava-v1.6-vicuna-13b-hf": (
+        39, 32, 29, 36, 27, 30, 37, 23, 25, 31, 26, 2, 28, 22, 33, 35, 34, 24, 38, 21, 20, 18, 1, 17,
+    ),
+}  # fmt: skip
+
+#: Short names accepted by `ShortVConfig.from_preset` besides the hub ids.
+PRESET_ALIASES = {
+    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
+    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
+    "llava-next-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "llava-next-13b": "llava-hf/llava-v1.6-vicuna-13b-hf",
+}
+
+
+@dataclass
+class ShortVConfig:
+    """Which decoder layers are ShortV layers (visual tokens frozen) and which implementation runs them.
+
+    ``layers`` keeps the order it was given (an LC ranking, for instance); only the set matters for inference.
+    ``mode="fast"`` skips the frozen tokens' compute; ``mode="reference"`` runs the layer and restores them
+    (slow, architecture-agnostic, the oracle). ``provenance`` records where the layers came from.
+    """
+
+    layers: list[int] = field(default_factory=list)
+    mode: str = "fast"
+    version: int = CONFIG_FORMAT_VERSION
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
+            raise TypeError(f"ShortVConfig.layers must be a list of layer indices, got {self.layers!r}")
+        layers = list(self.layers)
+        seen: set[int] = set()
+        for index in layers:
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise TypeError(f"ShortVConfig.layers must contain integers, got {index!r} ({type(index).__name__})")
+            if index < 0:
+                raise ValueError(f"ShortVConfig.layers must be >= 0 (decoder layer indices), got {index}")
+            if index in seen:
+                raise ValueError(f"ShortVConfig.layers lists layer {index} more than once: {layers}")
+            seen.add(index)
+        self.layers = layers
+        if self.mode not in MODES:
+            raise ValueError(f"ShortVConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.version != CONFIG_FORMAT_VERSION:
+            raise ValueError(
+                f"ShortVConfig format version {self.version} is not supported by this shortv "
+                f"(expected {CONFIG_FORMAT_VERSION})"
+            )
+        if not isinstance(self.provenance, dict):
+            raise TypeError(f"ShortVConfig.provenance must be a dict, got {type(self.provenance).__name__}")
+
+    @property
+    def frozen_layers(self) -> frozenset[int]:
+        return frozenset(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShortVConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"a ShortV config must be a JSON object, got {type(data).__name__}")
+        unknown = set(data) - {"layers", "mode", "version", "provenance"}
+        if unknown:
+            raise ValueError(f"unknown ShortV config field(s): {sorted(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ShortVConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_preset(cls, name: str, n: int | None = None, mode: str = "fast") -> ShortVConfig:
+        """The first ``n`` layers of a published order (all of them when ``n`` is None)."""
+        hub_id = PRESET_ALIASES.get(name, name)
+        if hub_id not in PRESET_LAYER_ORDERS:
+            known = sorted(PRESET_LAYER_ORDERS) + sorted(PRESET_ALIASES)
+            raise ValueError(f"unknown ShortV preset {name!r}; known presets: {', '.join(known)}")
+        order = PRESET_LAYER_ORDERS[hub_id]
+        if n is None:
+            n = len(order)
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(order):
+            raise ValueError(f"preset {hub_id!r} publishes {len(order)} layers; n must be in 0..{len(order)}, got {n!r}")
+        return cls(layers=list(order[:n]), mode=mode, provenance={"preset": hub_id, "n": n})
