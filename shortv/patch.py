@@ -24,7 +24,13 @@ from .config import ShortVConfig
 from .frozen import llama as llama_fast
 from .frozen.reference import reference_frozen_forward
 from .layout import TokenLayout
-from .registry import architecture_for, find_decoder_layers, supported_fast_model_types, visual_token_ids
+from .registry import (
+    architecture_for,
+    find_decoder_layers,
+    model_type_of,
+    supported_fast_model_types,
+    visual_token_ids,
+)
 
 STATE_ATTRIBUTE = "_shortv_state"
 _MISSING = object()
@@ -75,7 +81,7 @@ def _check_applicable(model: nn.Module, config: ShortVConfig, layers: nn.ModuleL
     if config.mode != "fast" or not config.layers:
         return
     arch = architecture_for(model)
-    model_type = getattr(model.config, "model_type", None)
+    model_type = model_type_of(model)
     if arch.fast_layer is None:
         raise ValueError(
             f"mode='fast' does not support model_type={model_type!r}; supported: "

@@ -59,8 +59,12 @@ GENERIC = Architecture(
 )
 
 
+def model_type_of(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
 def architecture_for(model: nn.Module) -> Architecture:
-    return ARCHITECTURES.get(getattr(model.config, "model_type", None), GENERIC)
+    return ARCHITECTURES.get(model_type_of(model), GENERIC)
 
 
 def supported_fast_model_types() -> list[str]:
@@ -92,7 +96,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     for layers in candidates:
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return layers
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = model_type_of(model)
     raise ValueError(
         f"could not find the decoder layers of {type(model).__name__} (model_type={model_type!r}): "
         "no registry entry path and no `get_decoder().layers`. Add the family to shortv.registry.ARCHITECTURES."
@@ -101,7 +105,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def visual_token_ids(model: nn.Module) -> tuple[int, ...]:
     """Input ids that stand for visual features in this model's sequences (empty for bare language models)."""
-    config = model.config
+    config = getattr(model, "config", None)
     ids = []
     for attribute in architecture_for(model).visual_token_id_attributes:
         value = getattr(config, attribute, None)

@@ -1,0 +1,240 @@
+"""Prefill FLOPs of dense decoder layers and ShortV layers (arXiv 2504.00502).
+
+A ShortV layer freezes the visual tokens: they still provide keys and values,
+but skip the query/output projections, the attention queries and the FFN.
+
+Two formulas are available:
+
+* ``"paper"``: the paper's closed form, per layer, with ``n = t + v``::
+
+      dense:  2n(4h + 3m)h + 4n^2 h
+      ShortV: 2t(4h + 3m)h + 4vh^2 + 4tnh
+
+* ``"exact"``: the same matmul accounting with the real projection shapes, so
+  grouped-query attention (fewer K/V heads) and ``heads * head_dim != hidden``
+  are counted correctly. Like the paper it counts the full ``n x n`` attention
+  square although causal masking leaves only about half of it useful: that is
+  what dense SDPA/eager kernels without a causal fast path actually compute,
+  and it keeps ``"exact"`` equal to ``"paper"`` for multi-head attention.
+  Element-wise work (norms, RoPE, softmax, activations) is O(n h) and ignored
+  by both.
+
+A FLOP is one multiply or one add, so a ``(a x b) @ (b x c)`` matmul is
+``2abc`` FLOPs.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+Formula = Literal["paper", "exact"]
+Family = Literal["llama", "qwen2"]
+
+_FORMULAS: tuple[str, ...] = ("paper", "exact")
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    """The decoder dimensions that determine FLOPs, independent of weights."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_layers: int
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if operator.index(value) < 1:
+                raise ValueError(f"LayerDims.{name} must be >= 1, got {value}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> "LayerDims":
+        """Read the text decoder dims from a causal-LM or multimodal HF config."""
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        hidden = config.hidden_size
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=config.intermediate_size,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=getattr(config, "head_dim", None) or hidden // heads,
+            num_layers=config.num_hidden_layers,
+            vocab_size=config.vocab_size,
+        )
+
+
+@dataclass(frozen=True)
+class PaperShape:
+    """A real architecture from the paper's experiments, for FLOPs and benchmarks."""
+
+    dims: LayerDims
+    visual_tokens: int
+    family: Family
+
+
+def _vicuna_dims(num_layers: int, hidden: int, intermediate: int, heads: int) -> LayerDims:
+    """Vicuna-v1.5 LM of LLaVA 1.5 / NeXT: multi-head attention, llava-hf vocab."""
+    return LayerDims(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
+        num_layers=num_layers,
+        vocab_size=32064,
+    )
+
+
+_VICUNA_7B = _vicuna_dims(num_layers=32, hidden=4096, intermediate=11008, heads=32)
+_VICUNA_13B = _vicuna_dims(num_layers=40, hidden=5120, intermediate=13824, heads=40)
+
+PAPER_SHAPES: dict[str, PaperShape] = {
+    # 336px CLIP-L/14 image: 24 x 24 patches.
+    "llava-1.5-7b": PaperShape(_VICUNA_7B, visual_tokens=576, family="llama"),
+    "llava-1.5-13b": PaperShape(_VICUNA_13B, visual_tokens=576, family="llama"),
+    # AnyRes with a 2x2 grid: 4 tiles + 1 base image, 576 tokens each.
+    "next-7b": PaperShape(_VICUNA_7B, visual_tokens=2880, family="llama"),
+    "next-13b": PaperShape(_VICUNA_13B, visual_tokens=2880, family="llama"),
+    # Qwen2-VL's count follows the resolution; 576 is a 672 x 672 image
+    # (48 x 48 patches of 14 px, merged 2 x 2), comparable to LLaVA-1.5.
+    "qwen2-vl-7b": PaperShape(
+        LayerDims(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_layers=28,
+            vocab_size=152064,
+        ),
+        visual_tokens=576,
+        family="qwen2",
+    ),
+}
+
+
+def shape_names() -> list[str]:
+    """Names accepted wherever a paper shape is looked up."""
+    return sorted(PAPER_SHAPES)
+
+
+def get_shape(name: str) -> PaperShape:
+    """Look up a paper shape, listing the valid names on a typo."""
+    try:
+        return PAPER_SHAPES[name]
+    except KeyError:
+        valid = ", ".join(shape_names())
+        raise ValueError(f"unknown shape {name!r}; valid names: {valid}") from None
+
+
+def _check_tokens(t: int, v: int) -> None:
+    for label, count in (("t (text tokens)", t), ("v (visual tokens)", v)):
+        if operator.index(count) < 0:
+            raise ValueError(f"{label} must be >= 0, got {count}")
+    if t + v == 0:
+        raise ValueError("need at least one token (t + v > 0)")
+
+
+def _check_formula(formula: str) -> None:
+    if formula not in _FORMULAS:
+        raise ValueError(f"formula must be one of {_FORMULAS}, got {formula!r}")
+
+
+def _paper_layer(dims: LayerDims, t: int, v: int, frozen: bool) -> int:
+    h, m, n = dims.hidden_size, dims.intermediate_size, t + v
+    if not frozen:
+        return 2 * n * (4 * h + 3 * m) * h + 4 * n * n * h
+    return 2 * t * (4 * h + 3 * m) * h + 4 * v * h * h + 4 * t * n * h
+
+
+def _exact_layer(dims: LayerDims, t: int, v: int, frozen: bool) -> int:
+    h, m, n = dims.hidden_size, dims.intermediate_size, t + v
+    q_dim = dims.num_attention_heads * dims.head_dim
+    kv_dim = dims.num_key_value_heads * dims.head_dim
+    queries = t if frozen else n  # tokens that are updated by this layer
+    kv_proj = 2 * n * h * (2 * kv_dim)  # K and V for every token, frozen or not
+    q_o_proj = 2 * queries * h * (2 * q_dim)
+    ffn = 2 * queries * (3 * m) * h  # gate, up and down projections
+    attention = 4 * queries * n * q_dim  # Q K^T and softmax(.) V over all keys
+    return kv_proj + q_o_proj + ffn + attention
+
+
+def layer_flops(dims: LayerDims, t: int, v: int, frozen: bool, formula: Formula = "paper") -> int:
+    """Prefill FLOPs of one decoder layer over ``t`` text and ``v`` visual tokens."""
+    _check_tokens(t, v)
+    _check_formula(formula)
+    if formula == "paper":
+        return _paper_layer(dims, t, v, frozen)
+    return _exact_layer(dims, t, v, frozen)
+
+
+def _frozen_set(dims: LayerDims, frozen_layers: Sequence[int]) -> frozenset[int]:
+    """Validate layer indices (no negative indexing: it hides off-by-one bugs)."""
+    indices = frozenset(operator.index(i) for i in frozen_layers)
+    bad = sorted(i for i in indices if not 0 <= i < dims.num_layers)
+    if bad:
+        raise ValueError(
+            f"frozen layer indices {bad} out of range: valid layers are 0..{dims.num_layers - 1}"
+        )
+    return indices
+
+
+def model_flops(
+    dims: LayerDims,
+    t: int,
+    v: int,
+    frozen_layers: Sequence[int] = (),
+    formula: Formula = "paper",
+    include_lm_head: bool = False,
+    lm_head_positions: int = 1,
+) -> int:
+    """Prefill FLOPs of the decoder stack; repeated frozen indices count once.
+
+    The LM head is excluded by default, as in the paper. When included it is
+    counted for ``lm_head_positions`` positions: only the last one is needed to
+    pick the next token, but a forward pass that returns all logits pays for
+    ``t + v``.
+    """
+    frozen = _frozen_set(dims, frozen_layers)
+    if lm_head_positions < 1:
+        raise ValueError(f"lm_head_positions must be >= 1, got {lm_head_positions}")
+    n_frozen = len(frozen)
+    total = n_frozen * layer_flops(dims, t, v, frozen=True, formula=formula)
+    total += (dims.num_layers - n_frozen) * layer_flops(dims, t, v, frozen=False, formula=formula)
+    if include_lm_head:
+        total += 2 * lm_head_positions * dims.hidden_size * dims.vocab_size
+    return total
+
+
+def flops_ratio(
+    dims: LayerDims,
+    t: int,
+    v: int,
+    frozen_layers: Sequence[int],
+    formula: Formula = "paper",
+    include_lm_head: bool = False,
+) -> float:
+    """ShortV FLOPs as a fraction of the dense model's (lower is cheaper)."""
+    dense = model_flops(dims, t, v, (), formula, include_lm_head)
+    shortv = model_flops(dims, t, v, frozen_layers, formula, include_lm_head)
+    return shortv / dense
+
+
+def ideal_speedup(
+    dims: LayerDims,
+    t: int,
+    v: int,
+    frozen_layers: Sequence[int],
+    formula: Formula = "paper",
+    include_lm_head: bool = False,
+) -> float:
+    """Upper bound on prefill speedup if time were proportional to FLOPs."""
+    return 1.0 / flops_ratio(dims, t, v, frozen_layers, formula, include_lm_head)

@@ -1,0 +1,176 @@
+"""Fast frozen layers == reference (run-then-restore) on tiny models of every supported family."""
+
+import pytest
+import torch
+from tiny_models import FAMILIES, TEXT_ONLY_FAMILIES, build_inputs, build_model, default_layouts, reset_state
+
+from shortv import ShortVConfig, apply_shortv, disable_shortv, get_shortv_state, remove_shortv
+
+FROZEN = [1, 2]  # of 4 decoder layers: a frozen layer feeds another frozen layer and an unfrozen one
+
+
+def decoder_layers(model):
+    from shortv.registry import find_decoder_layers
+
+    return find_decoder_layers(model)
+
+
+def run(model, inputs, **kwargs):
+    reset_state(model)
+    extra = {"visual_mask": inputs.visual_mask} if inputs.family in TEXT_ONLY_FAMILIES else {}
+    with torch.no_grad():
+        return model(**inputs, **extra, **kwargs).logits
+
+
+def real(inputs):
+    return inputs["attention_mask"].bool()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tiny(family):
+    model = build_model(family, attn_implementation="sdpa", init_std=0.2)
+    inputs = build_inputs(model, family, batch_layouts=default_layouts(family), padding_side="left")
+    return model, inputs
+
+
+def test_fast_matches_reference_and_changes_text_logits(tiny):
+    model, inputs = tiny
+    baseline = run(model, inputs)
+    apply_shortv(model, ShortVConfig(FROZEN, mode="reference"))
+    reference = run(model, inputs)
+    apply_shortv(model, ShortVConfig(FROZEN, mode="fast"))
+    fast = run(model, inputs)
+    remove_shortv(model)
+    keep = real(inputs)
+    torch.testing.assert_close(fast[keep], reference[keep], rtol=0, atol=1e-5)
+    # Non-triviality: freezing really changes what text tokens predict.
+    text_after_image = keep & ~inputs.visual_mask
+    assert (fast[text_after_image] - baseline[text_after_image]).abs().max() > 1e-3
+
+
+def test_derived_visual_mask_is_the_ground_truth(tiny, family):
+    model, inputs = tiny
+    seen = []
+    apply_shortv(model, FROZEN)
+    layer = decoder_layers(model)[FROZEN[0]]
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(get_shortv_state(model).layout))
+    try:
+        run(model, inputs)
+    finally:
+        handle.remove()
+        remove_shortv(model)
+    assert torch.equal(seen[0].visual, inputs.visual_mask)
+    assert get_shortv_state(model) is None
+
+
+def test_visual_states_leave_frozen_layer_unchanged(tiny):
+    model, inputs = tiny
+    captured = {}
+
+    def capture(module, args, kwargs, output):
+        captured["in"] = args[0] if args else kwargs["hidden_states"]
+        captured["out"] = output[0] if isinstance(output, tuple) else output
+
+    apply_shortv(model, FROZEN)
+    handle = decoder_layers(model)[FROZEN[0]].register_forward_hook(capture, with_kwargs=True)
+    try:
+        run(model, inputs)
+    finally:
+        handle.remove()
+        remove_shortv(model)
+    visual, text = inputs.visual_mask, real(inputs) & ~inputs.visual_mask
+    assert torch.equal(captured["out"][visual], captured["in"][visual])
+    assert not torch.equal(captured["out"][text], captured["in"][text])
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_each_sample_in_batch_equals_sample_alone(family, padding_side):
+    model = build_model(family, attn_implementation="sdpa", init_std=0.2)
+    inputs = build_inputs(model, family, batch_layouts=default_layouts(family), padding_side=padding_side)
+    # Left padding shifts RoPE positions by the pad count in most families; RoPE is relative, so the unpatched
+    # model itself only agrees with the unpadded run to float rounding there.
+    atol = 1e-5 if padding_side == "right" else 1e-4
+    apply_shortv(model, FROZEN)
+    batched = run(model, inputs)
+    for i in range(len(inputs.lengths)):
+        alone = inputs.sample(i)
+        torch.testing.assert_close(batched[i, inputs.positions(i)], run(model, alone)[0], rtol=0, atol=atol)
+
+
+def test_right_padding_and_eager_attention(family):
+    model = build_model(family, attn_implementation="eager", init_std=0.2)
+    inputs = build_inputs(model, family, batch_layouts=default_layouts(family), padding_side="right", seed=3)
+    apply_shortv(model, ShortVConfig(FROZEN, mode="reference"))
+    reference = run(model, inputs)
+    apply_shortv(model, FROZEN)
+    fast = run(model, inputs)
+    keep = real(inputs)
+    torch.testing.assert_close(fast[keep], reference[keep], rtol=0, atol=1e-5)
+
+
+def test_generate_fast_equals_reference_with_kv_cache(tiny):
+    model, inputs = tiny
+    extra = {"visual_mask": inputs.visual_mask} if inputs.family in TEXT_ONLY_FAMILIES else {}
+
+    def generate():
+        reset_state(model)
+        with torch.no_grad():
+            return model.generate(**inputs, **extra, max_new_tokens=6, do_sample=False, use_cache=True)
+
+    apply_shortv(model, ShortVConfig(FROZEN, mode="reference"))
+    reference = generate()
+    apply_shortv(model, FROZEN)
+    fast = generate()
+    with disable_shortv(model):
+        baseline = generate()
+    remove_shortv(model)
+    assert torch.equal(fast, reference)
+    assert fast.shape == baseline.shape
+
+
+def test_empty_config_and_remove_are_bit_identical(tiny):
+    model, inputs = tiny
+    baseline = run(model, inputs)
+    apply_shortv(model, ShortVConfig([]))
+    assert torch.equal(run(model, inputs), baseline)
+    apply_shortv(model, [0, 3])
+    assert not torch.equal(run(model, inputs), baseline)
+    with disable_shortv(model):
+        assert torch.equal(run(model, inputs), baseline)
+    remove_shortv(model)
+    assert torch.equal(run(model, inputs), baseline)
+    for layer in decoder_layers(model):
+        assert "forward" not in layer.__dict__
+    assert "generate" not in model.__dict__
+
+
+def test_fast_path_feeds_only_text_rows(tiny):
+    model, inputs = tiny
+    layer = decoder_layers(model)[FROZEN[0]]
+    rows = {}
+    modules = {"q_proj": layer.self_attn.q_proj, "k_proj": layer.self_attn.k_proj, "o_proj": layer.self_attn.o_proj,
+               "mlp": layer.mlp}
+
+    def counter(name):
+        def count(module, args, output):
+            rows[name] = args[0].shape[:-1].numel()
+
+        return count
+
+    handles = [module.register_forward_hook(counter(name)) for name, module in modules.items()]
+    apply_shortv(model, FROZEN)
+    try:
+        run(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        remove_shortv(model)
+    n_tokens = inputs["input_ids"].numel()
+    n_text = n_tokens - int(inputs.visual_mask.sum())
+    assert rows == {"q_proj": n_text, "o_proj": n_text, "mlp": n_text, "k_proj": n_tokens}
+    assert n_text < n_tokens
