@@ -17,6 +17,8 @@ class Architecture:
 
     #: Dotted attribute path from the top-level model to its ``nn.ModuleList`` of decoder layers.
     decoder_layers: str
+    #: Dotted path to the norm applied after the last decoder layer (before the LM head).
+    final_norm: str = ""
     #: Config attributes holding the ids of visual placeholder tokens (one input id per visual feature).
     visual_token_id_attributes: tuple[str, ...] = ()
     #: ``"1d"``: cos/sin per position. ``"mrope"``: 3-D multimodal positions; transformers' rotary module composes
@@ -28,9 +30,11 @@ class Architecture:
     fast_text_model_types: tuple[str, ...] = ("llama", "mistral", "qwen2")
 
 
-_LLAVA_STYLE = dict(decoder_layers="model.language_model.layers", visual_token_id_attributes=("image_token_id",))
+_MULTIMODAL = dict(decoder_layers="model.language_model.layers", final_norm="model.language_model.norm")
+_CAUSAL_LM = dict(decoder_layers="model.layers", final_norm="model.norm")
+_LLAVA_STYLE = dict(**_MULTIMODAL, visual_token_id_attributes=("image_token_id",))
 _QWEN_VL = dict(
-    decoder_layers="model.language_model.layers",
+    **_MULTIMODAL,
     visual_token_id_attributes=("image_token_id", "video_token_id"),
     rope="mrope",
 )
@@ -42,15 +46,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llava_next": Architecture(**_LLAVA_STYLE),
     # LLaVA-OneVision (Qwen2 LM; images and video)
     "llava_onevision": Architecture(
-        decoder_layers="model.language_model.layers",
+        **_MULTIMODAL,
         visual_token_id_attributes=("image_token_id", "video_token_id"),
     ),
     "qwen2_vl": Architecture(**_QWEN_VL, fast_text_model_types=("qwen2_vl_text",)),
     "qwen2_5_vl": Architecture(**_QWEN_VL, fast_text_model_types=("qwen2_5_vl_text",)),
     # Bare causal LMs: the caller says which positions are visual with an explicit mask.
-    "llama": Architecture(decoder_layers="model.layers"),
-    "mistral": Architecture(decoder_layers="model.layers"),
-    "qwen2": Architecture(decoder_layers="model.layers"),
+    "llama": Architecture(**_CAUSAL_LM),
+    "mistral": Architecture(**_CAUSAL_LM),
+    "qwen2": Architecture(**_CAUSAL_LM),
 }
 
 #: Used for model types not in the table: reference mode only, layers found through ``get_decoder()``.
@@ -101,6 +105,17 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
         f"could not find the decoder layers of {type(model).__name__} (model_type={model_type!r}): "
         "no registry entry path and no `get_decoder().layers`. Add the family to shortv.registry.ARCHITECTURES."
     )
+
+
+def find_final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last decoder layer and the LM head (registry path, else ``get_decoder().norm``)."""
+    arch = architecture_for(model)
+    norm = _resolve(model, arch.final_norm) if arch.final_norm else None
+    if norm is None and callable(getattr(model, "get_decoder", None)):
+        norm = getattr(model.get_decoder(), "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise ValueError(f"could not find the final norm of {type(model).__name__}; add `final_norm` to its registry entry")
+    return norm
 
 
 def visual_token_ids(model: nn.Module) -> tuple[int, ...]:

@@ -92,9 +92,9 @@ def test_visual_states_leave_frozen_layer_unchanged(tiny):
 def test_each_sample_in_batch_equals_sample_alone(family, padding_side):
     model = build_model(family, attn_implementation="sdpa", init_std=0.2)
     inputs = build_inputs(model, family, batch_layouts=default_layouts(family), padding_side=padding_side)
-    # Left padding shifts RoPE positions by the pad count in most families; RoPE is relative, so the unpatched
-    # model itself only agrees with the unpadded run to float rounding there.
-    atol = 1e-5 if padding_side == "right" else 1e-4
+    # Batched matmuls and left-padding-shifted RoPE positions round differently; with init_std=0.2 the unpatched
+    # model itself agrees with the unpadded run only to ~1e-5 (2e-7 at the default init).
+    atol = 1e-4
     apply_shortv(model, FROZEN)
     batched = run(model, inputs)
     for i in range(len(inputs.lengths)):

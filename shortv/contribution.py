@@ -1,0 +1,393 @@
+"""Layer Contribution (LC): how much removing one layer's updates to visual (or text) tokens moves the output.
+
+For a sample, ``P`` is the next-token distribution at the last prompt position of the unmodified model, and
+``P_l^X`` the same with only layer ``l``'s updates to X-tokens removed (the reference freeze). By default
+``LC_l^X = KL(P_l^X || P)``, the direction of the code published with the paper, averaged over samples; ShortV
+freezes visual tokens in the layers with the lowest mean visual LC.
+
+Efficient and exact: one unmodified pass captures every layer's input and call arguments. Variant ``l`` needs no
+extra work at layer ``l`` (the frozen output is the captured input/output pair, mixed by the token mask), so it
+replays only layers ``l+1..L-1``; variants are batched together, and the last layer computes only the query
+positions that are scored. Per sample that is about ``L*L`` layer evaluations against ``2*L*(L+1)`` for the naive
+method (one full forward per variant).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .frozen import llama as llama_fast
+from .layout import TokenLayout
+from .patch import disable_shortv, get_shortv_state
+from .registry import architecture_for, find_decoder_layers, find_final_norm, visual_token_ids
+
+TOKEN_TYPES = ("visual", "text")
+DIVERGENCES = ("kl", "kl_reversed", "js")
+LC_FORMAT_VERSION = 1
+SAMPLES_FILE = "lc_samples.jsonl"
+RUN_FILE = "lc_run.json"
+
+
+@dataclass
+class CalibrationSample:
+    """One calibration example as model inputs (batch of one).
+
+    ``target_positions``: positions whose next-token distributions are compared (default: the last one, i.e. the
+    last prompt position). ``visual_mask`` (1 x seq, bool) is needed only when the input ids do not mark visual
+    tokens (bare language models, custom MLLMs).
+    """
+
+    id: str
+    inputs: dict[str, Any]
+    target_positions: tuple[int, ...] | None = None
+    visual_mask: torch.Tensor | None = None
+
+
+@dataclass
+class LCResult:
+    """Per-sample and mean LC per layer and token type, the ShortV layer order, and how it was computed."""
+
+    num_layers: int
+    token_types: tuple[str, ...]
+    sample_ids: list[str]
+    per_sample: dict[str, list[list[float]]]
+    model_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    version: int = LC_FORMAT_VERSION
+
+    @property
+    def mean(self) -> dict[str, list[float]]:
+        """Arithmetic mean over samples, per token type and layer."""
+        means = {}
+        for token_type, rows in self.per_sample.items():
+            if not rows:
+                raise ValueError("LCResult has no samples")
+            means[token_type] = [math.fsum(row[layer] for row in rows) / len(rows) for layer in range(self.num_layers)]
+        return means
+
+    @property
+    def order(self) -> list[int]:
+        """Layers by ascending mean visual LC (ties: lower index first); ShortV takes a prefix of this."""
+        if "visual" not in self.per_sample:
+            raise ValueError("the ShortV order needs visual LC; this result has only " + ", ".join(self.token_types))
+        visual = self.mean["visual"]
+        return sorted(range(self.num_layers), key=lambda layer: (visual[layer], layer))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "model_id": self.model_id,
+            "num_layers": self.num_layers,
+            "token_types": list(self.token_types),
+            "order": self.order if "visual" in self.per_sample else None,
+            "mean": self.mean,
+            "sample_ids": self.sample_ids,
+            "per_sample": self.per_sample,
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LCResult:
+        data = json.loads(Path(path).read_text())
+        if data.get("version") != LC_FORMAT_VERSION:
+            raise ValueError(f"{path}: LC format version {data.get('version')!r} is not supported")
+        return cls(
+            num_layers=data["num_layers"],
+            token_types=tuple(data["token_types"]),
+            sample_ids=list(data["sample_ids"]),
+            per_sample={key: [list(map(float, row)) for row in rows] for key, rows in data["per_sample"].items()},
+            model_id=data.get("model_id"),
+            metadata=data.get("metadata", {}),
+        )
+
+
+def divergence_between(log_variant: torch.Tensor, log_original: torch.Tensor, kind: str) -> torch.Tensor:
+    """Divergence per row of two log-distributions over the vocabulary (last dim), in fp32."""
+    log_variant, log_original = log_variant.float(), log_original.float()
+    if kind == "kl":  # KL(P_variant || P_original), the paper's code: kl_div(log P_original, P_variant)
+        return (log_variant.exp() * (log_variant - log_original)).sum(-1)
+    if kind == "kl_reversed":
+        return (log_original.exp() * (log_original - log_variant)).sum(-1)
+    if kind == "js":
+        log_mix = torch.logaddexp(log_variant, log_original) - math.log(2.0)
+        return 0.5 * (divergence_between(log_variant, log_mix, "kl") + divergence_between(log_original, log_mix, "kl"))
+    raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCES}")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for parameter in module.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def _repeat_batch(value: Any, copies: int, device: torch.device) -> Any:
+    """Call arguments for a batch of ``copies`` variants of one sample: batch-1 tensors are expanded."""
+    if isinstance(value, torch.Tensor):
+        value = value.to(device)
+        return value.expand(copies, *value.shape[1:]) if value.dim() > 0 and value.shape[0] == 1 else value
+    if isinstance(value, tuple):
+        return tuple(_repeat_batch(item, copies, device) for item in value)
+    return value
+
+
+class _Scorer:
+    """Final norm + LM head at the scored positions, to log-probabilities in fp32."""
+
+    def __init__(self, model: nn.Module):
+        self.norm = find_final_norm(model)
+        self.head = model.get_output_embeddings()
+        if self.head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to score with")
+
+    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = hidden[:, positions].to(_device_of(self.norm))
+        logits = self.head(self.norm(hidden).to(_device_of(self.head)))
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+@dataclass
+class _Capture:
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=list)
+    last_output: torch.Tensor | None = None
+
+
+def _capture_pass(model: nn.Module, layers: nn.ModuleList, sample: CalibrationSample) -> _Capture:
+    capture = _Capture()
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+        capture.inputs.append((hidden, rest))
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        capture.last_output = output[0] if isinstance(output, tuple) else output
+
+    handles = [layer.register_forward_pre_hook(before, with_kwargs=True) for layer in layers]
+    handles.append(layers[-1].register_forward_hook(after, with_kwargs=True))
+    try:
+        model(**sample.inputs, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(capture.inputs) != len(layers) or capture.last_output is None:
+        raise RuntimeError(f"expected {len(layers)} decoder layer calls in one forward, saw {len(capture.inputs)}")
+    return capture
+
+
+def _sample_visual_mask(model: nn.Module, sample: CalibrationSample, seq: int) -> torch.Tensor:
+    if sample.visual_mask is not None:
+        mask = sample.visual_mask.bool()
+    else:
+        input_ids = sample.inputs.get("input_ids")
+        ids = visual_token_ids(model)
+        if input_ids is None or not ids:
+            raise ValueError(
+                f"sample {sample.id!r}: cannot tell which tokens are visual; give the sample a `visual_mask`"
+            )
+        mask = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+    if tuple(mask.shape) != (1, seq):
+        raise ValueError(f"sample {sample.id!r}: visual mask has shape {tuple(mask.shape)}, expected (1, {seq})")
+    if not bool(mask.any()):
+        raise ValueError(f"sample {sample.id!r} has no visual token: LC is undefined without an image")
+    return mask
+
+
+class _Replay:
+    """Runs a batch of variants through layers ``start..L-1`` with the captured call arguments."""
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, capture: _Capture, targets: torch.Tensor):
+        self.layers = layers
+        self.capture = capture
+        arch = architecture_for(model)
+        last = layers[-1]
+        # The last layer only needs the scored queries: reuse the fast frozen layer with "frozen" = everything else.
+        self.last_layer_shortcut = arch.fast_layer == "llama" and llama_fast.unsupported_reason(last) is None
+        seq = capture.inputs[0][0].shape[1]
+        keep = torch.ones(1, seq, dtype=torch.bool)
+        keep[0, targets.cpu()] = False
+        self.last_layout = TokenLayout.from_visual_mask(keep)
+        self.layer_evaluations = 0
+
+    def run_layer(self, index: int, states: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[index]
+        device = _device_of(layer)
+        kwargs = {key: _repeat_batch(value, states.shape[0], device) for key, value in self.capture.inputs[index][1].items()}
+        states = states.to(device)
+        self.layer_evaluations += states.shape[0]
+        if index == len(self.layers) - 1 and self.last_layer_shortcut:
+            layout = TokenLayout.from_visual_mask(self.last_layout.visual.expand(states.shape[0], -1).to(device))
+            return llama_fast.fast_frozen_forward(layer, layout, states, **kwargs)
+        output = layer(states, **kwargs)
+        return output[0] if isinstance(output, tuple) else output
+
+
+def _variant_start_states(capture: _Capture, masks: dict[str, torch.Tensor]) -> list[tuple[str, int, torch.Tensor]]:
+    """(token type, layer, state after layer) for every variant; freezing at layer l costs no layer evaluation."""
+    num_layers = len(capture.inputs)
+    variants = []
+    for layer in range(num_layers):
+        layer_input = capture.inputs[layer][0]
+        layer_output = capture.inputs[layer + 1][0] if layer + 1 < num_layers else capture.last_output
+        for token_type, mask in masks.items():
+            frozen = mask.to(layer_input.device).unsqueeze(-1)
+            variants.append((token_type, layer, torch.where(frozen, layer_input, layer_output.to(layer_input.device))))
+    return variants
+
+
+@torch.no_grad()
+def sample_contribution(
+    model: nn.Module,
+    sample: CalibrationSample,
+    token_types: Sequence[str] = TOKEN_TYPES,
+    divergence: str = "kl",
+    max_variants_per_batch: int = 16,
+) -> tuple[dict[str, list[float]], int]:
+    """LC of every layer for one sample, per token type; also returns the number of layer evaluations."""
+    layers = find_decoder_layers(model)
+    scorer = _Scorer(model)
+    capture = _capture_pass(model, layers, sample)
+    seq = capture.inputs[0][0].shape[1]
+    visual = _sample_visual_mask(model, sample, seq)
+    masks = {"visual": visual, "text": ~visual}
+    masks = {token_type: masks[token_type] for token_type in token_types}
+    targets = torch.tensor(sample.target_positions if sample.target_positions is not None else (seq - 1,))
+    if bool(((targets < 0) | (targets >= seq)).any()):
+        raise ValueError(f"sample {sample.id!r}: target positions {targets.tolist()} outside 0..{seq - 1}")
+    reference = scorer(capture.last_output, targets)
+
+    replay = _Replay(model, layers, capture, targets)
+    variants = _variant_start_states(capture, masks)
+    num_layers = len(layers)
+    result = {token_type: [0.0] * num_layers for token_type in token_types}
+    for start in range(0, len(variants), max_variants_per_batch):
+        chunk = variants[start : start + max_variants_per_batch]
+        # Wavefront: a variant frozen at layer l joins the batch at layer l+1.
+        active: list[tuple[str, int]] = []
+        states: torch.Tensor | None = None
+        for index in range(chunk[0][1] + 1, num_layers + 1):
+            joining = [(token_type, layer, state) for token_type, layer, state in chunk if layer == index - 1]
+            if joining:
+                new = torch.cat([state for _, _, state in joining])
+                states = new if states is None else torch.cat([states.to(new.device), new])
+                active += [(token_type, layer) for token_type, layer, _ in joining]
+            if index < num_layers:
+                states = replay.run_layer(index, states)
+        # Scored one variant at a time, with the same shapes as the reference, so that equal states give exactly 0.
+        for row, (token_type, layer) in enumerate(active):
+            score = divergence_between(scorer(states[row : row + 1], targets), reference, divergence)
+            result[token_type][layer] = score.mean().item()
+    return result, num_layers + replay.layer_evaluations
+
+
+def _run_metadata(model: nn.Module, token_types: Sequence[str], divergence: str, extra: Mapping[str, Any]) -> dict:
+    import transformers
+
+    return {
+        "divergence": divergence,
+        "token_types": list(token_types),
+        "num_layers": len(find_decoder_layers(model)),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "transformers": transformers.__version__,
+        **extra,
+    }
+
+
+def _read_finished(path: Path) -> dict[str, dict[str, list[float]]]:
+    finished = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                finished[record["id"]] = record["lc"]
+    return finished
+
+
+def layer_contribution(
+    model: nn.Module,
+    samples: Iterable[CalibrationSample],
+    token_types: Sequence[str] = TOKEN_TYPES,
+    divergence: str = "kl",
+    model_id: str | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    max_variants_per_batch: int = 16,
+    metadata: Mapping[str, Any] | None = None,
+) -> LCResult:
+    """LC per layer for ``token_types`` over ``samples``, averaged.
+
+    With ``out_dir``, every finished sample is appended to ``lc_samples.jsonl`` at once; ``resume=True`` skips the
+    samples already there, so an interrupted calibration continues and ends with the same result.
+    """
+    token_types = tuple(token_types)
+    unknown = [token_type for token_type in token_types if token_type not in TOKEN_TYPES]
+    if unknown or not token_types:
+        raise ValueError(f"token_types must be a non-empty subset of {TOKEN_TYPES}, got {token_types}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
+    run = _run_metadata(model, token_types, divergence, {"model_id": model_id, **(metadata or {})})
+
+    finished: dict[str, dict[str, list[float]]] = {}
+    records_path = None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        records_path, run_path = out_dir / SAMPLES_FILE, out_dir / RUN_FILE
+        if records_path.exists() and not resume:
+            raise FileExistsError(f"{records_path} already holds calibration results; pass resume=True "
+                                  "(--resume) to continue that run, or choose another output folder")
+        if resume and run_path.exists():
+            previous = json.loads(run_path.read_text())
+            changed = {key for key in run if previous.get(key) != run[key]}
+            if changed:
+                raise ValueError(f"cannot resume {out_dir}: settings differ from the interrupted run ({sorted(changed)})")
+        run_path.write_text(json.dumps(run, indent=1) + "\n")
+        finished = _read_finished(records_path) if resume else {}
+
+    samples = list(samples) if not isinstance(samples, Sequence) else samples
+    sample_ids = [sample.id for sample in samples]
+    if len(set(sample_ids)) != len(sample_ids):
+        raise ValueError("calibration sample ids must be unique")
+    if not samples:
+        raise ValueError("no calibration samples")
+    evaluations = 0
+    with ExitStack() as stack:
+        if get_shortv_state(model) is not None:  # calibrate the unmodified model
+            stack.enter_context(disable_shortv(model))
+        bar = stack.enter_context(tqdm(total=len(samples), desc="LC calibration", unit="sample", disable=not progress))
+        bar.update(sum(1 for sample_id in sample_ids if sample_id in finished))
+        for sample in samples:
+            if sample.id in finished:
+                continue
+            lc, count = sample_contribution(model, sample, token_types, divergence, max_variants_per_batch)
+            evaluations += count
+            finished[sample.id] = lc
+            if records_path is not None:
+                with records_path.open("a") as handle:
+                    handle.write(json.dumps({"id": sample.id, "lc": lc}) + "\n")
+            bar.update(1)
+    per_sample = {token_type: [finished[sample_id][token_type] for sample_id in sample_ids] for token_type in token_types}
+    return LCResult(
+        num_layers=run["num_layers"],
+        token_types=token_types,
+        sample_ids=sample_ids,
+        per_sample=per_sample,
+        model_id=model_id,
+        metadata={**run, "num_samples": len(sample_ids), "layer_evaluations_this_run": evaluations},
+    )
