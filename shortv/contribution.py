@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .frozen import llama as llama_fast
 from .layout import TokenLayout
+from .loading import inputs_for
 from .patch import disable_shortv, get_shortv_state
 from .registry import architecture_for, find_decoder_layers, find_final_norm, visual_token_ids
 
@@ -181,7 +182,7 @@ def _capture_pass(model: nn.Module, layers: nn.ModuleList, sample: CalibrationSa
     handles = [layer.register_forward_pre_hook(before, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(after, with_kwargs=True))
     try:
-        model(**sample.inputs, use_cache=False)
+        model(**inputs_for(model, sample.inputs), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -309,12 +310,18 @@ def _run_metadata(model: nn.Module, token_types: Sequence[str], divergence: str,
 
 
 def _read_finished(path: Path) -> dict[str, dict[str, list[float]]]:
+    """Results already on disk; a last line cut short by a kill mid-write is dropped (that sample reruns)."""
     finished = {}
     if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        for number, line in enumerate(lines, start=1):
+            try:
                 record = json.loads(line)
-                finished[record["id"]] = record["lc"]
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    break
+                raise ValueError(f"{path}:{number} is corrupt; delete the line or start a new output folder") from None
+            finished[record["id"]] = record["lc"]
     return finished
 
 
@@ -361,7 +368,8 @@ def layer_contribution(
         finished = _read_finished(records_path) if resume else {}
 
     samples = list(samples) if not isinstance(samples, Sequence) else samples
-    sample_ids = [sample.id for sample in samples]
+    # A lazy sequence (shortv.data.CalibrationSamples) knows its ids without building inputs.
+    sample_ids = list(getattr(samples, "ids", None) or [sample.id for sample in samples])
     if len(set(sample_ids)) != len(sample_ids):
         raise ValueError("calibration sample ids must be unique")
     if not samples:
@@ -372,9 +380,10 @@ def layer_contribution(
             stack.enter_context(disable_shortv(model))
         bar = stack.enter_context(tqdm(total=len(samples), desc="LC calibration", unit="sample", disable=not progress))
         bar.update(sum(1 for sample_id in sample_ids if sample_id in finished))
-        for sample in samples:
-            if sample.id in finished:
+        for index, sample_id in enumerate(sample_ids):
+            if sample_id in finished:
                 continue
+            sample = samples[index]
             lc, count = sample_contribution(model, sample, token_types, divergence, max_variants_per_batch)
             evaluations += count
             finished[sample.id] = lc

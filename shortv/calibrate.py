@@ -1,0 +1,90 @@
+"""`shortv calibrate` as a library call: data -> Layer Contribution -> order, config, table and plot on disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ShortVConfig
+from .contribution import LCResult, layer_contribution
+from .data import CalibrationSamples, read_jsonl, subsample
+from .loading import load_model
+from .selection import select_layers
+
+LC_FILE = "lc.json"
+CONFIG_FILE = "shortv_config.json"
+PLOT_FILE = "lc.png"
+
+
+def default_n(num_layers: int) -> int:
+    """The paper's operating point, 19 of 32 layers for LLaVA-1.5-7B, scaled to this depth."""
+    return round(num_layers * 19 / 32)
+
+
+@dataclass
+class Calibration:
+    lc: LCResult
+    config: ShortVConfig
+    out_dir: Path
+
+    def table(self) -> list[tuple[int, float, float | None, int]]:
+        """(layer, visual LC, text LC, rank in the ShortV order) per layer."""
+        means, rank = self.lc.mean, {layer: index + 1 for index, layer in enumerate(self.lc.order)}
+        text = means.get("text")
+        return [
+            (layer, means["visual"][layer], None if text is None else text[layer], rank[layer])
+            for layer in range(self.lc.num_layers)
+        ]
+
+
+def calibrate(
+    model: Any = None,
+    data: str | Path | None = None,
+    out_dir: str | Path = "shortv_calibration",
+    num_samples: int | None = None,
+    n: int | None = None,
+    resume: bool = False,
+    position: str = "last_prompt",
+    divergence: str = "kl",
+    seed: int = 0,
+    dtype: str | None = None,
+    device_map: str | None = None,
+    progress: bool = True,
+    plot: bool = True,
+    processor: Any = None,
+    model_id: str | None = None,
+) -> Calibration:
+    """Calibrate LC on ``data`` (default: the embedded model's calib split) and write lc.json, config and plot.
+
+    ``model`` is a path/hub id (or None for the embedded model), or an already loaded model with ``processor``.
+    """
+    if model is None or isinstance(model, (str, Path)):
+        model, processor, model_id = load_model(model, dtype=dtype, device_map=device_map)
+    elif processor is None:
+        raise ValueError("a loaded model needs its processor (processor=...)")
+    if data is None:
+        from .tiny import embedded_split_path
+
+        data = embedded_split_path("calib")
+    samples = subsample(read_jsonl(data, require_answer=position == "answer"), num_samples, seed)
+    out_dir = Path(out_dir)
+    lc = layer_contribution(
+        model,
+        CalibrationSamples(processor, samples, position=position),
+        divergence=divergence,
+        model_id=model_id,
+        out_dir=out_dir,
+        resume=resume,
+        progress=progress,
+        metadata={"data": str(data), "position": position, "seed": seed, "num_samples_requested": num_samples},
+    )
+    lc.save(out_dir / LC_FILE)
+    config = select_layers(lc, n=default_n(lc.num_layers) if n is None else n)
+    config.provenance["lc"] = str(out_dir / LC_FILE)
+    config.save(out_dir / CONFIG_FILE)
+    if plot:
+        from .plots import plot_layer_contribution
+
+        plot_layer_contribution(lc, out_dir / PLOT_FILE, chosen=config.layers)
+    return Calibration(lc=lc, config=config, out_dir=out_dir)

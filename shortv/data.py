@@ -1,0 +1,184 @@
+"""Visual-QA samples from JSONL, turned into model inputs with the model's own processor and chat template.
+
+One JSON object per line::
+
+    {"image": "imgs/0001.png", "prompt": "What colour is the circle?", "answer": "red", "type": "color"}
+
+``image`` is a path or a list of paths, relative to the JSONL file's folder; ``answer`` is optional for
+calibration and required for evaluation; ``id``, ``type`` and ``choices`` (multiple choice) are optional.
+Every error names the file and line. Sample order is the file's; subsampling is seeded, so runs are reproducible
+and an image always stays with its own question.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .contribution import CalibrationSample
+
+POSITIONS = ("last_prompt", "answer")
+
+
+class SampleError(ValueError):
+    """A bad sample; the message starts with ``file:line``."""
+
+
+@dataclass
+class VQASample:
+    id: str
+    images: list[Path]
+    prompt: str
+    answer: str | None = None
+    type: str | None = None
+    choices: list[str] | None = None
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def error(self, message: str) -> SampleError:
+        return SampleError(f"{self.source}: {message}")
+
+
+def read_jsonl(path: str | Path, require_answer: bool = False) -> list[VQASample]:
+    """Parse and check every line up front, so a bad line fails before any compute."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    samples, seen = [], set()
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SampleError(f"{where}: not valid JSON ({error.msg})") from error
+        if not isinstance(record, dict):
+            raise SampleError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        missing = [key for key in ("image", "prompt") + (("answer",) if require_answer else ()) if key not in record]
+        if missing:
+            raise SampleError(f"{where}: missing field(s) {', '.join(missing)}")
+        images = record["image"] if isinstance(record["image"], list) else [record["image"]]
+        if not images or not all(isinstance(image, str) and image for image in images):
+            raise SampleError(f"{where}: 'image' must be a path or a non-empty list of paths")
+        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+            raise SampleError(f"{where}: 'prompt' must be a non-empty string")
+        sample_id = str(record.get("id", f"{path.name}:{number}"))
+        if sample_id in seen:
+            raise SampleError(f"{where}: duplicate id {sample_id!r}")
+        seen.add(sample_id)
+        choices = record.get("choices")
+        if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+            raise SampleError(f"{where}: 'choices' must be a list of strings")
+        known = {"id", "image", "prompt", "answer", "type", "choices"}
+        samples.append(
+            VQASample(
+                id=sample_id,
+                images=[(path.parent / image) for image in images],
+                prompt=record["prompt"],
+                answer=None if record.get("answer") is None else str(record["answer"]),
+                type=None if record.get("type") is None else str(record["type"]),
+                choices=choices,
+                source=where,
+                extra={key: value for key, value in record.items() if key not in known},
+            )
+        )
+    if not samples:
+        raise SampleError(f"{path}: no samples (empty file)")
+    return samples
+
+
+def subsample(samples: Sequence[VQASample], num_samples: int | None, seed: int = 0) -> list[VQASample]:
+    """``num_samples`` samples chosen with ``seed``, kept in file order (all of them when None)."""
+    if num_samples is None or num_samples >= len(samples):
+        return list(samples)
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    chosen = sorted(random.Random(seed).sample(range(len(samples)), num_samples))
+    return [samples[index] for index in chosen]
+
+
+def load_images(sample: VQASample) -> list[Any]:
+    from PIL import Image
+
+    images = []
+    for image_path in sample.images:
+        try:
+            with Image.open(image_path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise sample.error(f"cannot read image {image_path}: {error}") from error
+    return images
+
+
+def prompt_text(processor: Any, sample: VQASample) -> str:
+    """The templated prompt, ending where the model's answer starts."""
+    content = [{"type": "image"} for _ in sample.images]
+    if sample.choices:
+        letters = "".join(f"\n{chr(65 + index)}. {choice}" for index, choice in enumerate(sample.choices))
+        content.append({"type": "text", "text": sample.prompt + letters})
+    else:
+        content.append({"type": "text", "text": sample.prompt})
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def visual_token_count(processor: Any, input_ids: Any) -> int:
+    image_token_id = getattr(processor, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return int((input_ids == image_token_id).sum())
+
+
+def _process(processor: Any, sample: VQASample, images: list[Any], text: str) -> Any:
+    try:
+        return processor(images=images, text=text, return_tensors="pt")
+    except ValueError as error:
+        raise sample.error(f"the processor rejected the sample: {error}") from error
+
+
+def model_inputs(processor: Any, sample: VQASample, with_answer: bool = False) -> tuple[dict[str, Any], int]:
+    """Batch-of-one inputs, and the number of prompt tokens (answer tokens follow when ``with_answer``)."""
+    images = load_images(sample)
+    text = prompt_text(processor, sample)
+    prompt = _process(processor, sample, images, text)
+    if visual_token_count(processor, prompt["input_ids"]) == 0:
+        raise sample.error("no image token in the input after applying the chat template")
+    prompt_length = prompt["input_ids"].shape[1]
+    if not with_answer:
+        return dict(prompt), prompt_length
+    if not sample.answer:
+        raise sample.error("answer positions need an 'answer'")
+    full = _process(processor, sample, images, f"{text} {sample.answer}")
+    if full["input_ids"].shape[1] <= prompt_length or not bool(
+        (full["input_ids"][0, :prompt_length] == prompt["input_ids"][0]).all()
+    ):
+        raise sample.error("the prompt's tokens are not a prefix of prompt + answer; cannot score the answer tokens")
+    return dict(full), prompt_length
+
+
+class CalibrationSamples(Sequence):
+    """Calibration samples built on access, so resumed runs skip finished ones without loading their images."""
+
+    def __init__(self, processor: Any, samples: Sequence[VQASample], position: str = "last_prompt"):
+        if position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+        self.processor, self.samples, self.position = processor, list(samples), position
+        self.ids = [sample.id for sample in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> CalibrationSample:  # type: ignore[override]
+        sample = self.samples[index]
+        if self.position == "last_prompt":
+            inputs, prompt_length = model_inputs(self.processor, sample)
+            return CalibrationSample(id=sample.id, inputs=inputs)
+        inputs, prompt_length = model_inputs(self.processor, sample, with_answer=True)
+        # Teacher forcing: the distribution at position p predicts token p+1, i.e. each answer token.
+        targets = tuple(range(prompt_length - 1, inputs["input_ids"].shape[1] - 1))
+        return CalibrationSample(id=sample.id, inputs=inputs, target_positions=targets)
