@@ -1,0 +1,229 @@
+"""``shortv`` command line. Each subcommand is one self-contained function below: parse options, call the library,
+print the result. Add a subcommand by writing another ``@app.command()`` function; share only the helpers at the top.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(
+    name="shortv",
+    help="ShortV: freeze visual tokens in ineffective layers of multimodal LLMs (arXiv 2504.00502).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+@app.callback()
+def _main() -> None:
+    """ShortV: freeze visual tokens in ineffective layers of multimodal LLMs (arXiv 2504.00502)."""
+
+
+def fail(message: str) -> typer.Exit:
+    """Print an error and return the exit to raise: ``raise fail("...")``."""
+    console.print(f"[bold red]error:[/] {escape(message)}")
+    return typer.Exit(code=1)
+
+
+def load_config_option(path: Optional[Path]):  # noqa: ANN201 - ShortVConfig, imported lazily
+    """The ShortVConfig from a ``--config`` path, or None."""
+    if path is None:
+        return None
+    from shortv import ShortVConfig
+
+    if not path.is_file():
+        raise fail(f"config file not found: {path}")
+    return ShortVConfig.load(path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bench
+# ------------------------------------------------------------------------------------------------------------------
+def _print_bench(result) -> None:  # noqa: ANN001 - shortv.bench.BenchResult
+    from shortv.bench import layers_line, speedup_lines, summary_rows
+
+    table = Table(title=f"ShortV benchmark: {result.model}", title_justify="left")
+    for column in ("metric", "baseline", "ShortV", "ShortV vs baseline"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for row in summary_rows(result):
+        table.add_row(*(escape(cell) for cell in row))
+    console.print(table)
+    setup = (
+        f"{result.dtype} on {result.device}, batch {result.batch_size}, {result.new_tokens} new tokens, "
+        f"median [min-max] of {result.repeats} interleaved repetitions after {result.warmup} warm-up; "
+        f"{result.machine.get('torch_threads')} torch threads; peak memory: {result.memory_method}"
+    )
+    console.print(f"[dim]{escape(setup)}[/]")
+    console.print(f"[dim]layers: {escape(layers_line(result))}[/]")
+    for line in speedup_lines(result):
+        console.print(escape(line))
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+
+
+@app.command()
+def bench(
+    model: Annotated[Optional[str], typer.Option(help="Local checkpoint folder (multimodal or causal LM).")] = None,
+    shape: Annotated[
+        Optional[str], typer.Option(help="Random-weight model with a paper model's dims, e.g. llava-1.5-7b.")
+    ] = None,
+    layers: Annotated[
+        Optional[int], typer.Option(help="Shape mode: run only the first K decoder layers.", min=1)
+    ] = None,
+    n: Annotated[
+        Optional[int], typer.Option("--n", help="Number of ShortV layers (default: 19 for 7B, 24 for 13B).", min=0)
+    ] = None,
+    proportional: Annotated[
+        bool, typer.Option(help="Shape mode with --layers: freeze the full model's share of the prefix.")
+    ] = False,
+    config: Annotated[
+        Optional[Path], typer.Option(help="shortv_config.json with the ShortV layers (overrides --n).")
+    ] = None,
+    visual_tokens: Annotated[int, typer.Option(help="Visual tokens per sample (shape mode / causal LM).", min=0)] = 576,
+    text_tokens: Annotated[int, typer.Option(help="Text tokens per sample (shape mode / causal LM).", min=0)] = 64,
+    batch_size: Annotated[int, typer.Option(help="Samples per batch.", min=1)] = 1,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per sample (greedy, KV cache).", min=1)] = 16,
+    repeats: Annotated[int, typer.Option(help="Measured repetitions per variant.", min=1)] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up rounds per variant.", min=0)] = 1,
+    dtype: Annotated[str, typer.Option(help="bf16, fp32 or fp16.")] = "bf16",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).", min=1)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the result as JSON here.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No per-repetition progress lines.")] = False,
+) -> None:
+    """Time to first token, decode tokens/s, latency and peak memory: baseline vs ShortV on the same model.
+
+    Without --model or --shape, benchmarks the embedded tiny LLaVA.
+    """
+    from shortv import bench as bench_lib
+
+    if model is not None and shape is not None:
+        raise fail("give either --model or --shape, not both")
+    if shape is None and (layers is not None or proportional):
+        raise fail("--layers and --proportional apply to --shape only")
+    shortv_config = load_config_option(config)
+    progress = None if quiet else (lambda message: console.print(f"[dim]{escape(message)}[/]"))
+    common = dict(
+        config=shortv_config, n=n, batch_size=batch_size, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+        dtype=dtype, device=device, threads=threads, progress=progress,
+    )
+    try:
+        if shape is not None:
+            result = bench_lib.bench_shape(
+                shape, num_layers=layers, proportional=proportional, visual_tokens=visual_tokens,
+                text_tokens=text_tokens, **common,
+            )
+        elif model is not None:
+            result = bench_lib.bench_pretrained(
+                model, visual_tokens=visual_tokens, text_tokens=text_tokens, **common
+            )
+        else:
+            result = bench_lib.bench_embedded(**common)
+    except (ValueError, RuntimeError, OSError) as error:
+        raise fail(str(error)) from error
+    _print_bench(result)
+    if out is not None:
+        console.print(f"wrote {result.save(out)}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# calibrate
+# ------------------------------------------------------------------------------------------------------------------
+@app.command()
+def calibrate(
+    model: Annotated[Optional[str], typer.Option(help="Local folder or hub id (default: the embedded tiny LLaVA).")] = None,
+    data: Annotated[
+        Optional[Path], typer.Option(help="Calibration JSONL (default: the embedded model's calib split).")
+    ] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Seeded subsample of the data.", min=1)] = None,
+    out: Annotated[Path, typer.Option(help="Output folder: lc.json, shortv_config.json, lc.png.")] = Path(
+        "shortv_calibration"
+    ),
+    n: Annotated[
+        Optional[int], typer.Option("--n", help="ShortV layers in shortv_config.json (default: 19/32 of the depth).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    position: Annotated[str, typer.Option(help="last_prompt (paper) or answer (teacher-forced answer tokens).")] = (
+        "last_prompt"
+    ),
+    divergence: Annotated[str, typer.Option(help="kl (paper: KL(P_frozen || P)), kl_reversed or js.")] = "kl",
+    seed: Annotated[int, typer.Option(help="Seed of the subsample.")] = 0,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (LC is computed in fp32).")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help="accelerate device map, e.g. auto.")] = None,
+) -> None:
+    """Measure Layer Contribution of every decoder layer and pick the ShortV layers."""
+    from shortv.calibrate import calibrate as run_calibration
+
+    try:
+        result = run_calibration(
+            model, data=data, out_dir=out, num_samples=num_samples, n=n, resume=resume, position=position,
+            divergence=divergence, seed=seed, dtype=dtype, device_map=device_map,
+        )
+    except (ValueError, OSError) as error:
+        raise fail(str(error)) from error
+    chosen = set(result.config.layers)
+    table = Table(title=f"Layer Contribution ({len(result.lc.sample_ids)} samples, {divergence})", title_justify="left")
+    for column in ("layer", "visual LC", "text LC", "rank", "ShortV"):
+        table.add_column(column, justify="right")
+    for layer, visual, text, rank in result.table():
+        table.add_row(str(layer), f"{visual:.3e}", "" if text is None else f"{text:.3e}", str(rank),
+                      "frozen" if layer in chosen else "")
+    console.print(table)
+    console.print(f"ShortV layers (N={len(result.config.layers)}): {result.config.layers}")
+    console.print(f"wrote {out / 'lc.json'}, {out / 'shortv_config.json'}, {out / 'lc.png'}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# eval
+# ------------------------------------------------------------------------------------------------------------------
+@app.command("eval")
+def evaluate_command(
+    model: Annotated[Optional[str], typer.Option(help="Local folder or hub id (default: the embedded tiny LLaVA).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="VQA JSONL with answers (default: embedded test split).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="shortv_config.json to evaluate.")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="With --lc: freeze the first N layers of the order.")] = None,
+    lc: Annotated[Optional[Path], typer.Option(help="lc.json from shortv calibrate (with --n).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Seeded subsample of the data.", min=1)] = None,
+    batch_size: Annotated[int, typer.Option(help="Generation batch size (left padding).", min=1)] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per answer.", min=1)] = 8,
+    out: Annotated[Path, typer.Option(help="Output folder: predictions.jsonl, summary.json, summary.md.")] = Path(
+        "shortv_eval"
+    ),
+    resume: Annotated[bool, typer.Option(help="Continue from an interrupted run's predictions.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the subsample.")] = 0,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16.")] = None,
+) -> None:
+    """Accuracy of the unpatched model vs ShortV on the same samples, side by side."""
+    from shortv.data import read_jsonl, subsample
+    from shortv.evaluate import evaluate
+    from shortv.loading import load_model
+    from shortv.selection import select_layers
+
+    if (config is None) == (lc is None) or (lc is not None and n is None):
+        raise fail("give either --config FILE or --lc FILE with --n N")
+    try:
+        shortv_config = load_config_option(config) if config is not None else select_layers(lc, n=n)
+        if data is None:
+            from shortv.tiny import embedded_split_path
+
+            data = embedded_split_path("test")
+        samples = subsample(read_jsonl(data, require_answer=True), num_samples, seed)
+        loaded, processor, _ = load_model(model, dtype=dtype)
+        summary = evaluate(loaded, processor, samples, shortv_config, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, out_dir=out, resume=resume)
+    except (ValueError, OSError) as error:
+        raise fail(str(error)) from error
+    console.print(summary.markdown())
+    console.print(f"wrote {out / 'predictions.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
