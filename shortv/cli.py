@@ -225,5 +225,32 @@ def evaluate_command(
     console.print(f"wrote {out / 'predictions.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}")
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# demo
+# ------------------------------------------------------------------------------------------------------------------
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder: report.md, results.json, plots.")] = Path("shortv_demo"),
+    num_calib: Annotated[int, typer.Option(help="Calibration samples.", min=1)] = 32,
+    num_test: Annotated[int, typer.Option(help="Test questions.", min=1)] = 300,
+    n: Annotated[Optional[list[int]], typer.Option("--n", help="ShortV layer counts to try (repeatable).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Generation batch size.", min=1)] = 32,
+    speed_repeats: Annotated[int, typer.Option(help="Repetitions of the prefill timing (0: skip).", min=0)] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of subsamples and random layer choices.")] = 0,
+) -> None:
+    """The whole method on the embedded tiny LLaVA: calibrate, evaluate selections, FLOPs, speed, report."""
+    from shortv.demo import run_demo
+
+    try:
+        report = run_demo(out, num_calib=num_calib, num_test=num_test, ns=tuple(n) if n else None,
+                          batch_size=batch_size, seed=seed, speed_repeats=speed_repeats)
+    except (ValueError, OSError) as error:
+        raise fail(str(error)) from error
+    console.print(f"LC order: {report.lc_order}")
+    console.print(report.markdown())
+    console.print(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'accuracy_vs_flops.png'}, "
+                  f"{out / 'calibration' / 'lc.png'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

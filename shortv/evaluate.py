@@ -68,28 +68,39 @@ def is_correct(prediction: str, sample: VQASample) -> bool:
     return normalize_answer(prediction) == normalize_answer(sample.answer)
 
 
-@torch.no_grad()
-def generate_answers(
-    model: Any, processor: Any, samples: Sequence[VQASample], max_new_tokens: int = 8
-) -> tuple[list[str], list[dict[str, int]]]:
-    """Greedy answers for one batch (left padding), and each sample's token counts for the FLOPs model."""
+def batch_inputs(processor: Any, samples: Sequence[VQASample]) -> dict[str, Any]:
+    """Processor outputs for a batch of prompts, left-padded for generation."""
     tokenizer = processor.tokenizer
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         images = [image for sample in samples for image in load_images(sample)]
         texts = [prompt_text(processor, sample) for sample in samples]
-        batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
+        return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
     finally:
         tokenizer.padding_side = previous_side
-    inputs = inputs_for(model, dict(batch))
+
+
+def token_counts(processor: Any, batch: dict[str, Any]) -> list[dict[str, int]]:
+    """Per sample: visual and text (non-padding) tokens, for the FLOPs model."""
+    visual = [visual_token_count(processor, row) for row in batch["input_ids"]]
+    real = batch["attention_mask"].sum(dim=1).tolist()
+    return [{"visual_tokens": v, "text_tokens": int(r) - v} for v, r in zip(visual, real)]
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any, processor: Any, samples: Sequence[VQASample], max_new_tokens: int = 8
+) -> tuple[list[str], list[dict[str, int]]]:
+    """Greedy answers for one batch (left padding), and each sample's token counts for the FLOPs model."""
+    tokenizer = processor.tokenizer
+    batch = batch_inputs(processor, samples)
+    inputs = inputs_for(model, batch)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                             pad_token_id=tokenizer.pad_token_id)
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     answers = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    visual = [visual_token_count(processor, row) for row in batch["input_ids"]]
-    real = batch["attention_mask"].sum(dim=1).tolist()
-    return answers, [{"visual_tokens": v, "text_tokens": int(r) - v} for v, r in zip(visual, real)]
+    return answers, token_counts(processor, batch)
 
 
 @dataclass

@@ -35,6 +35,6 @@ def naive_sample_contribution(model, sample, visual_mask, token_types=("visual",
                 remove_shortv(model)
             values.append(divergence_between(variant, original, divergence).mean().item())
         result[token_type] = values
-    # Each variant is a full forward, plus the unmodified one it is compared with (as the paper's code does).
-    evaluations = len(token_types) * num_layers * 2 * num_layers
+    # One full forward per layer and token type, plus the unmodified forward.
+    evaluations = len(token_types) * num_layers * num_layers + num_layers
     return result, evaluations
