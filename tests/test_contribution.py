@@ -126,3 +126,14 @@ def test_errors():
     text_only = CalibrationSample(id="t", inputs={"input_ids": torch.tensor([[5, 6, 7]])})
     with pytest.raises(ValueError, match="sample 't' has no visual token"):
         layer_contribution(model, [text_only], progress=False)
+
+
+def test_half_precision_model_scores_in_fp32():
+    model = build_model("llava", init_std=0.2).to(torch.bfloat16)
+    sample = calibration_samples(model, "llava", count=1)[0]
+    lc, _ = sample_contribution(model, sample)
+    reference = build_model("llava", init_std=0.2)
+    lc32, _ = sample_contribution(reference, sample)
+    assert lc["visual"][-1] == 0.0 and all(value >= 0 and value == value for value in lc["visual"] + lc["text"])
+    # bf16 weights move the numbers, not the picture: the layer ranking by text LC agrees with fp32.
+    assert sorted(range(4), key=lc["text"].__getitem__) == sorted(range(4), key=lc32["text"].__getitem__)
