@@ -5,7 +5,7 @@ Re-exports only; each name lives in the module that owns it.
 
 from .config import ShortVConfig
 from .contribution import CalibrationSample, LCResult, layer_contribution
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .patch import apply_shortv, disable_shortv, get_shortv_state, remove_shortv, using_visual_mask
 from .selection import select_layers
 

@@ -203,7 +203,7 @@ def evaluate_command(
 ) -> None:
     """Accuracy of the unpatched model vs ShortV on the same samples, side by side."""
     from shortv.data import read_jsonl, subsample
-    from shortv.evaluate import evaluate
+    from shortv.evaluation import evaluate
     from shortv.loading import load_model
     from shortv.selection import select_layers
 

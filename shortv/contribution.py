@@ -30,6 +30,7 @@ from .frozen import llama as llama_fast
 from .layout import TokenLayout
 from .loading import inputs_for
 from .patch import disable_shortv, get_shortv_state
+from .records import append_records, read_records
 from .registry import architecture_for, find_decoder_layers, find_final_norm, visual_token_ids
 
 TOKEN_TYPES = ("visual", "text")
@@ -309,22 +310,6 @@ def _run_metadata(model: nn.Module, token_types: Sequence[str], divergence: str,
     }
 
 
-def _read_finished(path: Path) -> dict[str, dict[str, list[float]]]:
-    """Results already on disk; a last line cut short by a kill mid-write is dropped (that sample reruns)."""
-    finished = {}
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if number == len(lines):
-                    break
-                raise ValueError(f"{path}:{number} is corrupt; delete the line or start a new output folder") from None
-            finished[record["id"]] = record["lc"]
-    return finished
-
-
 def layer_contribution(
     model: nn.Module,
     samples: Iterable[CalibrationSample],
@@ -365,7 +350,7 @@ def layer_contribution(
             if changed:
                 raise ValueError(f"cannot resume {out_dir}: settings differ from the interrupted run ({sorted(changed)})")
         run_path.write_text(json.dumps(run, indent=1) + "\n")
-        finished = _read_finished(records_path) if resume else {}
+        finished = {key: record["lc"] for key, record in read_records(records_path).items()} if resume else {}
 
     samples = list(samples) if not isinstance(samples, Sequence) else samples
     # A lazy sequence (shortv.data.CalibrationSamples) knows its ids without building inputs.
@@ -388,8 +373,7 @@ def layer_contribution(
             evaluations += count
             finished[sample.id] = lc
             if records_path is not None:
-                with records_path.open("a") as handle:
-                    handle.write(json.dumps({"id": sample.id, "lc": lc}) + "\n")
+                append_records(records_path, [{"id": sample.id, "lc": lc}])
             bar.update(1)
     per_sample = {token_type: [finished[sample_id][token_type] for sample_id in sample_ids] for token_type in token_types}
     return LCResult(

@@ -21,7 +21,7 @@ from .bench import BenchInputs, benchmark
 from .calibrate import calibrate
 from .config import ShortVConfig
 from .data import VQASample, read_jsonl, subsample
-from .evaluate import batch_inputs, generate_answers, is_correct, token_counts
+from .evaluation import batch_inputs, generate_answers, is_correct, token_counts
 from .flops import LayerDims, flops_ratio
 from .loading import inputs_for
 from .patch import apply_shortv, remove_shortv

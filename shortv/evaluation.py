@@ -26,6 +26,7 @@ from .data import VQASample, load_images, prompt_text, visual_token_count
 from .flops import LayerDims, flops_ratio
 from .loading import inputs_for
 from .patch import apply_shortv, disable_shortv, get_shortv_state
+from .records import append_records, read_records
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SUMMARY_JSON = "summary.json"
@@ -140,21 +141,6 @@ class EvalSummary:
         return f"ShortV layers ({len(self.layers)}): {self.layers}\n\n" + "\n".join(rows) + "\n"
 
 
-def _read_predictions(path: Path) -> dict[str, dict[str, Any]]:
-    done = {}
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if number == len(lines):  # cut short by a kill mid-write: that batch reruns
-                    break
-                raise ValueError(f"{path}:{number} is corrupt; delete the line or start a new output folder") from None
-            done[record["id"]] = record
-    return done
-
-
 def _scores(records: list[dict[str, Any]], key: str) -> ModelScores:
     by_type: dict[str, list[bool]] = defaultdict(list)
     for record in records:
@@ -197,7 +183,7 @@ def evaluate(
         predictions_path = out_dir / PREDICTIONS_FILE
         if predictions_path.exists() and not resume:
             raise FileExistsError(f"{predictions_path} exists; pass resume=True (--resume) or another folder")
-        done = _read_predictions(predictions_path) if resume else {}
+        done = read_records(predictions_path) if resume else {}
 
     todo = [sample for sample in samples if sample.id not in done]
     with tqdm(total=len(samples), initial=len(samples) - len(todo), desc="evaluating", unit="sample",
@@ -218,10 +204,9 @@ def evaluate(
                     record[f"{key}_correct"] = is_correct(answers[key][index], sample)
                     record[f"{key}_seconds"] = seconds[key]
                 done[sample.id] = record
-                lines.append(json.dumps(record))
+                lines.append(record)
             if predictions_path is not None:
-                with predictions_path.open("a") as handle:
-                    handle.write("\n".join(lines) + "\n")
+                append_records(predictions_path, lines)
             bar.update(len(batch))
 
     records = [done[sample.id] for sample in samples]

@@ -7,7 +7,7 @@ import torch
 
 from shortv import ShortVConfig, remove_shortv
 from shortv.data import VQASample, read_jsonl
-from shortv.evaluate import evaluate, extract_choice, generate_answers, is_correct, normalize_answer
+from shortv.evaluation import evaluate, extract_choice, generate_answers, is_correct, normalize_answer
 from shortv.tiny import build, synthetic
 
 
@@ -69,7 +69,7 @@ def test_empty_config_predictions_identical_to_baseline(tiny, test_samples):
 
 
 def test_resume_after_interruption_gives_same_summary(tiny, test_samples, tmp_path, monkeypatch):
-    import shortv.evaluate as evaluation
+    import shortv.evaluation as evaluation
 
     model, processor = tiny
     config = ShortVConfig(list(range(2, 12)))
