@@ -1,0 +1,523 @@
+"""The ``shortv`` model of lmms-eval: any Hugging Face MLLM that shortv supports, with ShortV applied.
+
+Enable it by installing shortv next to lmms-eval (>= 0.7): shortv declares the entry point
+``[project.entry-points."lmms_eval.models"] shortv = "shortv.integrations:lmms_eval_manifests"``, which lmms-eval reads
+when it builds its model registry. Then::
+
+    lmms-eval --model shortv --tasks mme --batch_size 8 \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,shortv_config=shortv_config.json,dtype=float16
+
+Model arguments (``--model_args key=value,...``):
+
+``pretrained``
+    Local folder or hub id, loaded with `shortv.loading.load_model` (left out: the embedded tiny LLaVA).
+``shortv_config``
+    A ShortV config JSON (``shortv select`` writes one).
+``n`` and ``lc``
+    Freeze the ``n`` layers with the lowest visual Layer Contribution in ``lc`` (an LC JSON from ``shortv
+    calibrate``). ``n`` without ``lc`` takes the first ``n`` layers of the published order for ``preset`` (default:
+    ``pretrained``, e.g. ``llava-hf/llava-1.5-7b-hf``); ``preset`` alone takes the whole published order.
+``shortv_mode``
+    ``fast`` (skip the frozen tokens' compute) or ``reference`` (run the layer, restore the frozen tokens); overrides
+    the config's mode.
+``dtype`` (``float16``, ``bfloat16``, ``float32``; default: the checkpoint's), ``device`` (default: ``cuda`` when
+available), ``device_map`` (e.g. ``auto`` to shard one model over the visible GPUs), ``attn_implementation``
+(default ``sdpa``), ``max_new_tokens`` (default when a task does not set it: 1024), ``chat_template`` (a Jinja
+template or a file holding one, for processors without a chat template), ``system_prompt`` (text or a file).
+
+No config at all runs the unmodified model (the baseline); ``n=0`` (or a config with no layers) applies ShortV with
+nothing frozen, which computes exactly the baseline. Batches (``--batch_size``) are left-padded; decoding is greedy
+unless a task's ``temperature`` is > 0. ``until`` stop strings cut the answer at their first occurrence (and stop
+generating that answer early). Only ``generate_until`` is implemented: likelihood-scored multiple-choice tasks
+(``loglikelihood``) and multi-round tasks raise `NotImplementedError`.
+
+Data-parallel runs (``accelerate launch -m lmms_eval ...`` or ``torchrun``) put one copy of the model on each
+process's ``cuda:LOCAL_RANK``; lmms-eval splits the requests between processes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from lmms_eval.api.model import lmms
+    from loguru import logger
+except ImportError as _error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        f"shortv.integrations.lmms_eval needs lmms-eval (>= 0.7) and its model interface: {_error}. Install it with "
+        "`pip install 'shortv[eval]'`, or, into an environment whose torch must stay as it is, "
+        "`pip install --no-deps lmms-eval==0.7.3 loguru pytz`."
+    ) from _error
+
+from ..config import MODES, PRESET_ALIASES, PRESET_LAYER_ORDERS, ShortVConfig
+from ..loading import inputs_for, load_model
+from ..patch import apply_shortv, get_shortv_state
+
+__all__ = ["ShortV", "ShortVChat", "GenerationSettings", "resolve_shortv_config"]
+
+DEFAULT_MAX_NEW_TOKENS = 1024
+#: Image placeholders lmms-eval prompts may carry (besides the processor's own image token).
+_PROMPT_IMAGE_TOKENS = ("<image>",)
+_NONE_VALUES = ("", "none", "null", "baseline")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _is_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in _NONE_VALUES)
+
+
+def resolve_shortv_config(
+    pretrained: str | None = None,
+    shortv_config: str | Path | ShortVConfig | None = None,
+    n: int | None = None,
+    lc: str | Path | None = None,
+    preset: str | None = None,
+    shortv_mode: str | None = None,
+) -> ShortVConfig | None:
+    """The ShortV config the model arguments ask for, or None for the unmodified model (see the module docstring)."""
+    shortv_config = None if _is_none(shortv_config) else shortv_config
+    lc = None if _is_none(lc) else lc
+    preset = None if _is_none(preset) else preset
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ValueError(f"n must be a non-negative integer (number of layers to freeze), got {n!r}")
+    if shortv_config is not None and (n is not None or lc is not None or preset is not None):
+        raise ValueError("give either shortv_config= or n= with lc= / preset=, not both")
+    if lc is not None and preset is not None:
+        raise ValueError("give either lc= (your Layer Contribution file) or preset= (a published order), not both")
+
+    config: ShortVConfig | None
+    if shortv_config is not None:
+        config = shortv_config if isinstance(shortv_config, ShortVConfig) else ShortVConfig.load(shortv_config)
+    elif lc is not None:
+        if n is None:
+            raise ValueError("lc= needs n= (how many of the lowest-LC layers to freeze), e.g. n=19,lc=lc.json")
+        from ..selection import select_layers
+
+        config = select_layers(lc, n=n)
+    elif n is not None or preset is not None:
+        name = preset if preset is not None else (None if pretrained is None else str(pretrained))
+        hub_id = PRESET_ALIASES.get(name, name) if name is not None else None
+        if hub_id in PRESET_LAYER_ORDERS:
+            config = ShortVConfig.from_preset(hub_id, n=n)
+        elif n == 0:
+            config = ShortVConfig(layers=[], provenance={"n": 0})
+        else:
+            known = ", ".join(sorted(PRESET_LAYER_ORDERS) + sorted(PRESET_ALIASES))
+            raise ValueError(
+                f"n={n} needs lc= (a Layer Contribution file from `shortv calibrate`) or a published preset; "
+                f"{name!r} is not one (presets: {known}). Or give shortv_config= (from `shortv select`)."
+            )
+    else:
+        config = None
+
+    if not _is_none(shortv_mode):
+        if shortv_mode not in MODES:
+            raise ValueError(f"shortv_mode must be one of {MODES}, got {shortv_mode!r}")
+        if config is not None:
+            config = replace(config, mode=shortv_mode)
+    return config
+
+
+# --------------------------------------------------------------------------- generation settings
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """One task's ``generation_kwargs``, normalised; requests are batched only with requests of equal settings."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    num_beams: int = 1
+    repetition_penalty: float | None = None
+    until: tuple[str, ...] = ()
+
+    @classmethod
+    def from_kwargs(
+        cls, gen_kwargs: dict[str, Any] | None, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    ) -> tuple[GenerationSettings, list[str]]:
+        """(settings, names of the keys that were ignored). ``temperature`` 0 (or absent) means greedy."""
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None)
+        if until is None:
+            until = ()
+        elif isinstance(until, str):
+            until = (until,)
+        elif isinstance(until, (list, tuple)) and all(isinstance(stop, str) for stop in until):
+            until = tuple(until)
+        else:
+            raise ValueError(f"gen_kwargs['until'] must be a string or a list of strings, got {until!r}")
+        max_new_tokens = kwargs.pop("max_new_tokens", None)
+        max_new_tokens = default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        temperature = float(kwargs.pop("temperature", None) or 0.0)
+        do_sample_flag = kwargs.pop("do_sample", None)
+        do_sample = temperature > 0 and do_sample_flag is not False
+        top_p = kwargs.pop("top_p", None)
+        top_k = kwargs.pop("top_k", None)
+        num_beams = int(kwargs.pop("num_beams", None) or 1)
+        repetition_penalty = kwargs.pop("repetition_penalty", None)
+        settings = cls(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=None if not do_sample or top_p is None else float(top_p),
+            top_k=None if not do_sample or top_k is None else int(top_k),
+            num_beams=num_beams,
+            repetition_penalty=None if repetition_penalty is None else float(repetition_penalty),
+            until=tuple(stop for stop in dict.fromkeys(until) if stop),  # an empty stop string would cut everything
+        )
+        return settings, sorted(kwargs)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                                  "num_beams": self.num_beams}
+        if self.do_sample:
+            kwargs["temperature"] = self.temperature
+            if self.top_p is not None:
+                kwargs["top_p"] = self.top_p
+            if self.top_k is not None:
+                kwargs["top_k"] = self.top_k
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        return kwargs
+
+
+def truncate_at_stops(text: str, stops: tuple[str, ...] | list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    cut = min((index for index in (text.find(stop) for stop in stops) if index >= 0), default=len(text))
+    return text[:cut]
+
+
+def _stop_strings_criterion(tokenizer: Any, stops: tuple[str, ...], prompt_length: int) -> Any:
+    """Per-row criterion: a row is done once its decoded answer contains a stop string (it is cut there anyway)."""
+    from transformers import StoppingCriteria
+
+    class StopStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+            texts = tokenizer.batch_decode(input_ids[:, prompt_length:], skip_special_tokens=True)
+            done = [any(stop in text for stop in stops) for text in texts]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StopStrings()
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def _as_images(visuals: Any) -> list[Any]:
+    """lmms-eval visuals (possibly nested lists) as RGB PIL images; anything else is refused clearly."""
+    from PIL import Image
+
+    flat: list[Any] = []
+    pending = [visuals] if visuals is not None else []
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, (list, tuple)):
+            pending[:0] = list(item)
+        elif isinstance(item, Image.Image):
+            flat.append(item if item.mode == "RGB" else item.convert("RGB"))
+        elif item is not None:
+            kind = "a video (path)" if isinstance(item, str) else "audio" if isinstance(item, dict) else type(item).__name__
+            raise NotImplementedError(f"the shortv lmms-eval model takes images only; this task gives {kind}")
+    return flat
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _ShortVModel(lmms):
+    """Loading, batching and generation shared by the simple and chat variants (they differ in the prompt)."""
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        shortv_config: str | None = None,
+        n: int | None = None,
+        lc: str | None = None,
+        preset: str | None = None,
+        shortv_mode: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        device_map: str | None = None,
+        attn_implementation: str = "sdpa",
+        batch_size: int | str = 1,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        chat_template: str | None = None,
+        system_prompt: str | None = None,
+        max_batch_size: int | None = None,  # passed by lmms-eval; only used with batch_size=auto, which we refuse
+        torch_dtype: str | None = None,
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise TypeError(
+                f"unknown model argument(s) for the shortv lmms-eval model: {', '.join(sorted(unknown))}. Known: "
+                "pretrained, shortv_config, n, lc, preset, shortv_mode, dtype, device, device_map, "
+                "attn_implementation, batch_size, max_new_tokens, chat_template, system_prompt"
+            )
+        pretrained = None if _is_none(pretrained) else str(pretrained)
+        self.shortv_config = resolve_shortv_config(pretrained, shortv_config, n, lc, preset, shortv_mode)
+        try:
+            self._batch_size = int(batch_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"batch_size must be a positive integer (no 'auto'), got {batch_size!r}") from None
+        if self._batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.max_new_tokens = int(max_new_tokens)
+        if torch_dtype is not None and dtype is None:
+            dtype = torch_dtype
+
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if world_size > 1:
+            self._rank, self._world_size = int(os.environ.get("RANK", 0)), world_size
+        model, processor, self.model_id = load_model(
+            pretrained, dtype=None if _is_none(dtype) else dtype, device_map=None if _is_none(device_map) else device_map,
+            attn_implementation=attn_implementation,
+        )
+        if _is_none(device_map):
+            model.to(self._pick_device(device))
+        self._device = model.get_input_embeddings().weight.device
+        if self.shortv_config is not None:
+            apply_shortv(model, self.shortv_config)
+            logger.info(f"shortv: {self.model_id} with ShortV layers {self.shortv_config.layers} "
+                        f"(mode={self.shortv_config.mode})")
+        else:
+            logger.warning(f"shortv: no ShortV config given; evaluating the unmodified {self.model_id} (baseline)")
+        self._model, self._processor = model, processor
+
+        tokenizer = self.tokenizer
+        tokenizer.padding_side = "left"  # batched generation: every answer starts at the same column
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if not _is_none(chat_template):
+            template = Path(chat_template)
+            processor.chat_template = template.read_text() if template.is_file() else chat_template
+        self.chat_template_available = bool(
+            getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+        )
+        self.system_prompt = self._resolve_system_prompt(system_prompt) if not _is_none(system_prompt) else None
+        self.image_token = getattr(processor, "image_token", None) or _PROMPT_IMAGE_TOKENS[0]
+        self._warned: set[str] = set()
+
+    @staticmethod
+    def _pick_device(device: str | None) -> torch.device:
+        if _is_none(device):
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        chosen = torch.device(device)
+        if chosen.type == "cuda" and chosen.index is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", 0)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
+            chosen = torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
+        return chosen
+
+    # lmms-eval reads these ------------------------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def processor(self) -> Any:
+        return self._processor
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self._processor, "tokenizer", self._processor)
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def shortv_layers(self) -> list[int]:
+        """The layers ShortV freezes in the loaded model ([] for the baseline)."""
+        state = get_shortv_state(self._model)
+        return [] if state is None else list(state.config.layers)
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning(message)
+
+    # prompts ---------------------------------------------------------------------------------------------------
+    def _request_parts(self, request: Any) -> tuple[str, dict[str, Any] | None, Any]:
+        """(context, gen_kwargs, prompt source) of one request."""
+        raise NotImplementedError
+
+    def _messages(self, request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Chat messages in transformers' format (images as ``{"type": "image"}`` parts) and the images, in order."""
+        raise NotImplementedError
+
+    def _doc(self, task: str, split: str, doc_id: int) -> Any:
+        try:
+            return self.task_dict[task][split][doc_id]
+        except (KeyError, IndexError, TypeError) as error:
+            raise KeyError(f"lmms-eval gave no document {task}/{split}/{doc_id} (lm.task_dict): {error}") from None
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        if self.system_prompt:
+            messages = self._apply_system_prompt(messages, self.system_prompt)
+        if self.chat_template_available:
+            return self._processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        self._warn_once("shortv: the processor has no chat template (pass chat_template=); using the raw prompt")
+        parts = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, str):
+                parts.append(content)
+                continue
+            for part in content:
+                parts.append(f"{self.image_token}\n" if part["type"] == "image" else part["text"])
+        return "".join(parts)
+
+    # lmms-eval's interface ---------------------------------------------------------------------------------------
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        """One answer per request, in request order. Requests with equal generation settings are batched together,
+        longest prompts first (less padding)."""
+        from tqdm.auto import tqdm
+
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[GenerationSettings, list[int]] = {}
+        for index, request in enumerate(requests):
+            settings, ignored = GenerationSettings.from_kwargs(self._request_parts(request)[1], self.max_new_tokens)
+            if ignored:
+                self._warn_once(f"shortv: ignoring generation kwargs {ignored}")
+            groups.setdefault(settings, []).append(index)
+        with tqdm(total=len(requests), desc="Model Responding", disable=self.rank != 0) as bar:
+            for settings, indices in groups.items():
+                indices.sort(key=lambda i: -len(self._request_parts(requests[i])[0]))
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start : start + self.batch_size]
+                    answers = self._generate([requests[i] for i in chunk], settings)
+                    for i, answer in zip(chunk, answers):
+                        results[i] = answer
+                        context, gen_kwargs, _ = self._request_parts(requests[i])
+                        self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer)
+                    bar.update(len(chunk))
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _generate(self, requests: list[Any], settings: GenerationSettings) -> list[str]:
+        prompts, images = [], []
+        for request in requests:
+            messages, request_images = self._messages(request)
+            prompts.append(self._render(messages))
+            images.extend(request_images)
+        batch = self._processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
+        inputs = inputs_for(self._model, dict(batch))
+        prompt_length = inputs["input_ids"].shape[1]
+        kwargs = settings.generate_kwargs()
+        if settings.until and settings.num_beams == 1:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [_stop_strings_criterion(self.tokenizer, settings.until, prompt_length)]
+            )
+        output = self._model.generate(**inputs, **kwargs, pad_token_id=self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+        return [truncate_at_stops(text, settings.until).strip() for text in texts]
+
+    def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        raise NotImplementedError(
+            "the shortv lmms-eval model implements generate_until only; loglikelihood (likelihood-scored "
+            "multiple-choice tasks) is not supported. Use the task's generation variant."
+        )
+
+    def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
+        raise NotImplementedError(
+            "the shortv lmms-eval model implements generate_until only; multi-round generation is not supported."
+        )
+
+
+class ShortV(_ShortVModel):
+    """lmms-eval "simple" model: requests carry ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``.
+
+    The prompt is the context in one user turn of the processor's chat template, with one image part per visual:
+    at the context's ``<image>`` placeholders when it has exactly one per image, otherwise before the text.
+    """
+
+    is_simple = True
+
+    def _request_parts(self, request: Any) -> tuple[str, dict[str, Any] | None, Any]:
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+        return context, gen_kwargs, (doc_to_visual, doc_id, task, split)
+
+    def _messages(self, request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+        context, _, (doc_to_visual, doc_id, task, split) = self._request_parts(request)
+        visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else None
+        images = _as_images(visuals)
+        return [{"role": "user", "content": self._content(context, len(images))}], images
+
+    def _content(self, context: str, n_images: int) -> list[dict[str, Any]]:
+        placeholders = sorted({self.image_token, *_PROMPT_IMAGE_TOKENS}, key=len, reverse=True)
+        pieces = re.split("|".join(re.escape(token) for token in placeholders), context)
+        if n_images and len(pieces) - 1 == n_images:
+            content: list[dict[str, Any]] = []
+            for index, piece in enumerate(pieces):
+                if index:
+                    content.append({"type": "image"})
+                if piece.strip():
+                    content.append({"type": "text", "text": piece.strip()})
+            return content
+        if len(pieces) > 1 and n_images:
+            self._warn_once(
+                f"shortv: a prompt has {len(pieces) - 1} image placeholder(s) for {n_images} image(s); "
+                "the placeholders are dropped and the images put before the text"
+            )
+        text = "".join(pieces).strip() if len(pieces) > 1 else context
+        return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+
+
+class ShortVChat(_ShortVModel):
+    """lmms-eval "chat" model: requests carry ``(context, doc_to_messages, gen_kwargs, doc_id, task, split)``; the
+    messages (text and image parts, any roles) go through the processor's chat template as they are."""
+
+    is_simple = False
+
+    def _request_parts(self, request: Any) -> tuple[str, dict[str, Any] | None, Any]:
+        context, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
+        return context, gen_kwargs, (doc_to_messages, doc_id, task, split)
+
+    def _messages(self, request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+        _, _, (doc_to_messages, doc_id, task, split) = self._request_parts(request)
+        raw = doc_to_messages(self._doc(task, split, doc_id)) if callable(doc_to_messages) else doc_to_messages
+        if hasattr(raw, "model_dump"):  # lmms_eval.protocol.ChatMessages
+            raw = raw.model_dump()["messages"]
+        messages, images = [], []
+        for message in raw:
+            if hasattr(message, "model_dump"):
+                message = message.model_dump()
+            content = message["content"]
+            if isinstance(content, str):
+                messages.append({"role": message["role"], "content": content})
+                continue
+            parts = []
+            for part in content:
+                if hasattr(part, "model_dump"):
+                    part = part.model_dump()
+                if part["type"] == "text":
+                    parts.append({"type": "text", "text": part["text"]})
+                elif part["type"] == "image":
+                    for image in _as_images(part.get("url", part.get("image"))):
+                        images.append(image)
+                        parts.append({"type": "image"})
+                else:
+                    raise NotImplementedError(
+                        f"the shortv lmms-eval model takes text and images only; this task gives {part['type']}"
+                    )
+            messages.append({"role": message["role"], "content": parts})
+        return messages, images
