@@ -1,0 +1,258 @@
+"""Train the embedded tiny LLaVA from scratch on synthetic visual QA (CPU).
+
+    python -m shortv.tiny.train --out runs/tiny [--seed 0] [--steps 1600]
+
+Training data is generated on the fly: every training image comes with one
+question of each type, asked as a multi-turn LLaVA conversation
+(``USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: ...``); the
+loss is taken on answer tokens (and their ``</s>``) only.  The first turn of
+every conversation is exactly the single-turn format used at test time.
+AdamW with linear warm-up and cosine decay; everything is seeded, and the data
+order is a pure function of ``(seed, step)``.
+
+At the end the model is evaluated on the test split (greedy decoding, overall
+and per question type) and on the blind control (blank images), and model and
+processor are saved with ``save_pretrained`` into ``--out`` (plus
+``metrics.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import synthetic
+from .build import IMAGE_TOKEN_ID, IMAGE_TOKENS, MODEL_DIMS, PAD_ID, build_model, build_processor, format_prompt
+from .measure import evaluate, report
+
+IGNORE = -100
+TYPES = synthetic.QUESTION_TYPES + ("describe",)
+
+
+def curriculum_objects(step: int, steps: int, frac: float):
+    """Objects per training scene: 1-2, then 1-4 during the first ``frac`` of training, then as at test."""
+    f = step / max(1, steps)
+    if f < frac / 2:
+        return (1, 2)
+    if f < frac:
+        return (1, 4)
+    return None
+
+
+class ConversationEncoder:
+    """Token ids and answer-only labels for multi-turn conversations (cached per text piece)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self._cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        out = self._cache.get(text)
+        if out is None:
+            out = self.tok(text, add_special_tokens=False)["input_ids"]
+            self._cache[text] = out
+        return out
+
+    def encode(self, turns) -> tuple[list[int], list[int], list[int]]:
+        """``(input_ids, labels, kinds)``; ``kinds`` marks the first answer token of
+        each turn with the index of its question type in :data:`TYPES` (else -1)."""
+        ids = [self.tok.bos_token_id]
+        labels = [IGNORE]
+        kinds = [-1]
+        for k, (prompt, answer, _type) in enumerate(turns):
+            pre = format_prompt(prompt) if k == 0 else f"USER: {prompt} ASSISTANT:"
+            p = []
+            for t in self.ids(pre):
+                p += [IMAGE_TOKEN_ID] * IMAGE_TOKENS if t == IMAGE_TOKEN_ID else [t]
+            a = self.ids(answer) + [self.tok.eos_token_id]
+            ids += p + a
+            labels += [IGNORE] * len(p) + a
+            kinds += [-1] * len(p) + [TYPES.index(_type)] + [-1] * (len(a) - 1)
+        return ids, labels, kinds
+
+
+def make_batch(
+    encoder, image_processor, seed: int, step: int, batch_size: int, questions: int, describe: bool, n_objects=None
+):
+    images, seqs = [], []
+    for j in range(batch_size):
+        rng = random.Random(f"shortv-tiny-train/{seed}/{step}/{j}")
+        scene, qas = synthetic.training_conversation(
+            rng, n_questions=questions, with_description=describe, n_objects=n_objects
+        )
+        images.append(synthetic.render(scene))
+        seqs.append(encoder.encode(qas))
+    n = max(len(s[0]) for s in seqs)
+    input_ids = torch.full((batch_size, n), PAD_ID, dtype=torch.long)
+    labels = torch.full((batch_size, n), IGNORE, dtype=torch.long)
+    kinds = torch.full((batch_size, n), -1, dtype=torch.long)
+    mask = torch.zeros((batch_size, n), dtype=torch.long)
+    for j, (ids, lab, kind) in enumerate(seqs):  # right padding for training
+        input_ids[j, : len(ids)] = torch.tensor(ids)
+        labels[j, : len(lab)] = torch.tensor(lab)
+        kinds[j, : len(kind)] = torch.tensor(kind)
+        mask[j, : len(ids)] = 1
+    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    return input_ids, mask, labels, kinds, pixel_values
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.1) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def train(args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    processor = build_processor()
+    dims = {k: getattr(args, k) for k in MODEL_DIMS if getattr(args, k, None) is not None}
+    model = build_model(seed=args.seed, **dims)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters, {json.dumps({**MODEL_DIMS, **dims})}")
+    log(f"training: {args.steps} steps x {args.batch_size} images x {args.questions} questions{'' if args.no_describe else ' + description'}, lr {args.lr}")
+
+    encoder = ConversationEncoder(processor.tokenizer)
+    # The hand-built sequence must match what the processor produces at inference time.
+    probe = synthetic.make_sample("calib", 0)
+    ref = processor(images=synthetic.render(probe["scene"]), text=format_prompt(probe["prompt"]), return_tensors="pt")
+    ids, _, _ = encoder.encode([(probe["prompt"], probe["answer"], probe["type"])])
+    assert ids[: ref["input_ids"].shape[1]] == ref["input_ids"][0].tolist(), "training/inference tokenisation differ"
+
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    calib = list(synthetic.generate("calib", args.n_calib))
+
+    t0 = time.time()
+    ema_loss = ema_acc = None
+    history = []
+    window = [[0, 0] for _ in TYPES]
+    for step in range(args.steps):
+        lr = lr_at(step, args.steps, args.warmup, args.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        n_objects = curriculum_objects(step, args.steps, args.curriculum)
+        input_ids, mask, labels, kinds, pixel_values = make_batch(
+            encoder, processor.image_processor, args.seed, step, args.batch_size, args.questions,
+            not args.no_describe, n_objects,
+        )
+        logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values).logits
+        tgt = labels[:, 1:]
+        sel = tgt != IGNORE
+        lg = logits[:, :-1][sel]
+        loss = F.cross_entropy(lg.float(), tgt[sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
+        opt.step()
+
+        # accuracy on the first answer token of every question, per type
+        with torch.no_grad():
+            hit = lg.argmax(-1) == tgt[sel]
+            kind = kinds[:, 1:][sel]
+            for k in range(len(TYPES)):
+                m = kind == k
+                window[k][0] += int(hit[m].sum())
+                window[k][1] += int(m.sum())
+            acc = hit[(kind >= 0) & (kind < len(TYPES) - 1)].float().mean().item()
+        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+        ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
+        if (step + 1) % args.log_every == 0 or step == 0:
+            el = time.time() - t0
+            eta = el / (step + 1) * (args.steps - step - 1)
+            log(
+                f"step {step + 1:5d}/{args.steps}  loss {ema_loss:.4f}  answer-acc {ema_acc:.3f}  "
+                f"lr {lr:.2e}  gnorm {gnorm:.2f}  {el / 60:5.1f} min  (eta {eta / 60:.1f} min)"
+            )
+            log("    train acc  " + "  ".join(f"{t} {100 * h / max(c, 1):.0f}" for t, (h, c) in zip(TYPES, window)))
+            window = [[0, 0] for _ in TYPES]
+        if args.eval_every and ((step + 1) % args.eval_every == 0) and step + 1 < args.steps:
+            res = evaluate(model, processor, calib)
+            per = "  ".join(f"{t} {100 * res[t]:.0f}" for t in synthetic.QUESTION_TYPES)
+            log(f"  calib greedy accuracy {100 * res['overall']:.1f}%  ({per})")
+            history.append({"step": step + 1, "calib": res["overall"], "loss": ema_loss})
+    train_min = (time.time() - t0) / 60
+    log(f"training done in {train_min:.1f} min")
+
+    model.eval()
+    test = list(synthetic.generate("test", args.n_test))
+    res_test = evaluate(model, processor, test)
+    res_blind = evaluate(model, processor, test, blank=True)
+    majority = synthetic.majority_baseline(test)
+    log(report(res_test, res_blind, majority))
+
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    metrics = {
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "params": n_params,
+        "train_minutes": round(train_min, 2),
+        "threads": args.threads,
+        "test": {k: v for k, v in res_test.items() if k != "predictions"},
+        "blind": {k: v for k, v in res_blind.items() if k != "predictions"},
+        "majority": majority,
+        "history": history,
+        "argv": sys.argv[1:],
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log(f"saved to {out}")
+    return metrics
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m shortv.tiny.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output folder (save_pretrained)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--questions", type=int, default=10, help="questions per training image (multi-turn)")
+    ap.add_argument("--curriculum", type=float, default=0.0, help="fraction of steps on easier scenes (1-4 objects)")
+    ap.add_argument("--no-describe", action="store_true", help="no final 'Describe the image.' turn")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--eval-every", type=int, default=200, help="greedy accuracy on the calib split (0: never)")
+    ap.add_argument("--n-calib", type=int, default=250)
+    ap.add_argument("--n-test", type=int, default=1000)
+    for k, v in MODEL_DIMS.items():
+        ap.add_argument("--" + k.replace("_", "-"), dest=k, type=type(v), default=None)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
