@@ -1,0 +1,235 @@
+"""Benchmark harness and ``shortv bench`` CLI on tiny models: structure and sanity only, no timing targets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+import tiny_models
+from shortv import ShortVConfig, apply_shortv, get_shortv_state
+from shortv import bench as bench_lib
+from shortv.bench import (
+    BenchInputs,
+    PeakMemory,
+    Stats,
+    benchmark,
+    default_shortv_config,
+    ideal_prefill_speedup,
+    shape_shortv_config,
+    to_markdown,
+)
+from shortv.cli import app
+from shortv.config import PRESET_LAYER_ORDERS
+from shortv.flops import LayerDims, model_flops
+from shortv.shapes import make_token_layout
+
+FAST = dict(new_tokens=3, repeats=2, warmup=1)
+
+
+def _tiny_llama(num_layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _check_metrics(metrics: bench_lib.VariantMetrics, repeats: int) -> None:
+    for stats in (metrics.ttft_s, metrics.e2e_s, metrics.decode_tokens_per_s):
+        assert stats is not None and len(stats.values) == repeats
+        assert 0 < stats.min <= stats.median <= stats.max
+    assert metrics.ttft_s.median < metrics.e2e_s.max * 1.0001
+    if metrics.peak_memory_bytes is not None:
+        assert metrics.peak_memory_bytes.min >= 0
+
+
+def test_benchmark_bare_lm_with_explicit_mask() -> None:
+    model = _tiny_llama()
+    ids, mask = make_token_layout(2, n_text=6, n_visual=10, vocab_size=200)
+    result = benchmark(model, BenchInputs.for_causal_lm(ids, mask), [1, 2, 3], **FAST)
+
+    _check_metrics(result.baseline, repeats=2)
+    _check_metrics(result.shortv, repeats=2)
+    assert (result.batch_size, result.text_tokens, result.visual_tokens) == (2, [6, 6], [10, 10])
+    assert result.num_layers == 4 and result.shortv_layers == [1, 2, 3] and result.shortv_mode == "fast"
+    assert result.ideal_speedup > 1 and result.ideal_speedup_paper > 1
+    assert result.prefill_speedup > 0 and result.realized == pytest.approx(result.prefill_speedup / result.ideal_speedup)
+    assert len(result.prefill_speedup_paired.values) == 2
+    assert result.decode_ratio is not None and result.decode_ratio > 0
+    assert result.machine["torch"] == torch.__version__ and result.machine["cpu"]
+    # JSON round trip of the whole dataclass.
+    data = json.loads(result.to_json())
+    assert data["baseline"]["ttft_s"]["values"] == result.baseline.ttft_s.values
+    assert data["ideal_speedup"] == result.ideal_speedup
+    markdown = to_markdown(result)
+    assert "| TTFT / prefill (s) |" in markdown and "FLOPs-ideal" in markdown
+    # The model is left as it was found: no ShortV state.
+    assert get_shortv_state(model) is None
+
+
+def test_benchmark_restores_previous_shortv_and_threads() -> None:
+    model = _tiny_llama()
+    apply_shortv(model, ShortVConfig(layers=[0], mode="reference"))
+    threads = torch.get_num_threads()
+    ids, mask = make_token_layout(1, n_text=4, n_visual=6, vocab_size=200)
+    result = benchmark(model, BenchInputs.for_causal_lm(ids, mask), [2, 3], threads=1, new_tokens=1, repeats=1, warmup=0)
+    state = get_shortv_state(model)
+    assert state is not None and state.config.layers == [0] and state.config.mode == "reference"
+    assert torch.get_num_threads() == threads and result.machine["torch_threads"] == 1
+    # One new token: nothing is decoded after it.
+    assert result.baseline.decode_tokens_per_s is None and result.decode_ratio is None
+
+
+def test_benchmark_multimodal_mask_from_input_ids() -> None:
+    model = tiny_models.build_model("llava")
+    inputs = tiny_models.build_inputs(model, "llava")
+    bench_inputs = BenchInputs.from_model_inputs(model, dict(inputs))
+    assert not bench_inputs.explicit_mask
+    assert torch.equal(bench_inputs.visual_mask, inputs.visual_mask)
+    result = benchmark(model, bench_inputs, [0, 2], new_tokens=2, repeats=1, warmup=0)
+    assert result.visual_tokens == inputs.visual_mask.sum(dim=1).tolist()
+    assert [t + v for t, v in zip(result.text_tokens, result.visual_tokens)] == [inputs.visual_mask.shape[1]] * 3
+    assert result.ideal_speedup > 1
+    _check_metrics(result.shortv, repeats=1)
+
+
+def test_ideal_speedup_is_the_exact_flops_ratio() -> None:
+    dims = LayerDims.from_config(_tiny_llama().config)
+    counts = [(6, 10), (9, 7)]
+    dense = sum(model_flops(dims, t, v, (), "exact", include_lm_head=True) for t, v in counts)
+    sparse = sum(model_flops(dims, t, v, [1, 3], "exact", include_lm_head=True) for t, v in counts)
+    assert ideal_prefill_speedup(dims, counts, [1, 3]) == pytest.approx(dense / sparse)
+    assert ideal_prefill_speedup(dims, counts, []) == 1.0
+    assert ideal_prefill_speedup(dims, [(6, 0)], [0, 1, 2, 3]) == 1.0
+
+
+def test_shape_layer_selection() -> None:
+    order = PRESET_LAYER_ORDERS["llava-hf/llava-1.5-7b-hf"]
+    config, note = shape_shortv_config("llava-1.5-7b")
+    assert config.layers == list(order[:19]) and "published order" in note
+    config, note = shape_shortv_config("llava-1.5-7b", num_layers=16)
+    assert config.layers == [0, 2, 3, 12] and "4 of them fall in the first 16 layers" in note
+    config, note = shape_shortv_config("llava-1.5-7b", num_layers=17, proportional=True)
+    assert config.layers == list(range(7, 17)) and "proportional" in note
+    assert len(shape_shortv_config("next-13b")[0].layers) == 24
+    assert shape_shortv_config("next-7b", n=5)[0].layers == list(
+        PRESET_LAYER_ORDERS["llava-hf/llava-v1.6-vicuna-7b-hf"][:5]
+    )
+    config, note = shape_shortv_config("qwen2-vl-7b")
+    assert sorted(config.layers) == list(range(9, 28)) and "no published order" in note
+    with pytest.raises(ValueError, match=r"num_layers .* must be in 1\.\.32"):
+        shape_shortv_config("llava-1.5-7b", num_layers=33)
+
+
+def test_default_config_for_models_without_one() -> None:
+    config, note = default_shortv_config(_tiny_llama(num_layers=4))
+    assert config.layers == [2, 3] and "no calibrated config" in note
+    assert default_shortv_config(_tiny_llama(num_layers=4), n=1)[0].layers == [3]
+    big = _tiny_llama(num_layers=32)
+    big.config._name_or_path = "/models/llava-hf/llava-1.5-7b-hf"
+    config, note = default_shortv_config(big)
+    assert config.layers == list(PRESET_LAYER_ORDERS["llava-hf/llava-1.5-7b-hf"]) and "preset" in note
+
+
+def test_bench_shape_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Real shapes are too big for CI: swap in a tiny builder, keep the layer selection and inputs of shape mode.
+    import shortv.shapes
+
+    monkeypatch.setattr(shortv.shapes, "build_shape_model", lambda name, num_layers, dtype, seed: _tiny_llama(num_layers))
+    result = bench_lib.bench_shape(
+        "llava-1.5-7b", num_layers=4, visual_tokens=12, text_tokens=4, dtype="fp32", **FAST
+    )
+    assert result.source == "shape" and result.full_num_layers == 32 and result.num_layers == 4
+    assert result.shortv_layers == [0, 2, 3] and result.visual_tokens == [12] and result.text_tokens == [4]
+    assert "first 4 layers" in result.model
+
+
+def test_peak_memory_sees_a_large_allocation() -> None:
+    meter = PeakMemory("cpu")
+    if meter.method.startswith("unavailable"):
+        pytest.skip(meter.method)
+    meter.start()
+    block = torch.ones(16 * 2**20, dtype=torch.float32)  # 64 MiB, touched
+    del block
+    peak = meter.stop()
+    assert peak is not None and peak >= 48 * 2**20
+    assert meter.peak_total_bytes is not None and meter.peak_total_bytes >= peak
+
+
+def test_stats() -> None:
+    stats = Stats.of([3, 1, 2])
+    assert (stats.median, stats.min, stats.max, stats.values) == (2, 1, 3, [3.0, 1.0, 2.0])
+    with pytest.raises(ValueError):
+        Stats.of([])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------------------------
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def saved_lm(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("tiny_lm")
+    _tiny_llama().save_pretrained(path)
+    return path
+
+
+def test_cli_bench_saved_causal_lm(saved_lm, tmp_path) -> None:
+    out = tmp_path / "results.json"
+    args = ["bench", "--model", str(saved_lm), "--visual-tokens", "12", "--text-tokens", "4", "--new-tokens", "3",
+            "--repeats", "2", "--warmup", "0", "--dtype", "fp32", "--out", str(out), "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "prefill speedup" in result.output and "FLOPs-ideal" in result.output
+    data = json.loads(out.read_text())
+    assert data["source"] == "pretrained" and data["visual_tokens"] == [12] and data["text_tokens"] == [4]
+    assert data["shortv_layers"] == [2, 3] and data["dtype"] == "fp32" and data["ideal_speedup"] > 1
+    assert len(data["shortv"]["ttft_s"]["values"]) == 2
+
+
+def test_cli_bench_with_config_file(saved_lm, tmp_path) -> None:
+    config_path = ShortVConfig(layers=[0, 1]).save(tmp_path / "shortv_config.json")
+    out = tmp_path / "r.json"
+    args = ["bench", "--model", str(saved_lm), "--config", str(config_path), "--visual-tokens", "8",
+            "--text-tokens", "3", "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["shortv_layers"] == [0, 1]
+
+
+def test_cli_bench_saved_multimodal_model_with_processor(tmp_path) -> None:
+    build = pytest.importorskip("shortv.tiny.build")
+    torch.manual_seed(0)
+    build.build_model(seed=0).save_pretrained(tmp_path / "llava")
+    build.build_processor().save_pretrained(tmp_path / "llava")
+    out = tmp_path / "r.json"
+    args = ["bench", "--model", str(tmp_path / "llava"), "--n", "3", "--new-tokens", "2", "--repeats", "1",
+            "--warmup", "0", "--dtype", "fp32", "--out", str(out), "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    # The processor expanded <image> into one id per visual feature; ShortV found them without an explicit mask.
+    assert data["visual_tokens"] == [build.IMAGE_TOKENS] and data["text_tokens"][0] > 0
+    assert len(data["shortv_layers"]) == 3 and data["ideal_speedup"] > 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "x", "--shape", "llava-1.5-7b"], "either --model or --shape"),
+        (["--layers", "4"], "--shape only"),
+        (["--shape", "llava-7b"], "unknown shape"),
+        (["--config", "/nonexistent/shortv_config.json", "--shape", "llava-1.5-7b"], "config file not found"),
+    ],
+)
+def test_cli_bench_errors(args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 1
+    assert message in " ".join(result.output.split())
