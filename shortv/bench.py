@@ -19,6 +19,10 @@ The measured prefill speedup is reported beside the *FLOPs-ideal* speedup, from 
 as the engine treats it), plus the LM head for the one position ``generate`` computes in prefill. The vision
 encoder of a multimodal model is not in the ideal (ShortV does not change it), so for such models the realized
 fraction is a lower bound. ``realized = measured / ideal``.
+
+CPU threads: on a machine shared with other processes, give torch only the cores that are actually free
+(``threads``). With more threads than free cores, every short element-wise kernel waits at an OpenMP barrier for a
+descheduled thread; that inflates both variants, and mostly the per-token work ShortV does not remove.
 """
 
 from __future__ import annotations

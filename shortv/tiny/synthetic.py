@@ -71,7 +71,7 @@ __all__ = [
 IMAGE_SIZE = 96
 GRID = 3
 CELL = IMAGE_SIZE // GRID  # 32 px = 4x4 patches of 8 px
-SHAPE_SIZE = 16  # bounding box of a shape: the central 2x2 patches of its cell
+SHAPE_SIZE = 24  # bounding box of a shape, centred in its cell
 SHAPE_OFFSET = (CELL - SHAPE_SIZE) // 2
 
 BACKGROUND = (24, 24, 24)

@@ -104,6 +104,64 @@ def make_batch(
     return input_ids, mask, labels, kinds, pixel_values
 
 
+def patch_targets(scene: synthetic.Scene, grid: int) -> torch.Tensor:
+    """Per-patch labels ``(grid*grid, 4)``: shape (0 = none), colour (0 = none), cell row, cell col."""
+    cell = grid // synthetic.GRID
+    t = torch.zeros((grid, grid, 4), dtype=torch.long)
+    rows = torch.arange(grid) // cell
+    t[..., 2] = rows[:, None]
+    t[..., 3] = rows[None, :]
+    for o in scene.objects:
+        block = t[o.row * cell : (o.row + 1) * cell, o.col * cell : (o.col + 1) * cell]
+        block[..., 0] = synthetic.SHAPES.index(o.shape) + 1
+        block[..., 1] = list(synthetic.COLORS).index(o.color) + 1
+    return t.reshape(grid * grid, 4)
+
+
+def pretrain_vision(model, image_processor, args) -> None:
+    """Stage 1: supervised pre-training of the vision tower (stands in for a pretrained CLIP).
+
+    A throw-away linear head on the features LLaVA feeds its projector predicts,
+    for every patch, the shape and colour of the object in its grid cell and the
+    cell's row and column.  Only the vision tower is kept.
+    """
+    cfg = model.config
+    vt = model.model.vision_tower
+    grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    sizes = (len(synthetic.SHAPES) + 1, len(synthetic.COLORS) + 1, synthetic.GRID, synthetic.GRID)
+    head = torch.nn.Linear(cfg.vision_config.hidden_size, sum(sizes))
+    params = list(vt.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    t0 = time.time()
+    for step in range(args.vision_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.vision_steps, max(1, args.vision_steps // 10), args.vision_lr)
+        images, targets = [], []
+        for j in range(args.batch_size):
+            rng = random.Random(f"shortv-tiny-vision/{args.seed}/{step}/{j}")
+            scene, _ = synthetic.training_conversation(rng, n_questions=0, with_description=False, n_objects=(1, 6))
+            images.append(synthetic.render(scene))
+            targets.append(patch_targets(scene, grid))
+        px = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        feats = vt(px, output_hidden_states=True).hidden_states[cfg.vision_feature_layer][:, 1:]
+        logits = head(feats).split(sizes, dim=-1)
+        tgt = torch.stack(targets)
+        losses = [F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt[..., k].reshape(-1)) for k, lg in enumerate(logits)]
+        loss = sum(losses)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.clip)
+        opt.step()
+        if (step + 1) % args.log_every == 0 or step == 0:
+            with torch.no_grad():
+                accs = [(lg.argmax(-1) == tgt[..., k]).float().mean().item() for k, lg in enumerate(logits)]
+            log(
+                f"vision {step + 1:4d}/{args.vision_steps}  loss {loss.item():.4f}  patch acc "
+                f"shape {accs[0]:.3f} color {accs[1]:.3f} row {accs[2]:.3f} col {accs[3]:.3f}  "
+                f"{(time.time() - t0) / 60:.1f} min"
+            )
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.1) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -138,6 +196,10 @@ def train(args) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters, {json.dumps({**MODEL_DIMS, **dims})}")
     log(f"training: {args.steps} steps x {args.batch_size} images x {args.questions} questions{'' if args.no_describe else ' + description'}, lr {args.lr}")
+
+    t_start = time.time()
+    if args.vision_steps:
+        pretrain_vision(model, processor.image_processor, args)
 
     encoder = ConversationEncoder(processor.tokenizer)
     # The hand-built sequence must match what the processor produces at inference time.
@@ -197,7 +259,7 @@ def train(args) -> dict:
             per = "  ".join(f"{t} {100 * res[t]:.0f}" for t in synthetic.QUESTION_TYPES)
             log(f"  calib greedy accuracy {100 * res['overall']:.1f}%  ({per})")
             history.append({"step": step + 1, "calib": res["overall"], "loss": ema_loss})
-    train_min = (time.time() - t0) / 60
+    train_min = (time.time() - t_start) / 60
     log(f"training done in {train_min:.1f} min")
 
     model.eval()
@@ -237,6 +299,8 @@ def parse_args(argv=None):
     ap.add_argument("--curriculum", type=float, default=0.0, help="fraction of steps on easier scenes (1-4 objects)")
     ap.add_argument("--no-describe", action="store_true", help="no final 'Describe the image.' turn")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--vision-steps", type=int, default=300, help="stage 1: vision tower pre-training steps")
+    ap.add_argument("--vision-lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--clip", type=float, default=1.0)

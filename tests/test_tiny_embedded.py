@@ -1,0 +1,180 @@
+"""The embedded tiny LLaVA: synthetic data, processor, shipped checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from shortv.tiny import EMBEDDED_SPLIT_SIZES, embedded_model_path, embedded_split_path, load_embedded, synthetic
+from shortv.tiny.build import IMAGE_TOKEN_ID, IMAGE_TOKENS, build_model, build_processor, format_prompt
+
+CHECKPOINT = embedded_model_path()
+needs_checkpoint = pytest.mark.skipif(
+    not (CHECKPOINT / "config.json").is_file(), reason="embedded checkpoint not trained/shipped yet"
+)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# --------------------------------------------------------------------------- generator
+
+
+def test_generator_is_deterministic(tmp_path):
+    a = synthetic.write_split("test", tmp_path / "a", 12)
+    b = synthetic.write_split("test", tmp_path / "b", 12)
+    assert a.read_text() == b.read_text()
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    c = synthetic.write_split("test", tmp_path / "c", 12, seed=7)
+    assert c.read_text() != a.read_text()
+
+
+def test_jsonl_format(tmp_path):
+    jsonl = synthetic.write_split("calib", tmp_path, 10)
+    assert jsonl == tmp_path / "calib.jsonl"
+    lines = jsonl.read_text().splitlines()
+    assert len(lines) == 10
+    for line, sample in zip(lines, synthetic.generate("calib", 10)):
+        rec = json.loads(line)
+        assert set(rec) == {"id", "image", "prompt", "answer", "type"}
+        assert not Path(rec["image"]).is_absolute()
+        with Image.open(tmp_path / rec["image"]) as im:
+            assert im.size == (synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE)
+            assert im.convert("RGB").tobytes() == synthetic.render(sample["scene"]).tobytes()
+        assert (rec["prompt"], rec["answer"], rec["type"]) == (sample["prompt"], sample["answer"], sample["type"])
+
+
+def test_blank_control(tmp_path):
+    jsonl = synthetic.write_split("test", tmp_path, 10, blank=True)
+    normal = synthetic.write_split("test", tmp_path, 10)
+    blank_rows, rows = synthetic.read_split(jsonl), synthetic.read_split(normal)
+    assert [(r["prompt"], r["answer"]) for r in blank_rows] == [(r["prompt"], r["answer"]) for r in rows]
+    with Image.open(blank_rows[0]["image"]) as im:
+        assert im.convert("RGB").tobytes() == bytes(synthetic.BACKGROUND) * synthetic.IMAGE_SIZE**2
+
+
+def test_splits_are_disjoint():
+    keys = {}
+    for split, n in [("train", 400), ("calib", 256), ("test", 400)]:
+        samples = list(synthetic.generate(split, n))
+        assert len({s["id"] for s in samples}) == n
+        keys[split] = {s["scene"].key() for s in samples}
+    assert not keys["train"] & keys["calib"]
+    assert not keys["train"] & keys["test"]
+    assert not keys["calib"] & keys["test"]
+    # Training conversations come from the training buckets as well.
+    import random
+
+    for i in range(100):
+        scene, _ = synthetic.training_conversation(random.Random(i))
+        assert scene.key() not in keys["test"] | keys["calib"]
+
+
+def test_answers_vocabulary_and_balance():
+    samples = list(synthetic.generate("test", 300))
+    processor = build_processor()
+    tok = processor.tokenizer
+    for s in samples:
+        assert s["answer"] in synthetic.ANSWERS[s["type"]]
+        assert tok.unk_token_id not in tok(format_prompt(s["prompt"]) + " " + s["answer"])["input_ids"]
+        assert len(tok(s["answer"], add_special_tokens=False)["input_ids"]) == 1
+    per_type = Counter(s["type"] for s in samples)
+    assert set(per_type) == set(synthetic.QUESTION_TYPES) and len(set(per_type.values())) == 1
+    majority = synthetic.majority_baseline(samples)
+    for t, answers in synthetic.ANSWERS.items():
+        assert majority[t] == pytest.approx(1 / len(answers), abs=0.02)
+
+
+def test_questions_are_true():
+    for s in synthetic.generate("calib", 100):
+        objs = s["scene"].objects
+        q, a = s["prompt"].lower(), s["answer"]
+        if s["type"] == "count":
+            color = q.split()[2]
+            assert synthetic.COUNT_WORDS[sum(o.color == color for o in objs) - 1] == a
+        elif s["type"] == "exists":
+            words = q.rstrip("?").split()
+            assert (a == "yes") == any((o.color, o.shape) == (words[3], words[4]) for o in objs)
+        elif s["type"] == "color":
+            shape = q.rstrip("?").split()[-1]
+            (o,) = [o for o in objs if o.shape == shape]
+            assert o.color == a
+
+
+# --------------------------------------------------------------------------- processor
+
+
+def test_processor_round_trip():
+    processor = build_processor()
+    model = build_model(seed=0)
+    sample = synthetic.make_sample("test", 1)
+    image = synthetic.render(sample["scene"])
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["prompt"]}]}],
+        add_generation_prompt=True,
+    )
+    assert text == format_prompt(sample["prompt"])
+    enc = processor(images=image, text=text, return_tensors="pt")
+    n_image_tokens = int((enc["input_ids"] == IMAGE_TOKEN_ID).sum())
+    assert n_image_tokens == IMAGE_TOKENS >= 100
+    assert enc["input_ids"].shape[1] - n_image_tokens < 30  # visual tokens dominate
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=enc["pixel_values"])
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    n_features = sum(f.reshape(-1, f.shape[-1]).shape[0] for f in feats)
+    assert n_features == n_image_tokens
+    with torch.no_grad():
+        out = model(**enc)
+    assert out.logits.shape[:2] == enc["input_ids"].shape
+
+
+def test_embedded_split_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHORTV_CACHE", str(tmp_path))
+    path = embedded_split_path("calib", n=8)
+    assert path.is_file() and tmp_path in path.parents
+    rows = synthetic.read_split(path)
+    assert len(rows) == 8
+    for row, sample in zip(rows, synthetic.generate("calib", 8)):
+        with Image.open(row["image"]) as im:
+            assert im.tobytes() == synthetic.render(sample["scene"]).tobytes()
+    assert embedded_split_path("calib", n=8) == path  # cached
+    assert EMBEDDED_SPLIT_SIZES["test"] >= 500
+
+
+# --------------------------------------------------------------------------- shipped checkpoint
+
+
+@needs_checkpoint
+def test_checkpoint_files_and_size():
+    files = {p.name for p in CHECKPOINT.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= files
+    assert any(n.startswith("chat_template") for n in files) or "chat_template" in (CHECKPOINT / "tokenizer_config.json").read_text()
+    total = sum(p.stat().st_size for p in CHECKPOINT.iterdir() if p.is_file())
+    assert total <= 25 * 2**20
+
+
+@needs_checkpoint
+def test_checkpoint_answers_fixed_questions(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = load_embedded()
+    assert not model.training and model.dtype == torch.float32
+    assert model.config.text_config.num_hidden_layers >= 12
+    samples = list(synthetic.generate("test", 10))
+    images = [synthetic.render(s["scene"]) for s in samples]
+    enc = processor(images=images, text=[format_prompt(s["prompt"]) for s in samples], padding=True, return_tensors="pt")
+    assert int((enc["input_ids"][0] == IMAGE_TOKEN_ID).sum()) == IMAGE_TOKENS
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    answers = [a.strip() for a in processor.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
+    assert answers == [s["answer"] for s in samples]
