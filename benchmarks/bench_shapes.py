@@ -1,7 +1,7 @@
 """Shape-mode benchmark of ShortV at the scale of a paper model, recorded into ``benchmarks/results/``.
 
 Default: the LLaVA-1.5-7B language model (random weights, real dims), N=19 ShortV layers as in the paper,
-576 visual + 64 text tokens, batch 1, bf16, CPU, 16 new tokens, 5 interleaved repetitions after 1 warm-up.
+576 visual (LLaVA-NeXT shapes: 2880) + 64 text tokens, batch 1, bf16, CPU, 16 new tokens, 5 interleaved repetitions after 1 warm-up.
 
 Usage::
 
@@ -90,7 +90,8 @@ def memory_pass(args: argparse.Namespace, prefix: int, n: int) -> BenchResult:
         out = Path(folder) / "memory.json"
         command = [
             sys.executable, str(Path(__file__).resolve()), "--shape", args.shape, "--layers", str(prefix), "--n", str(n),
-            "--visual-tokens", str(args.visual_tokens), "--text-tokens", str(args.text_tokens),
+            *(["--visual-tokens", str(args.visual_tokens)] if args.visual_tokens is not None else []),
+            "--text-tokens", str(args.text_tokens),
             "--batch-size", str(args.batch_size), "--new-tokens", str(args.new_tokens), "--repeats", "2",
             "--warmup", "1", "--dtype", args.dtype, "--device", args.device, "--memory-only", str(out),
         ]
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=None, help="ShortV layers in the full model (default: paper N)")
     parser.add_argument("--layers", default=None, help="prefix length K, 'auto', or omit for the full stack")
     parser.add_argument("--budget-s", type=float, default=600.0, help="time budget for --layers auto")
-    parser.add_argument("--visual-tokens", type=int, default=576)
+    parser.add_argument("--visual-tokens", type=int, default=None,
+                        help="visual tokens per sample (default: the shape's own, 576 or 2880 for LLaVA-NeXT)")
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=16)

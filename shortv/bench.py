@@ -898,7 +898,7 @@ def bench_shape(
     n: int | None = None,
     config: ShortVConfig | None = None,
     proportional: bool = False,
-    visual_tokens: int = 576,
+    visual_tokens: int | None = None,
     text_tokens: int = 64,
     batch_size: int = 1,
     new_tokens: int = 16,
@@ -912,8 +912,13 @@ def bench_shape(
 ) -> BenchResult:
     """Shape mode: a random-weight causal LM with a paper model's real dims (its first ``num_layers`` layers),
     ``batch_size`` prompts of ``text_tokens`` text tokens around one block of ``visual_tokens`` image tokens, and
-    an explicit visual mask. ``config`` overrides the layer selection of `shape_shortv_config`."""
+    an explicit visual mask. ``visual_tokens`` defaults to the shape's own count (576 for LLaVA-1.5 and the
+    Qwen2-VL shape, 2880 for LLaVA-NeXT's AnyRes grid). ``config`` overrides the layer selection of
+    `shape_shortv_config`."""
     from .shapes import build_shape_model, make_token_layout
+
+    if visual_tokens is None:
+        visual_tokens = get_shape(name).visual_tokens
 
     torch_dtype, torch_device = _resolve_dtype(dtype), _resolve_device(device)
     full = get_shape(name).dims.num_layers

@@ -47,3 +47,25 @@ def test_demo_command_reports_missing_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr("shortv.tiny.embedded_model_path", lambda: tmp_path / "no-checkpoint")
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "no checkpoint at" in " ".join(result.output.split())
+
+
+def test_demo_command_on_the_shipped_checkpoint(tmp_path, monkeypatch):
+    """`shortv demo` as the README runs it, on the embedded checkpoint, with few samples."""
+    import pytest
+
+    from shortv.cli import app
+    from shortv.tiny import embedded_model_path
+
+    if not (embedded_model_path() / "config.json").is_file():
+        pytest.skip("embedded checkpoint not shipped")
+    monkeypatch.setenv("SHORTV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--num-calib", "4", "--num-test", "20", "--n", "6",
+                                      "--speed-repeats", "1"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text())
+    assert sorted(saved["lc_order"]) == list(range(12))
+    assert saved["baseline"]["accuracy"] >= 0.6  # a trained model, not a random one
+    assert {row["selection"] for row in saved["rows"]} == {"lc", "random", "last"}
+    assert (out / "report.md").is_file() and (out / "accuracy_vs_flops.png").is_file()

@@ -166,15 +166,46 @@ def test_checkpoint_files_and_size():
 
 @needs_checkpoint
 def test_checkpoint_answers_fixed_questions(monkeypatch):
+    """The first 20 test questions: answered from the image, not from the words."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, processor = load_embedded()
     assert not model.training and model.dtype == torch.float32
     assert model.config.text_config.num_hidden_layers >= 12
-    samples = list(synthetic.generate("test", 10))
-    images = [synthetic.render(s["scene"]) for s in samples]
-    enc = processor(images=images, text=[format_prompt(s["prompt"]) for s in samples], padding=True, return_tensors="pt")
-    assert int((enc["input_ids"][0] == IMAGE_TOKEN_ID).sum()) == IMAGE_TOKENS
+    samples = list(synthetic.generate("test", 20))
+    prompts = [format_prompt(s["prompt"]) for s in samples]
+
+    def answers(images):
+        enc = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        assert int((enc["input_ids"][0] == IMAGE_TOKEN_ID).sum()) == IMAGE_TOKENS
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+        return [a.strip() for a in processor.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
+
+    seen = answers([synthetic.render(s["scene"]) for s in samples])
+    blind = answers([synthetic.blank_image()] * len(samples))
+    truth = [s["answer"] for s in samples]
+    assert all(a in synthetic.ANSWERS[s["type"]] for a, s in zip(seen, samples)), seen
+    correct = sum(a == t for a, t in zip(seen, truth))
+    correct_blind = sum(a == t for a, t in zip(blind, truth))
+    assert correct >= 17, list(zip(seen, truth))
+    assert correct - correct_blind >= 6, (correct, correct_blind)
+
+
+def test_grow_depth_keeps_the_function():
+    """Progressive stacking: the deepened model computes exactly what the shallow one did, and can still learn."""
+    from shortv.tiny.train import grow_depth
+
+    shallow = build_model(seed=0, text_layers=2).eval()
+    with torch.no_grad():  # trained-looking weights, so that the copy matters
+        for p in shallow.model.language_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    deep = grow_depth(shallow, 12, seed=0).eval()
+    assert len(deep.model.language_model.layers) == deep.config.text_config.num_hidden_layers == 12
+    sample = synthetic.make_sample("test", 3)
+    enc = build_processor()(images=synthetic.render(sample["scene"]), text=format_prompt(sample["prompt"]),
+                            return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=3, do_sample=False)
-    answers = [a.strip() for a in processor.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
-    assert answers == [s["answer"] for s in samples]
+        a, b = shallow(**enc).logits, deep(**enc).logits
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    new_layer = deep.model.language_model.layers[1]
+    assert new_layer.self_attn.o_proj.weight.abs().max() == 0 and new_layer.self_attn.q_proj.weight.abs().max() > 0

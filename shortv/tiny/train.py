@@ -1,12 +1,28 @@
 """Train the embedded tiny LLaVA from scratch on synthetic visual QA (CPU).
 
-    python -m shortv.tiny.train --out runs/tiny [--seed 0] [--steps 1600]
+    python -m shortv.tiny.train --out runs/tiny [--seed 0] [--threads 1]
 
-Training data is generated on the fly: every training image comes with one
-question of each type, asked as a multi-turn LLaVA conversation
-(``USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: ...``); the
-loss is taken on answer tokens (and their ``</s>``) only.  The first turn of
-every conversation is exactly the single-turn format used at test time.
+Two stages, as in LLaVA:
+
+1. *Vision pre-training* (stands in for a pretrained CLIP): the vision tower
+   learns, per patch, the shape and colour of the object in its cell, the
+   cell's row and column, and a summary of the whole scene (a throw-away
+   linear head; see :func:`patch_targets`).  The projector's first
+   layer is then re-parameterised to see standardised vision features.
+2. *Visual instruction tuning*: the vision tower is frozen; projector and
+   language model learn from multi-turn conversations about each image
+   (``USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: ...``, ten
+   questions of all types plus "Describe the image."); the loss is taken on
+   answer tokens (and their ``</s>``) only.  The first turn of every
+   conversation is exactly the single-turn format used at test time.
+
+The language model starts with 2 decoder layers and is deepened to 12 at
+``--grow-at`` by inserting identity-initialised layers between the trained ones
+(progressive stacking, :func:`grow_depth`); the shallow phase is five times
+cheaper per step, which is where a CPU budget gets past the early plateau.
+
+Freezing the pre-trained vision tower matters: trained on at the LM's learning
+rate it forgets where things are, and questions about positions stay at chance.
 AdamW with linear warm-up and cosine decay; everything is seeded, and the data
 order is a pure function of ``(seed, step)``.
 
@@ -104,32 +120,62 @@ def make_batch(
     return input_ids, mask, labels, kinds, pixel_values
 
 
+N_SHAPE, N_COLOR = len(synthetic.SHAPES) + 1, len(synthetic.COLORS) + 1  # class 0 = none
+COMBOS = [(c, sh) for c in synthetic.COLORS for sh in synthetic.SHAPES]
+# Classes of every per-patch target, in the column order of :func:`patch_targets`.
+TARGET_CLASSES = (
+    # local: what is in this patch's cell, and where the cell is
+    [N_SHAPE, N_COLOR, synthetic.GRID, synthetic.GRID]
+    # scene: shape and colour in each of the 9 cells
+    + [N_SHAPE, N_COLOR] * (synthetic.GRID * synthetic.GRID)
+    # scene: number of shapes of each colour (0-3)
+    + [4] * len(synthetic.COLORS)
+    # scene: column of each colour+shape (0 = absent, else 1 + column)
+    + [1 + synthetic.GRID] * len(COMBOS)
+)
+N_LOCAL = 4
+
+
 def patch_targets(scene: synthetic.Scene, grid: int) -> torch.Tensor:
-    """Per-patch labels ``(grid*grid, 4)``: shape (0 = none), colour (0 = none), cell row, cell col."""
+    """Labels ``(grid*grid, len(TARGET_CLASSES))`` for every patch: its own cell, then the whole scene.
+
+    The scene part is the same for every patch: like the global information a
+    pretrained CLIP spreads over its patch tokens, it lets the language model
+    read the scene from any visual token.
+    """
     cell = grid // synthetic.GRID
-    t = torch.zeros((grid, grid, 4), dtype=torch.long)
+    local = torch.zeros((grid, grid, N_LOCAL), dtype=torch.long)
     rows = torch.arange(grid) // cell
-    t[..., 2] = rows[:, None]
-    t[..., 3] = rows[None, :]
+    local[..., 2] = rows[:, None]
+    local[..., 3] = rows[None, :]
+    cells = torch.zeros((synthetic.GRID, synthetic.GRID, 2), dtype=torch.long)
+    counts = torch.zeros(len(synthetic.COLORS), dtype=torch.long)
+    columns = torch.zeros(len(COMBOS), dtype=torch.long)
+    colors = list(synthetic.COLORS)
     for o in scene.objects:
-        block = t[o.row * cell : (o.row + 1) * cell, o.col * cell : (o.col + 1) * cell]
+        block = local[o.row * cell : (o.row + 1) * cell, o.col * cell : (o.col + 1) * cell]
         block[..., 0] = synthetic.SHAPES.index(o.shape) + 1
-        block[..., 1] = list(synthetic.COLORS).index(o.color) + 1
-    return t.reshape(grid * grid, 4)
+        block[..., 1] = colors.index(o.color) + 1
+        cells[o.row, o.col] = torch.tensor([synthetic.SHAPES.index(o.shape) + 1, colors.index(o.color) + 1])
+        counts[colors.index(o.color)] += 1
+        columns[COMBOS.index((o.color, o.shape))] = 1 + o.col
+    scene_part = torch.cat([cells.reshape(-1), counts, columns])
+    return torch.cat([local.reshape(grid * grid, N_LOCAL), scene_part.expand(grid * grid, -1)], dim=1)
 
 
 def pretrain_vision(model, image_processor, args) -> None:
     """Stage 1: supervised pre-training of the vision tower (stands in for a pretrained CLIP).
 
     A throw-away linear head on the features LLaVA feeds its projector predicts,
-    for every patch, the shape and colour of the object in its grid cell and the
-    cell's row and column.  Only the vision tower is kept.
+    for every patch, what is in the patch's cell and where that cell is, plus a
+    description of the whole scene (each cell's shape and colour, the number of
+    shapes of each colour, the column of each colour+shape).  Only the vision
+    tower is kept.
     """
     cfg = model.config
     vt = model.model.vision_tower
     grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    sizes = (len(synthetic.SHAPES) + 1, len(synthetic.COLORS) + 1, synthetic.GRID, synthetic.GRID)
-    head = torch.nn.Linear(cfg.vision_config.hidden_size, sum(sizes))
+    head = torch.nn.Linear(cfg.vision_config.hidden_size, sum(TARGET_CLASSES))
     params = list(vt.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=0.01)
     t0 = time.time()
@@ -144,22 +190,98 @@ def pretrain_vision(model, image_processor, args) -> None:
             targets.append(patch_targets(scene, grid))
         px = image_processor(images=images, return_tensors="pt")["pixel_values"]
         feats = vt(px, output_hidden_states=True).hidden_states[cfg.vision_feature_layer][:, 1:]
-        logits = head(feats).split(sizes, dim=-1)
+        logits = head(feats).split(TARGET_CLASSES, dim=-1)
         tgt = torch.stack(targets)
-        losses = [F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt[..., k].reshape(-1)) for k, lg in enumerate(logits)]
-        loss = sum(losses)
+        loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt[..., k].reshape(-1)) for k, lg in enumerate(logits))
+        loss = loss / len(TARGET_CLASSES)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
         if (step + 1) % args.log_every == 0 or step == 0:
             with torch.no_grad():
-                accs = [(lg.argmax(-1) == tgt[..., k]).float().mean().item() for k, lg in enumerate(logits)]
+                hits = torch.stack([(lg.argmax(-1) == tgt[..., k]).float().mean() for k, lg in enumerate(logits)])
             log(
                 f"vision {step + 1:4d}/{args.vision_steps}  loss {loss.item():.4f}  patch acc "
-                f"shape {accs[0]:.3f} color {accs[1]:.3f} row {accs[2]:.3f} col {accs[3]:.3f}  "
+                f"local {hits[:N_LOCAL].mean():.3f}  scene {hits[N_LOCAL:].mean():.3f} (worst {hits[N_LOCAL:].min():.3f})  "
                 f"{(time.time() - t0) / 60:.1f} min"
             )
+
+
+@torch.no_grad()
+def standardize_projector_input(model, image_processor, seed: int, n_images: int = 64) -> float:
+    """Fold per-channel standardisation of the vision features into the projector's first layer.
+
+    The raw hidden states of a pre-LN vision transformer carry a large component
+    shared by every patch; after the LM's RMSNorm all visual tokens then look
+    nearly alike and attention cannot pick out one of them.  Re-parameterising
+    ``linear_1`` (a data-dependent initialisation, the architecture is unchanged)
+    makes it see zero-mean, unit-variance features.  Returns the ratio of the
+    shared component's norm to the per-patch deviation's norm before the fix.
+    """
+    cfg = model.config
+    images = []
+    for j in range(n_images):
+        rng = random.Random(f"shortv-tiny-standardize/{seed}/{j}")
+        scene, _ = synthetic.training_conversation(rng, n_questions=0, with_description=False, n_objects=(1, 6))
+        images.append(synthetic.render(scene))
+    px = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    feats = model.model.vision_tower(px, output_hidden_states=True).hidden_states[cfg.vision_feature_layer][:, 1:]
+    feats = feats.reshape(-1, feats.shape[-1]).float()
+    mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    ratio = float(mu.norm() / (feats - mu).norm(dim=-1).mean())
+    lin = model.model.multi_modal_projector.linear_1
+    lin.weight.div_(sd)
+    lin.bias.sub_(lin.weight @ mu)
+    return ratio
+
+
+def grow_depth(model, num_layers: int, seed: int):
+    """Deepen the language model to ``num_layers`` by inserting identity layers (progressive stacking).
+
+    The trained layers keep their order and are spread evenly; every new layer
+    starts with zero output projections (``o_proj``, ``down_proj``), so the grown
+    model computes exactly what the shallow one did and training continues from
+    there.  Everything else (vision tower, projector, embeddings, norm, LM head)
+    is copied.  Returns a new :class:`~transformers.LlavaForConditionalGeneration`.
+    """
+    old_layers = model.model.language_model.layers
+    n_old = len(old_layers)
+    dims = {"text_layers": num_layers}
+    for k in MODEL_DIMS:
+        if k != "text_layers":
+            dims[k] = _dim_of(model.config, k)
+    grown = build_model(seed=seed + 1, **dims)
+    grown.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if ".layers." not in k or "vision" in k}, strict=False
+    )
+    slots = [round(i * num_layers / n_old) for i in range(n_old)]
+    new_layers = grown.model.language_model.layers
+    with torch.no_grad():
+        for i, layer in enumerate(new_layers):
+            if i in slots:
+                layer.load_state_dict(old_layers[slots.index(i)].state_dict())
+            else:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+    grown.model.vision_tower.requires_grad_(any(p.requires_grad for p in model.model.vision_tower.parameters()))
+    grown.generation_config = model.generation_config
+    grown.train()
+    return grown
+
+
+def _dim_of(config, key: str):
+    text, vision = config.text_config, config.vision_config
+    return {
+        "text_hidden": text.hidden_size,
+        "text_heads": text.num_attention_heads,
+        "text_intermediate": text.intermediate_size,
+        "vision_hidden": vision.hidden_size,
+        "vision_layers": vision.num_hidden_layers,
+        "vision_heads": vision.num_attention_heads,
+        "vision_intermediate": vision.intermediate_size,
+        "text_init_std": text.initializer_range,
+    }[key]
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.1) -> float:
@@ -191,6 +313,9 @@ def train(args) -> dict:
 
     processor = build_processor()
     dims = {k: getattr(args, k) for k in MODEL_DIMS if getattr(args, k, None) is not None}
+    final_layers = dims.get("text_layers", MODEL_DIMS["text_layers"])
+    if args.grow_at:
+        dims["text_layers"] = args.grow_from
     model = build_model(seed=args.seed, **dims)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -200,6 +325,12 @@ def train(args) -> dict:
     t_start = time.time()
     if args.vision_steps:
         pretrain_vision(model, processor.image_processor, args)
+    ratio = standardize_projector_input(model, processor.image_processor, args.seed)
+    log(f"vision features: shared component / per-patch deviation = {ratio:.2f} (folded into the projector)")
+    if args.train_vision is False:
+        # As in LLaVA: the (pre-trained) vision tower stays fixed while the LM learns
+        # to read it; training it at the LM's learning rate erases what stage 1 taught.
+        model.model.vision_tower.requires_grad_(False)
 
     encoder = ConversationEncoder(processor.tokenizer)
     # The hand-built sequence must match what the processor produces at inference time.
@@ -216,7 +347,13 @@ def train(args) -> dict:
     history = []
     window = [[0, 0] for _ in TYPES]
     for step in range(args.steps):
+        if args.grow_at and step == args.grow_at:
+            model = grow_depth(model, final_layers, seed=args.seed)
+            opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+            log(f"grew the language model to {final_layers} layers at step {step}")
         lr = lr_at(step, args.steps, args.warmup, args.lr)
+        if args.grow_at and step >= args.grow_at:  # a short re-warm-up for the fresh optimizer state
+            lr *= min(1.0, (step - args.grow_at + 1) / args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         n_objects = curriculum_objects(step, args.steps, args.curriculum)
@@ -231,7 +368,7 @@ def train(args) -> dict:
         loss = F.cross_entropy(lg.float(), tgt[sel])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
+        gnorm = float(torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], args.clip))
         opt.step()
 
         # accuracy on the first answer token of every question, per type
@@ -293,21 +430,26 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m shortv.tiny.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder (save_pretrained)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1600)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--questions", type=int, default=10, help="questions per training image (multi-turn)")
     ap.add_argument("--curriculum", type=float, default=0.0, help="fraction of steps on easier scenes (1-4 objects)")
     ap.add_argument("--no-describe", action="store_true", help="no final 'Describe the image.' turn")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--vision-steps", type=int, default=300, help="stage 1: vision tower pre-training steps")
+    ap.add_argument("--vision-steps", type=int, default=800, help="stage 1: vision tower pre-training steps")
     ap.add_argument("--vision-lr", type=float, default=2e-3)
+    ap.add_argument("--grow-from", type=int, default=2, help="layers of the shallow LM trained before --grow-at")
+    ap.add_argument("--grow-at", type=int, default=1200,
+                    help="step at which the LM is deepened to --text-layers by inserting identity layers (0: never)")
+    ap.add_argument("--train-vision", action=argparse.BooleanOptionalAction, default=False,
+                    help="keep training the vision tower in stage 2 (default: frozen, as in LLaVA)")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--log-every", type=int, default=20)
-    ap.add_argument("--eval-every", type=int, default=200, help="greedy accuracy on the calib split (0: never)")
-    ap.add_argument("--n-calib", type=int, default=250)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=400, help="greedy accuracy on the calib split (0: never)")
+    ap.add_argument("--n-calib", type=int, default=150)
     ap.add_argument("--n-test", type=int, default=1000)
     for k, v in MODEL_DIMS.items():
         ap.add_argument("--" + k.replace("_", "-"), dest=k, type=type(v), default=None)
