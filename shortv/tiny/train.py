@@ -35,6 +35,7 @@ processor are saved with ``save_pretrained`` into ``--out`` (plus
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -163,6 +164,23 @@ def patch_targets(scene: synthetic.Scene, grid: int) -> torch.Tensor:
     return torch.cat([local.reshape(grid * grid, N_LOCAL), scene_part.expand(grid * grid, -1)], dim=1)
 
 
+def random_scenes(tag: str, count: int) -> list[synthetic.Scene]:
+    """``count`` training scenes with 1-6 objects, scene ``j`` seeded by ``f"{tag}/{j}"``."""
+    scenes = []
+    for j in range(count):
+        rng = random.Random(f"{tag}/{j}")
+        scene, _ = synthetic.training_conversation(rng, n_questions=0, with_description=False, n_objects=(1, 6))
+        scenes.append(scene)
+    return scenes
+
+
+def vision_features(model, image_processor, scenes) -> torch.Tensor:
+    """``(len(scenes), patches, hidden)``: the vision-tower states LLaVA feeds its projector (CLS dropped)."""
+    px = image_processor(images=[synthetic.render(scene) for scene in scenes], return_tensors="pt")["pixel_values"]
+    hidden = model.model.vision_tower(px, output_hidden_states=True).hidden_states
+    return hidden[model.config.vision_feature_layer][:, 1:]
+
+
 def pretrain_vision(model, image_processor, args) -> None:
     """Stage 1: supervised pre-training of the vision tower (stands in for a pretrained CLIP).
 
@@ -182,16 +200,10 @@ def pretrain_vision(model, image_processor, args) -> None:
     for step in range(args.vision_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.vision_steps, max(1, args.vision_steps // 10), args.vision_lr)
-        images, targets = [], []
-        for j in range(args.batch_size):
-            rng = random.Random(f"shortv-tiny-vision/{args.seed}/{step}/{j}")
-            scene, _ = synthetic.training_conversation(rng, n_questions=0, with_description=False, n_objects=(1, 6))
-            images.append(synthetic.render(scene))
-            targets.append(patch_targets(scene, grid))
-        px = image_processor(images=images, return_tensors="pt")["pixel_values"]
-        feats = vt(px, output_hidden_states=True).hidden_states[cfg.vision_feature_layer][:, 1:]
+        scenes = random_scenes(f"shortv-tiny-vision/{args.seed}/{step}", args.batch_size)
+        feats = vision_features(model, image_processor, scenes)
         logits = head(feats).split(TARGET_CLASSES, dim=-1)
-        tgt = torch.stack(targets)
+        tgt = torch.stack([patch_targets(scene, grid) for scene in scenes])
         loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt[..., k].reshape(-1)) for k, lg in enumerate(logits))
         loss = loss / len(TARGET_CLASSES)
         opt.zero_grad(set_to_none=True)
@@ -219,14 +231,7 @@ def standardize_projector_input(model, image_processor, seed: int, n_images: int
     makes it see zero-mean, unit-variance features.  Returns the ratio of the
     shared component's norm to the per-patch deviation's norm before the fix.
     """
-    cfg = model.config
-    images = []
-    for j in range(n_images):
-        rng = random.Random(f"shortv-tiny-standardize/{seed}/{j}")
-        scene, _ = synthetic.training_conversation(rng, n_questions=0, with_description=False, n_objects=(1, 6))
-        images.append(synthetic.render(scene))
-    px = image_processor(images=images, return_tensors="pt")["pixel_values"]
-    feats = model.model.vision_tower(px, output_hidden_states=True).hidden_states[cfg.vision_feature_layer][:, 1:]
+    feats = vision_features(model, image_processor, random_scenes(f"shortv-tiny-standardize/{seed}", n_images))
     feats = feats.reshape(-1, feats.shape[-1]).float()
     mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
     ratio = float(mu.norm() / (feats - mu).norm(dim=-1).mean())
@@ -247,11 +252,10 @@ def grow_depth(model, num_layers: int, seed: int):
     """
     old_layers = model.model.language_model.layers
     n_old = len(old_layers)
-    dims = {"text_layers": num_layers}
-    for k in MODEL_DIMS:
-        if k != "text_layers":
-            dims[k] = _dim_of(model.config, k)
-    grown = build_model(seed=seed + 1, **dims)
+    config = copy.deepcopy(model.config)
+    config.text_config.num_hidden_layers = num_layers
+    torch.manual_seed(seed + 1)
+    grown = type(model)(config)
     grown.load_state_dict(
         {k: v for k, v in model.state_dict().items() if ".layers." not in k or "vision" in k}, strict=False
     )
@@ -270,25 +274,15 @@ def grow_depth(model, num_layers: int, seed: int):
     return grown
 
 
-def _dim_of(config, key: str):
-    text, vision = config.text_config, config.vision_config
-    return {
-        "text_hidden": text.hidden_size,
-        "text_heads": text.num_attention_heads,
-        "text_intermediate": text.intermediate_size,
-        "vision_hidden": vision.hidden_size,
-        "vision_layers": vision.num_hidden_layers,
-        "vision_heads": vision.num_attention_heads,
-        "vision_intermediate": vision.intermediate_size,
-        "text_init_std": text.initializer_range,
-    }[key]
-
-
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.1) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(model, args) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
 def param_groups(model, weight_decay: float):
@@ -327,7 +321,7 @@ def train(args) -> dict:
         pretrain_vision(model, processor.image_processor, args)
     ratio = standardize_projector_input(model, processor.image_processor, args.seed)
     log(f"vision features: shared component / per-patch deviation = {ratio:.2f} (folded into the projector)")
-    if args.train_vision is False:
+    if not args.train_vision:
         # As in LLaVA: the (pre-trained) vision tower stays fixed while the LM learns
         # to read it; training it at the LM's learning rate erases what stage 1 taught.
         model.model.vision_tower.requires_grad_(False)
@@ -339,7 +333,7 @@ def train(args) -> dict:
     ids, _, _ = encoder.encode([(probe["prompt"], probe["answer"], probe["type"])])
     assert ids[: ref["input_ids"].shape[1]] == ref["input_ids"][0].tolist(), "training/inference tokenisation differ"
 
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    opt = make_optimizer(model, args)
     calib = list(synthetic.generate("calib", args.n_calib))
 
     t0 = time.time()
@@ -349,7 +343,7 @@ def train(args) -> dict:
     for step in range(args.steps):
         if args.grow_at and step == args.grow_at:
             model = grow_depth(model, final_layers, seed=args.seed)
-            opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+            opt = make_optimizer(model, args)
             log(f"grew the language model to {final_layers} layers at step {step}")
         lr = lr_at(step, args.steps, args.warmup, args.lr)
         if args.grow_at and step >= args.grow_at:  # a short re-warm-up for the fresh optimizer state
