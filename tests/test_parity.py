@@ -174,3 +174,25 @@ def test_fast_path_feeds_only_text_rows(tiny):
     n_text = n_tokens - int(inputs.visual_mask.sum())
     assert rows == {"q_proj": n_text, "o_proj": n_text, "mlp": n_text, "k_proj": n_tokens}
     assert n_text < n_tokens
+
+
+@pytest.mark.parametrize("x_dtype, angle_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_rope_rounds_exactly_like_transformers(x_dtype, angle_dtype):
+    """The frozen layer's buffer-writing RoPE must be bit-identical to transformers' own formula."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from shortv.frozen.llama import _apply_rope
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 16, generator=generator).to(x_dtype) * 5
+    angles = torch.randn(2, 7, 8, generator=generator) * 3
+    cos, sin = torch.cat([angles, angles], -1).cos().to(angle_dtype), torch.cat([angles, angles], -1).sin().to(angle_dtype)
+    expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    got = _apply_rope(x, cos, sin)
+    assert got.dtype == expected.dtype
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, x.to(got.dtype))  # the rotation did something
+
+    leaf = x.float().requires_grad_()
+    _apply_rope(leaf, cos.float(), sin.float()).sum().backward()  # the autograd fallback records gradients
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
