@@ -953,7 +953,7 @@ def bench_pretrained(
     *,
     config: ShortVConfig | None = None,
     n: int | None = None,
-    visual_tokens: int = 576,
+    visual_tokens: int | None = None,
     text_tokens: int = 64,
     batch_size: int = 1,
     new_tokens: int = 16,
@@ -966,8 +966,8 @@ def bench_pretrained(
     progress: Progress | None = None,
 ) -> BenchResult:
     """A local checkpoint folder. Multimodal models (``AutoModelForImageTextToText``) get a synthetic image and
-    ``prompt`` through their processor; a bare causal LM gets ``text_tokens`` random text ids around a block of
-    ``visual_tokens`` ids declared visual with an explicit mask."""
+    ``prompt`` through their processor, which sets the token counts; a bare causal LM gets ``text_tokens`` random
+    text ids around a block of ``visual_tokens`` (default 576) ids declared visual with an explicit mask."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
     from .shapes import make_token_layout
@@ -976,6 +976,11 @@ def bench_pretrained(
     path = str(path)
     hf_config = AutoConfig.from_pretrained(path)
     if _is_multimodal_config(hf_config):
+        if visual_tokens is not None:
+            raise ValueError(
+                f"{path} is a multimodal model: its processor decides how many visual tokens an image becomes, so "
+                "visual_tokens (--visual-tokens) applies only to a bare causal LM or to shape mode"
+            )
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
         try:
             processor = AutoProcessor.from_pretrained(path)
@@ -985,7 +990,7 @@ def bench_pretrained(
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         vocab = model.config.get_text_config().vocab_size
-        layout = make_token_layout(batch_size, text_tokens, visual_tokens, vocab_size=vocab)
+        layout = make_token_layout(batch_size, text_tokens, 576 if visual_tokens is None else visual_tokens, vocab_size=vocab)
         inputs = BenchInputs.for_causal_lm(layout.input_ids, layout.visual_mask)
     model = model.to(torch_device).eval()
     config, selection = _choose_config(model, config, n, Path(path))

@@ -88,7 +88,8 @@ def bench(
         Optional[Path], typer.Option(help="shortv_config.json with the ShortV layers (overrides --n).")
     ] = None,
     visual_tokens: Annotated[Optional[int], typer.Option(
-        help="Visual tokens per sample (shape mode: default the shape's own, 576 or 2880; causal LM: 576).", min=0)] = None,
+        help="Visual tokens per sample (shape mode: default the shape's own, 576 or 2880; causal LM: 576; a multimodal "
+        "checkpoint's processor sets its own).", min=0)] = None,
     text_tokens: Annotated[int, typer.Option(help="Text tokens per sample (shape mode / causal LM).", min=0)] = 64,
     batch_size: Annotated[int, typer.Option(help="Samples per batch.", min=1)] = 1,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per sample (greedy, KV cache).", min=1)] = 16,
@@ -124,7 +125,7 @@ def bench(
             )
         elif model is not None:
             result = bench_lib.bench_pretrained(
-                model, visual_tokens=576 if visual_tokens is None else visual_tokens, text_tokens=text_tokens, **common
+                model, visual_tokens=visual_tokens, text_tokens=text_tokens, **common
             )
         else:
             result = bench_lib.bench_embedded(**common)

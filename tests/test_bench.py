@@ -219,6 +219,11 @@ def test_cli_bench_saved_multimodal_model_with_processor(tmp_path) -> None:
     assert data["visual_tokens"] == [build.IMAGE_TOKENS] and data["text_tokens"][0] > 0
     assert len(data["shortv_layers"]) == 3 and data["ideal_speedup"] > 1
 
+    # Its processor decides the visual token count: an explicit --visual-tokens is refused, not silently ignored.
+    refused = runner.invoke(app, [*args, "--visual-tokens", "100"])
+    assert refused.exit_code == 1
+    assert "processor decides how many visual tokens" in " ".join(refused.output.split())
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
