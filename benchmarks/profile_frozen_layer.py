@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from shortv.bench import machine_info, paper_n
+from markdown_report import emit_report, machine_line
+from shortv.bench import paper_n
 from shortv.flops import LayerDims, get_shape, layer_flops
 from shortv.frozen import llama as fast
 from shortv.layout import TokenLayout
@@ -125,12 +126,10 @@ def main() -> int:
     def projected(d: float, f: float) -> float:
         return full * d / ((full - n) * d + n * f)
 
-    info = machine_info()
     lines = [
         f"# Frozen vs dense decoder layer: {args.shape}, {v} visual + {t} text tokens, bf16, CPU",
         "",
-        f"Machine: {info['cpu']}, {info['cpu_usable']} usable cores, {info['torch_threads']} torch threads, "
-        f"load average {info.get('load_average')}; torch {info['torch']}; {info['date']}.",
+        machine_line(),
         "",
         "| layer | median ms | min ms | FLOPs (exact) |",
         "|---|---|---|---|",
@@ -157,12 +156,7 @@ def main() -> int:
     lines.append(
         f"| total | {sum(profiles['dense'].values()):.1f} | {sum(profiles['frozen'].values()):.1f} |"
     )
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-        print(f"wrote {args.out}")
+    emit_report(lines, args.out)
     return 0
 
 
