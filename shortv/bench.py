@@ -990,7 +990,8 @@ def bench_pretrained(
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         vocab = model.config.get_text_config().vocab_size
-        layout = make_token_layout(batch_size, text_tokens, 576 if visual_tokens is None else visual_tokens, vocab_size=vocab)
+        visual_tokens = 576 if visual_tokens is None else visual_tokens
+        layout = make_token_layout(batch_size, text_tokens, visual_tokens, vocab_size=vocab)
         inputs = BenchInputs.for_causal_lm(layout.input_ids, layout.visual_mask)
     model = model.to(torch_device).eval()
     config, selection = _choose_config(model, config, n, Path(path))

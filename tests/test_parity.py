@@ -176,7 +176,10 @@ def test_fast_path_feeds_only_text_rows(tiny):
     assert n_text < n_tokens
 
 
-@pytest.mark.parametrize("x_dtype, angle_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    ("x_dtype", "angle_dtype"),
+    [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+)
 def test_rope_rounds_exactly_like_transformers(x_dtype, angle_dtype):
     """The frozen layer's buffer-writing RoPE must be bit-identical to transformers' own formula."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -186,7 +189,8 @@ def test_rope_rounds_exactly_like_transformers(x_dtype, angle_dtype):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 7, 16, generator=generator).to(x_dtype) * 5
     angles = torch.randn(2, 7, 8, generator=generator) * 3
-    cos, sin = torch.cat([angles, angles], -1).cos().to(angle_dtype), torch.cat([angles, angles], -1).sin().to(angle_dtype)
+    angles = torch.cat([angles, angles], -1)
+    cos, sin = angles.cos().to(angle_dtype), angles.sin().to(angle_dtype)
     expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
     got = _apply_rope(x, cos, sin)
     assert got.dtype == expected.dtype
