@@ -29,25 +29,9 @@ import torch.nn.functional as F
 
 from markdown_report import emit_report, machine_line
 from shortv.bench import paper_n
-from shortv.flops import get_shape
+from shortv.flops import get_shape, layer_projections, projection_rows
 
 POOL_BYTES = 768 * 2**20  # beyond any last-level cache of the machines we run on
-
-
-def projection_shapes(shape: str) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each projection of one decoder layer."""
-    dims = get_shape(shape).dims
-    h, m = dims.hidden_size, dims.intermediate_size
-    q_width, kv_width = dims.num_attention_heads * dims.head_dim, dims.num_key_value_heads * dims.head_dim
-    return {
-        "q_proj": (h, q_width),
-        "k_proj": (h, kv_width),
-        "v_proj": (h, kv_width),
-        "o_proj": (q_width, h),
-        "gate_proj": (h, m),
-        "up_proj": (h, m),
-        "down_proj": (m, h),
-    }
 
 
 def time_projection(
@@ -72,9 +56,6 @@ def time_projection(
     return seconds
 
 
-FROZEN_ALL_TOKENS = ("k_proj", "v_proj")  # a ShortV layer still computes keys and values for every token
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llava-1.5-7b")
@@ -93,7 +74,7 @@ def main() -> int:
     t = args.text_tokens
     v = shape.visual_tokens if args.visual_tokens is None else args.visual_tokens
     rows = sorted(set(args.rows) | {t, t + v})
-    projections = projection_shapes(args.shape)
+    projections = layer_projections(shape.dims)
     seconds = {
         (name, n): value
         for name, (fan_in, fan_out) in projections.items()
@@ -104,13 +85,15 @@ def main() -> int:
         fan_in, fan_out = projections[name]
         return 2.0 * n * fan_in * fan_out
 
-    def frozen_rows(name: str) -> int:
-        return t + v if name in FROZEN_ALL_TOKENS else t
+    def measured(name: str, n: int) -> float:
+        return seconds[name, n]
 
-    dense_time = sum(seconds[name, t + v] for name in projections)
-    frozen_time = sum(seconds[name, frozen_rows(name)] for name in projections)
-    dense_flops = sum(flops(name, t + v) for name in projections)
-    frozen_flops = sum(flops(name, frozen_rows(name)) for name in projections)
+    def layer_total(cost, frozen: bool) -> float:  # noqa: ANN001
+        """One layer's projections, each at the rows `shortv.flops` gives it: the same accounting as the FLOPs model."""
+        return sum(cost(name, projection_rows(name, t, v, frozen)) for name in projections)
+
+    dense_time, frozen_time = layer_total(measured, frozen=False), layer_total(measured, frozen=True)
+    dense_flops, frozen_flops = layer_total(flops, frozen=False), layer_total(flops, frozen=True)
 
     layers, frozen_layers = shape.dims.num_layers, paper_n(args.shape)
 

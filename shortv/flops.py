@@ -155,16 +155,39 @@ def _paper_layer(dims: LayerDims, t: int, v: int, frozen: bool) -> int:
     return 2 * t * (4 * h + 3 * m) * h + 4 * v * h * h + 4 * t * n * h
 
 
-def _exact_layer(dims: LayerDims, t: int, v: int, frozen: bool) -> int:
-    h, m, n = dims.hidden_size, dims.intermediate_size, t + v
+#: Projections a ShortV layer still runs over every token: the image's keys and values feed the text queries.
+ALL_TOKEN_PROJECTIONS = frozenset({"k_proj", "v_proj"})
+
+
+def layer_projections(dims: LayerDims) -> dict[str, tuple[int, int]]:
+    """``(in_features, out_features)`` of a decoder layer's seven projections (Llama-shaped attention + gated FFN)."""
+    h, m = dims.hidden_size, dims.intermediate_size
     q_dim = dims.num_attention_heads * dims.head_dim
     kv_dim = dims.num_key_value_heads * dims.head_dim
-    queries = t if frozen else n  # tokens that are updated by this layer
-    kv_proj = 2 * n * h * (2 * kv_dim)  # K and V for every token, frozen or not
-    q_o_proj = 2 * queries * h * (2 * q_dim)
-    ffn = 2 * queries * (3 * m) * h  # gate, up and down projections
-    attention = 4 * queries * n * q_dim  # Q K^T and softmax(.) V over all keys
-    return kv_proj + q_o_proj + ffn + attention
+    return {
+        "q_proj": (h, q_dim),
+        "k_proj": (h, kv_dim),
+        "v_proj": (h, kv_dim),
+        "o_proj": (q_dim, h),
+        "gate_proj": (h, m),
+        "up_proj": (h, m),
+        "down_proj": (m, h),
+    }
+
+
+def projection_rows(name: str, t: int, v: int, frozen: bool) -> int:
+    """Rows a projection multiplies in prefill: every token, except text-only q/o/FFN in a ShortV layer."""
+    return t if frozen and name not in ALL_TOKEN_PROJECTIONS else t + v
+
+
+def _exact_layer(dims: LayerDims, t: int, v: int, frozen: bool) -> int:
+    projections = sum(
+        2 * projection_rows(name, t, v, frozen) * fan_in * fan_out
+        for name, (fan_in, fan_out) in layer_projections(dims).items()
+    )
+    queries = t if frozen else t + v  # tokens that are updated by this layer
+    attention = 4 * queries * (t + v) * dims.num_attention_heads * dims.head_dim  # Q K^T and softmax(.) V
+    return projections + attention
 
 
 def layer_flops(dims: LayerDims, t: int, v: int, frozen: bool, formula: Formula = "paper") -> int:
