@@ -9,6 +9,8 @@ from typing import Any
 
 CONFIG_FORMAT_VERSION = 1
 MODES = ("fast", "reference")
+#: Which tokens a ShortV layer freezes. "visual" is ShortV; "text" is the paper's "which tokens" ablation.
+FROZEN_TOKENS = ("visual", "text")
 
 #: Layer orders published with the paper (ascending visual Layer Contribution); ShortV freezes the first N.
 PRESET_LAYER_ORDERS: dict[str, tuple[int, ...]] = {
@@ -37,11 +39,14 @@ class ShortVConfig:
 
     ``layers`` keeps the order it was given (an LC ranking, for instance); only the set matters for inference.
     ``mode="fast"`` skips the frozen tokens' compute; ``mode="reference"`` runs the layer and restores them
-    (slow, architecture-agnostic, the oracle). ``provenance`` records where the layers came from.
+    (slow, architecture-agnostic, the oracle). ``frozen_tokens="text"`` freezes the *text* tokens instead, the
+    paper's "which tokens" ablation (reference mode only: it saves no compute). ``provenance`` records where the
+    layers came from.
     """
 
     layers: list[int] = field(default_factory=list)
     mode: str = "fast"
+    frozen_tokens: str = "visual"
     version: int = CONFIG_FORMAT_VERSION
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -61,6 +66,12 @@ class ShortVConfig:
         self.layers = layers
         if self.mode not in MODES:
             raise ValueError(f"ShortVConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.frozen_tokens not in FROZEN_TOKENS:
+            raise ValueError(f"ShortVConfig.frozen_tokens must be one of {FROZEN_TOKENS}, got {self.frozen_tokens!r}")
+        if self.frozen_tokens == "text" and self.mode != "reference":
+            raise ValueError(
+                "ShortVConfig(frozen_tokens='text') is an ablation that saves no compute; it runs with mode='reference'"
+            )
         if self.version != CONFIG_FORMAT_VERSION:
             raise ValueError(
                 f"ShortVConfig format version {self.version} is not supported by this shortv "
@@ -80,7 +91,7 @@ class ShortVConfig:
     def from_dict(cls, data: dict[str, Any]) -> ShortVConfig:
         if not isinstance(data, dict):
             raise TypeError(f"a ShortV config must be a JSON object, got {type(data).__name__}")
-        unknown = set(data) - {"layers", "mode", "version", "provenance"}
+        unknown = set(data) - {"layers", "mode", "frozen_tokens", "version", "provenance"}
         if unknown:
             raise ValueError(f"unknown ShortV config field(s): {sorted(unknown)}")
         return cls(**data)

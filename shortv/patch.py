@@ -140,7 +140,8 @@ def _make_frozen_forward(state: ShortVState, layer: nn.Module, original: Callabl
             )
         layout = layout.to(hidden_states.device)
         if fast is None:
-            return reference_frozen_forward(original, layout.visual, hidden_states, *args, **kwargs)
+            frozen = layout.visual if state.config.frozen_tokens == "visual" else layout.text
+            return reference_frozen_forward(original, frozen, hidden_states, *args, **kwargs)
         return fast.fast_frozen_forward(layer, layout, hidden_states, **bind(hidden_states, args, kwargs))
 
     return frozen_forward

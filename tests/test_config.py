@@ -66,3 +66,12 @@ def test_preset_errors():
         ShortVConfig.from_preset("llava-2")
     with pytest.raises(ValueError, match="publishes 19 layers; n must be in 0..19, got 20"):
         ShortVConfig.from_preset("llava-1.5-7b", n=20)
+
+
+def test_text_frozen_ablation_is_reference_only_and_round_trips(tmp_path):
+    config = ShortVConfig(layers=[2], mode="reference", frozen_tokens="text")
+    assert ShortVConfig.load(config.save(tmp_path / "c.json")) == config
+    with pytest.raises(ValueError, match="runs with mode='reference'"):
+        ShortVConfig(layers=[2], frozen_tokens="text")
+    with pytest.raises(ValueError, match="frozen_tokens must be one of"):
+        ShortVConfig(layers=[2], mode="reference", frozen_tokens="image")

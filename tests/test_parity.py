@@ -200,3 +200,23 @@ def test_rope_rounds_exactly_like_transformers(x_dtype, angle_dtype):
     leaf = x.float().requires_grad_()
     _apply_rope(leaf, cos.float(), sin.float()).sum().backward()  # the autograd fallback records gradients
     assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
+def test_text_frozen_ablation_restores_text_states_and_moves_visual_ones(tiny):
+    model, inputs = tiny
+    captured = {}
+
+    def capture(module, args, kwargs, output):
+        captured["in"] = args[0] if args else kwargs["hidden_states"]
+        captured["out"] = output[0] if isinstance(output, tuple) else output
+
+    apply_shortv(model, ShortVConfig(FROZEN, mode="reference", frozen_tokens="text"))
+    handle = decoder_layers(model)[FROZEN[0]].register_forward_hook(capture, with_kwargs=True)
+    try:
+        run(model, inputs)
+    finally:
+        handle.remove()
+        remove_shortv(model)
+    text = ~inputs.visual_mask  # padding counts as text
+    assert torch.equal(captured["out"][text], captured["in"][text])
+    assert not torch.equal(captured["out"][inputs.visual_mask], captured["in"][inputs.visual_mask])
