@@ -236,11 +236,11 @@ def demo(
     num_calib: Annotated[int, typer.Option(help="Calibration samples.", min=1)] = 32,
     num_test: Annotated[int, typer.Option(help="Test questions.", min=1)] = 300,
     n: Annotated[Optional[list[int]], typer.Option("--n", help="ShortV layer counts to try (repeatable).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Generation batch size.", min=1)] = 32,
-    speed_repeats: Annotated[int, typer.Option(help="Repetitions of the prefill timing (0: skip).", min=0)] = 3,
+    batch_size: Annotated[int, typer.Option(help="Generation batch size.", min=1)] = 50,
+    speed_repeats: Annotated[int, typer.Option(help="Repetitions of the prefill timing (0: skip).", min=0)] = 10,
     seed: Annotated[int, typer.Option(help="Seed of subsamples and random layer choices.")] = 0,
 ) -> None:
-    """The whole method on the embedded tiny LLaVA: calibrate, evaluate selections, FLOPs, speed, report."""
+    """The method and the paper's ablation on the embedded tiny LLaVA: LC, layer selections, FLOPs, speed, report."""
     from shortv.demo import run_demo
 
     try:
@@ -248,10 +248,14 @@ def demo(
                           batch_size=batch_size, seed=seed, speed_repeats=speed_repeats)
     except (ValueError, OSError) as error:
         raise fail(str(error)) from error
-    console.print(f"LC order: {report.lc_order}")
-    console.print(report.markdown())
-    console.print(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'accuracy_vs_flops.png'}, "
-                  f"{out / 'calibration' / 'lc.png'}")
+    # Plain text, never wrapped or re-styled, so that the tables survive a pipe.
+    typer.echo(f"LC order: {report.lc_order}")
+    typer.echo(report.markdown())
+    if report.speed:
+        typer.echo(report.speed_markdown())
+    typer.echo(f"demo took {report.timing['wall_s']} s wall, {report.timing['cpu_s']} s CPU")
+    typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'accuracy_vs_flops.png'}, "
+               f"{out / 'calibration' / 'lc.png'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

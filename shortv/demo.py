@@ -1,17 +1,22 @@
-"""`shortv demo`: the whole method on the embedded tiny LLaVA, offline, in a few minutes on a laptop CPU.
+"""`shortv demo`: the whole method and the paper's ablation on the embedded tiny LLaVA, offline, on a laptop CPU.
 
-Calibrate LC on the calib split; evaluate test accuracy of the unpatched model and of ShortV at several N with
-three layer selections (LC-ranked, random, last N; the paper's ablation); report FLOPs ratio and measured prefill
-speedup; write report.md, results.json and plots.
+Calibrate LC on the calib split; then, on the test split, measure the accuracy of the unpatched model, of the
+same questions on a blank image (blind control), and at several N of: ShortV with the LC-ranked layers, five
+seeded random selections, the first N and the last N layers, and the LC-ranked layers with *text* tokens frozen
+instead (the paper's "which tokens" ablation). Report FLOPs ratios and the measured prefill speedup; write
+report.md, results.json and plots.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 import torch
@@ -26,7 +31,19 @@ from .flops import LayerDims, flops_ratio
 from .loading import inputs_for
 from .patch import apply_shortv, remove_shortv
 
-SELECTIONS = ("lc", "random", "last")
+#: Visual-token selections of the ablation, and the text-token one on the LC-ranked layers.
+SELECTIONS = ("lc", "random", "first", "last", "lc_text")
+LABELS = {
+    "unpatched": "unpatched",
+    "blind": "blank image (blind control)",
+    "lc": "LC-ranked (ShortV)",
+    "random": "random layers",
+    "first": "first N layers",
+    "last": "last N layers",
+    "lc_text": "LC-ranked, text tokens frozen",
+}
+#: The paper's operating point (LLaVA-1.5-7B, N=19 of 32): 55% of the prefill FLOPs.
+OPERATING_FLOPS = 0.55
 
 
 @dataclass
@@ -34,10 +51,22 @@ class DemoRow:
     selection: str
     n: int
     layers: list[int]
-    flops_ratio: float
+    #: Prefill FLOPs of ShortV with these layers over the unpatched model's; None for the text-token ablation.
+    flops_ratio: float | None
     accuracy: float
     per_type: dict[str, float]
-    prefill_speedup: float | None = None
+    draw: int | None = None  # which random draw
+
+
+@dataclass
+class SpeedRow:
+    n: int
+    layers: list[int]
+    ideal: float
+    median: float
+    min: float
+    max: float
+    repeats: int
 
 
 @dataclass
@@ -45,25 +74,83 @@ class DemoReport:
     model: str
     num_calib: int
     num_test: int
+    num_layers: int
     visual_tokens: int
-    text_tokens: int
+    text_tokens: float  # mean over the test questions
     lc_order: list[int]
-    baseline: DemoRow
+    lc_visual: list[float]
+    lc_text: list[float]
+    operating_n: int
+    majority: float
     rows: list[DemoRow] = field(default_factory=list)
+    speed: list[SpeedRow] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, selection: str, n: int = 0) -> DemoRow:
+        return next(r for r in self.rows if r.selection == selection and r.n == n)
+
+    def random_rows(self, n: int) -> list[DemoRow]:
+        return [r for r in self.rows if r.selection == "random" and r.n == n]
+
+    @property
+    def ns(self) -> list[int]:
+        return sorted({r.n for r in self.rows if r.n})
 
     def markdown(self) -> str:
-        types = sorted(self.baseline.per_type)
-        header = "| selection | N | FLOPs | accuracy | " + " | ".join(types) + " | prefill speedup |"
-        lines = [header, "|" + "---|" * (5 + len(types))]
-        for row in [self.baseline, *self.rows]:
-            speed = "" if row.prefill_speedup is None else f"{row.prefill_speedup:.2f}x"
-            lines.append(
-                f"| {row.selection} | {row.n} | {100 * row.flops_ratio:.0f}% | {100 * row.accuracy:.1f}% | "
-                + " | ".join(f"{100 * row.per_type[kind]:.0f}" for kind in types)
-                + f" | {speed} |"
-            )
+        types = sorted(self.row("unpatched").per_type)
+        lines = ["| selection | N | layers | FLOPs | accuracy | " + " | ".join(types) + " |",
+                 "|" + "---|" * (5 + len(types))]
+
+        def line(label: str, n: int, layers: str, flops: float | None, accuracy: str, per_type: dict) -> None:
+            ratio = "-" if flops is None else f"{100 * flops:.0f}%"
+            lines.append(f"| {label} | {n} | {layers} | {ratio} | {accuracy} | "
+                         + " | ".join(f"{100 * per_type[kind]:.0f}" for kind in types) + " |")
+
+        for key in ("unpatched", "blind"):
+            r = self.row(key)
+            line(LABELS[key], 0, "-", 1.0, f"{100 * r.accuracy:.1f}%", r.per_type)
+        for n in self.ns:
+            for key in SELECTIONS:
+                if key == "random":
+                    draws = self.random_rows(n)
+                    accs = [100 * r.accuracy for r in draws]
+                    per = {kind: mean(r.per_type[kind] for r in draws) for kind in types}
+                    line(f"random layers, mean of {len(draws)}", n, f"{len(draws)} seeded draws", draws[0].flops_ratio,
+                         f"{mean(accs):.1f}% ({min(accs):.1f}-{max(accs):.1f})", per)
+                else:
+                    r = self.row(key, n)
+                    line(LABELS[key], n, ",".join(map(str, r.layers)), r.flops_ratio, f"{100 * r.accuracy:.1f}%",
+                         r.per_type)
         return "\n".join(lines) + "\n"
+
+    def speed_markdown(self) -> str:
+        lines = ["| N (LC-ranked) | FLOPs-ideal speedup | measured prefill speedup: median (min-max) |", "|---|---|---|"]
+        for s in self.speed:
+            lines.append(f"| {s.n} | {s.ideal:.2f}x | {s.median:.2f}x ({s.min:.2f}-{s.max:.2f}), {s.repeats} runs |")
+        return "\n".join(lines) + "\n"
+
+
+def layer_selections(order: list[int], num_layers: int, n: int, seed: int, draws: int = 5) -> dict[str, list[list[int]]]:
+    """The paper's ablation at ``n``: the LC-ranked layers, ``draws`` seeded random selections, first and last N."""
+    rng = random.Random(f"shortv-demo/{seed}/{n}")
+    return {
+        "lc": [list(order[:n])],
+        "random": [sorted(rng.sample(range(num_layers), n)) for _ in range(draws)],
+        "first": [list(range(n))],
+        "last": [list(range(num_layers - n, num_layers))],
+    }
+
+
+def operating_n(num_layers: int, ratio_of) -> int:
+    """The N whose FLOPs ratio ``ratio_of(N)`` is closest to the paper's 55%."""
+    return min(range(1, num_layers + 1), key=lambda n: abs(ratio_of(n) - OPERATING_FLOPS))
+
+
+def default_ns(num_layers: int, ratio_of) -> tuple[int, ...]:
+    """A quarter, ~45% and three quarters of the layers, plus the operating point (:func:`operating_n`)."""
+    quarters = {round(num_layers * 0.25), round(num_layers * 0.45), round(num_layers * 0.75)}
+    return tuple(sorted(quarters | {operating_n(num_layers, ratio_of)}))
 
 
 def _accuracy(model: Any, processor: Any, samples: list[VQASample], batch_size: int) -> tuple[float, dict[str, float]]:
@@ -77,32 +164,12 @@ def _accuracy(model: Any, processor: Any, samples: list[VQASample], batch_size: 
     return sum(flat) / len(flat), {kind: sum(v) / len(v) for kind, v in sorted(by_type.items())}
 
 
-def layer_selections(order: list[int], num_layers: int, n: int, seed: int) -> dict[str, list[int]]:
-    """The paper's ablation: LC-ranked layers, random layers (seeded), the last N layers."""
-    return {
-        "lc": order[:n],
-        "random": sorted(random.Random(seed * 1000 + n).sample(range(num_layers), n)),
-        "last": list(range(num_layers - n, num_layers)),
-    }
-
-
-def _plot_accuracy(report: DemoReport, path: Path) -> None:
-    from .plots import _pyplot
-
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(5.5, 3.8))
-    for selection, marker in zip(SELECTIONS, ("o", "s", "^")):
-        rows = sorted((r for r in report.rows if r.selection == selection), key=lambda r: r.flops_ratio)
-        axes.plot([100 * r.flops_ratio for r in rows], [100 * r.accuracy for r in rows], marker=marker,
-                  label={"lc": "LC-ranked (ShortV)", "random": "random layers", "last": "last N layers"}[selection])
-    axes.axhline(100 * report.baseline.accuracy, color="gray", ls="--", lw=1, label="unpatched")
-    axes.set_xlabel("prefill FLOPs (% of unpatched)")
-    axes.set_ylabel("test accuracy (%)")
-    axes.set_title(f"Accuracy vs FLOPs, {report.model} ({report.num_test} questions)", fontsize=9)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+def _majority(samples: list[VQASample]) -> float:
+    """Accuracy of always giving the most frequent answer of each question type."""
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for sample in samples:
+        by_type[sample.type or "all"].append(sample.answer or "")
+    return sum(max(answers.count(a) for a in set(answers)) for answers in by_type.values()) / len(samples)
 
 
 def run_demo(
@@ -110,16 +177,23 @@ def run_demo(
     num_calib: int = 32,
     num_test: int = 300,
     ns: tuple[int, ...] | None = None,
-    batch_size: int = 32,
+    batch_size: int = 50,
     seed: int = 0,
-    speed_repeats: int = 3,
+    speed_repeats: int = 10,
+    random_draws: int = 5,
     progress: bool = True,
     model_path: str | Path | None = None,
+    operating_only: bool = False,
 ) -> DemoReport:
-    """Run the demo into ``out_dir``; ``model_path`` swaps in another checkpoint of the embedded architecture."""
+    """Run the demo into ``out_dir``; ``model_path`` swaps in another checkpoint of the embedded architecture.
+
+    ``ns`` defaults to :func:`default_ns`; ``operating_only`` runs only the N closest to 55% of the FLOPs.
+    """
     from .bench import machine_info
+    from .plots import plot_accuracy_vs_flops
     from .tiny import embedded_split_path, load_embedded
 
+    wall0, cpu0, load0 = time.perf_counter(), time.process_time(), _load()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = load_embedded(path=model_path)
@@ -127,44 +201,95 @@ def run_demo(
     calibration = calibrate(model, processor=processor, model_id="shortv-tiny-llava", data=embedded_split_path("calib"),
                             out_dir=calibration_dir, num_samples=num_calib, seed=seed, progress=progress,
                             resume=(calibration_dir / "lc_samples.jsonl").exists())
-    order, num_layers = calibration.lc.order, calibration.lc.num_layers
+    lc = calibration.lc
+    order, num_layers = lc.order, lc.num_layers
     samples = subsample(read_jsonl(embedded_split_path("test"), require_answer=True), num_test, seed)
-    ns = ns or tuple(sorted({round(num_layers * f) for f in (0.25, 0.5, 0.6, 0.75)}))
+    blank = subsample(read_jsonl(embedded_split_path("test", blank=True), require_answer=True), num_test, seed)
+    if [(s.id, s.prompt, s.answer) for s in blank] != [(s.id, s.prompt, s.answer) for s in samples]:  # pragma: no cover
+        raise ValueError("the blank-image split does not hold the test split's questions")
 
-    counts = token_counts(processor, batch_inputs(processor, samples[:1]))[0]
-    visual, text = counts["visual_tokens"], counts["text_tokens"]
+    counts = [c for start in range(0, len(samples), batch_size)
+              for c in token_counts(processor, batch_inputs(processor, samples[start : start + batch_size]))]
+    visual = counts[0]["visual_tokens"]
+    text = mean(c["text_tokens"] for c in counts)
     dims = LayerDims.from_config(model.config)
 
-    plans = [(selection, n, layers) for n in ns for selection, layers in layer_selections(order, num_layers, n, seed).items()]
-    bar = tqdm(total=len(plans) + 1, desc="demo: evaluating", unit="config", disable=not progress)
-    accuracy, per_type = _accuracy(model, processor, samples, batch_size)
-    bar.update(1)
-    baseline = DemoRow("unpatched", 0, [], 1.0, accuracy, per_type, 1.0)
-    report = DemoReport(model="shortv tiny LLaVA", num_calib=len(calibration.lc.sample_ids), num_test=len(samples),
-                        visual_tokens=visual, text_tokens=text, lc_order=order, baseline=baseline,
-                        machine=machine_info("cpu"))
-    speed_batch = BenchInputs.from_model_inputs(model, inputs_for(model, batch_inputs(processor, samples[:8])))
-    for selection, n, layers in plans:
-        apply_shortv(model, ShortVConfig(layers))
-        accuracy, per_type = _accuracy(model, processor, samples, batch_size)
-        remove_shortv(model)
-        speedup = None
-        if selection == "lc" and speed_repeats > 0:
-            speedup = benchmark(model, speed_batch, layers, new_tokens=1, repeats=speed_repeats, warmup=1).prefill_speedup
-        report.rows.append(DemoRow(selection, n, layers, flops_ratio(dims, text, visual, layers, formula="exact"),
-                                   accuracy, per_type, speedup))
+    def ratio(layers: list[int]) -> float:
+        return flops_ratio(dims, round(text), visual, layers, formula="exact")
+
+    operating = operating_n(num_layers, lambda n: ratio(list(range(n))))
+    ns = (operating,) if operating_only else ns or default_ns(num_layers, lambda n: ratio(list(range(n))))
+    plans: list[tuple[str, int, list[int], int | None]] = []
+    for n in ns:
+        for key, selections in layer_selections(order, num_layers, n, seed, random_draws).items():
+            plans += [(key, n, layers, draw if key == "random" else None) for draw, layers in enumerate(selections)]
+        plans.append(("lc_text", n, list(order[:n]), None))
+
+    report = DemoReport(model="shortv tiny LLaVA", num_calib=len(lc.sample_ids), num_test=len(samples),
+                        num_layers=num_layers, visual_tokens=visual, text_tokens=round(text, 1), lc_order=order,
+                        lc_visual=lc.mean["visual"], lc_text=lc.mean.get("text", []), operating_n=operating,
+                        majority=_majority(samples), machine=machine_info("cpu"))
+    bar = tqdm(total=len(plans) + 2, desc="demo: evaluating", unit="config", disable=not progress)
+    for key, data in (("unpatched", samples), ("blind", blank)):
+        accuracy, per_type = _accuracy(model, processor, data, batch_size)
+        report.rows.append(DemoRow(key, 0, [], 1.0, accuracy, per_type))
+        bar.update(1)
+    for key, n, layers, draw in plans:
+        config = ShortVConfig(layers, mode="reference", frozen_tokens="text") if key == "lc_text" else ShortVConfig(layers)
+        apply_shortv(model, config)
+        try:
+            accuracy, per_type = _accuracy(model, processor, samples, batch_size)
+        finally:
+            remove_shortv(model)
+        report.rows.append(DemoRow(key, n, layers, None if key == "lc_text" else ratio(layers), accuracy, per_type,
+                                   draw))
         bar.update(1)
     bar.close()
 
+    if speed_repeats > 0:
+        speed_batch = BenchInputs.from_model_inputs(model, inputs_for(model, batch_inputs(processor, samples[:8])))
+        for n in ns:
+            result = benchmark(model, speed_batch, order[:n], new_tokens=1, repeats=speed_repeats, warmup=2)
+            paired = result.prefill_speedup_paired
+            report.speed.append(SpeedRow(n, order[:n], result.ideal_speedup, paired.median, paired.min, paired.max,
+                                         speed_repeats))
+
+    report.timing = {"wall_s": round(time.perf_counter() - wall0, 1), "cpu_s": round(time.process_time() - cpu0, 1),
+                     "load_average_start": load0, "load_average_end": _load(), "torch_threads": torch.get_num_threads()}
     (out_dir / "results.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
-    _plot_accuracy(report, out_dir / "accuracy_vs_flops.png")
-    (out_dir / "report.md").write_text(
+    plot_accuracy_vs_flops(report, out_dir / "accuracy_vs_flops.png")
+    (out_dir / "report.md").write_text(report_text(report))
+    return report
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover - not on Linux/macOS
+        return None
+
+
+def report_text(report: DemoReport) -> str:
+    """report.md: setup, LC profile, the ablation table, the speed table with its caveat, timing, figures."""
+    lc_line = ", ".join(f"{layer}: {report.lc_visual[layer]:.1e}" for layer in report.lc_order)
+    timing = report.timing
+    return (
         f"# ShortV demo: {report.model}\n\n"
-        f"{report.num_test} test questions, LC calibrated on {report.num_calib} samples; "
-        f"{visual} visual + {text} text tokens per prompt; {num_layers} decoder layers.\n"
-        f"LC order (ascending visual LC): {order}\n\n{report.markdown()}\n"
-        f"Prefill speedup: median over {speed_repeats} interleaved runs of a batch of 8 prompts, "
+        f"{report.num_test} test questions (greedy decoding), LC calibrated on {report.num_calib} calib samples; "
+        f"{report.visual_tokens} visual + {report.text_tokens} text tokens per prompt (mean); "
+        f"{report.num_layers} decoder layers. Majority-class guessing scores {100 * report.majority:.1f}%.\n\n"
+        f"LC order (ascending visual LC): {report.lc_order}\n\nVisual LC per layer, in that order: {lc_line}\n\n"
+        f"The paper's operating point (55% of the prefill FLOPs) is N = {report.operating_n}.\n\n"
+        f"{report.markdown()}\n"
+        f"Random layers: {sum(1 for r in report.rows if r.selection == 'random' and r.n == report.operating_n)} "
+        "seeded draws per N, mean (min-max). The text-token ablation saves no FLOPs (it runs in reference mode).\n\n"
+        + (f"Prefill speedup of the LC-ranked layers (batch of 8 prompts, paired interleaved runs after warm-up):\n\n"
+           f"{report.speed_markdown()}\n"
+           "At this size (hidden size 128, ~165 tokens) a layer takes well under a millisecond and fixed per-layer "
+           "costs dominate, so these timings say little about ShortV's speed; `shortv bench --shape` measures it "
+           "at the paper's model shapes.\n\n" if report.speed else "")
+        + f"Demo wall time {timing.get('wall_s')} s, CPU time {timing.get('cpu_s')} s, {timing.get('torch_threads')} "
+        f"torch threads, load average {timing.get('load_average_start')} at the start; "
         f"{report.machine.get('cpu', 'cpu')}, torch {torch.__version__}.\n\n"
         "![LC](calibration/lc.png)\n\n![accuracy vs FLOPs](accuracy_vs_flops.png)\n"
     )
-    return report

@@ -47,3 +47,50 @@ def plot_layer_contribution(lc: LCResult, path: str | Path, chosen: Sequence[int
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def plot_accuracy_vs_flops(report, path: str | Path) -> Path:  # noqa: ANN001 - shortv.demo.DemoReport
+    """The demo's ablation: accuracy against prefill FLOPs per layer selection, random draws as a min-max band.
+
+    The y-axis spans 0-100% so that a one-question difference does not look like a cliff; markers are hollow and
+    of different sizes so that coinciding points stay visible; the text-token ablation is drawn at the FLOPs of
+    the same N of visual-token layers (it saves none itself).
+    """
+    from .demo import LABELS
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    ns = report.ns
+    flops = {n: 100 * report.row("lc", n).flops_ratio for n in ns}
+    xs = [flops[n] for n in ns]
+    draws = [[100 * r.accuracy for r in report.random_rows(n)] for n in ns]
+    axes.fill_between(xs, [min(d) for d in draws], [max(d) for d in draws], color="tab:gray", alpha=0.25, lw=0,
+                      label=f"{LABELS['random']}, min-max of {len(draws[0])} draws")
+    axes.plot(xs, [sum(d) / len(d) for d in draws], color="tab:gray", ls="-", marker="x", ms=6, label="random layers, mean")
+    styles = {  # (color, marker, size): larger hollow markers behind smaller ones
+        "last": ("tab:purple", "s", 11),
+        "first": ("tab:red", "v", 9),
+        "lc": ("tab:blue", "o", 7),
+        "lc_text": ("tab:orange", "D", 6),
+    }
+    for key, (color, marker, size) in styles.items():
+        axes.plot(xs, [100 * report.row(key, n).accuracy for n in ns], color=color, marker=marker, ms=size,
+                  mfc="none", mew=1.6, lw=1.2, label=LABELS[key] + (" (x: same N)" if key == "lc_text" else ""))
+    base = report.row("unpatched")
+    axes.plot([100], [100 * base.accuracy], marker="*", color="black", ms=13, ls="none", label=LABELS["unpatched"])
+    blind = report.row("blind")
+    axes.axhline(100 * blind.accuracy, color="black", ls=":", lw=1, label=LABELS["blind"])
+    axes.set_xlim(min(xs) - 5, 103)
+    axes.set_ylim(0, 100)
+    axes.set_xlabel("prefill FLOPs (% of unpatched)")
+    axes.set_ylabel("test accuracy (%)")
+    top = axes.secondary_xaxis("top")
+    top.set_xticks(xs, [str(n) for n in ns])
+    top.set_xlabel("N (ShortV layers)", fontsize=8)
+    axes.set_title(f"{report.model}: {report.num_test} test questions", fontsize=9)
+    axes.legend(fontsize=7, loc="lower left", ncol=2)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
