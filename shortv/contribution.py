@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .frozen import llama as llama_fast
+from .frozen import fast_layer_module
 from .layout import TokenLayout
 from .loading import inputs_for
 from .patch import disable_shortv, get_shortv_state
@@ -219,7 +219,8 @@ class _Replay:
         arch = architecture_for(model)
         last = layers[-1]
         # The last layer only needs the scored queries: reuse the fast frozen layer with "frozen" = everything else.
-        self.last_layer_shortcut = arch.fast_layer == "llama" and llama_fast.unsupported_reason(last) is None
+        self.fast = fast_layer_module(arch.fast_layer) if arch.fast_layer else None
+        self.last_layer_shortcut = self.fast is not None and self.fast.unsupported_reason(last) is None
         seq = capture.inputs[0][0].shape[1]
         keep = torch.ones(1, seq, dtype=torch.bool)
         keep[0, targets.cpu()] = False
@@ -234,7 +235,7 @@ class _Replay:
         self.layer_evaluations += states.shape[0]
         if index == len(self.layers) - 1 and self.last_layer_shortcut:
             layout = TokenLayout.from_visual_mask(self.last_layout.visual.expand(states.shape[0], -1).to(device))
-            return llama_fast.fast_frozen_forward(layer, layout, states, **kwargs)
+            return self.fast.fast_frozen_forward(layer, layout, states, **kwargs)
         output = layer(states, **kwargs)
         return output[0] if isinstance(output, tuple) else output
 

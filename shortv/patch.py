@@ -21,7 +21,7 @@ from torch import nn
 
 from . import _compat
 from .config import ShortVConfig
-from .frozen import llama as llama_fast
+from .frozen import fast_layer_module
 from .frozen.reference import reference_frozen_forward
 from .layout import TokenLayout
 from .registry import (
@@ -34,7 +34,6 @@ from .registry import (
 
 STATE_ATTRIBUTE = "_shortv_state"
 _MISSING = object()
-_FAST_LAYERS = {"llama": llama_fast}
 
 
 @dataclass
@@ -93,7 +92,7 @@ def _check_applicable(model: nn.Module, config: ShortVConfig, layers: nn.ModuleL
             f"mode='fast' for {model_type!r} was verified with language models "
             f"{', '.join(arch.fast_text_model_types)}, not {text_type!r}; use mode='reference'"
         )
-    fast_module = _FAST_LAYERS[arch.fast_layer]
+    fast_module = fast_layer_module(arch.fast_layer)
     for index in config.frozen_layers:
         reason = fast_module.unsupported_reason(layers[index])
         if reason is not None:
@@ -248,7 +247,7 @@ def apply_shortv(model: nn.Module, config_or_layers: ShortVConfig | list[int] | 
     if get_shortv_state(model) is not None:
         remove_shortv(model)
     arch = architecture_for(model)
-    fast = _FAST_LAYERS[arch.fast_layer] if config.mode == "fast" and arch.fast_layer else None
+    fast = fast_layer_module(arch.fast_layer) if config.mode == "fast" and arch.fast_layer else None
     state = ShortVState(config=config, num_layers=len(layers), token_ids=visual_token_ids(model))
     for index in sorted(config.frozen_layers):
         layer = layers[index]

@@ -1,1 +1,16 @@
-"""Frozen decoder layers: ``reference`` (run then restore, any architecture) and compute-skipping fast paths."""
+"""Frozen decoder layers: ``reference`` (run then restore, any architecture) and compute-skipping fast paths.
+
+A fast path is a module of this package with ``unsupported_reason(layer) -> str | None`` and
+``fast_frozen_forward(layer, layout, hidden_states, **layer_kwargs) -> hidden_states``; the registry names it per
+family (``Architecture.fast_layer``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+def fast_layer_module(name: str) -> ModuleType:
+    """The fast frozen-layer module ``shortv.frozen.<name>``."""
+    return importlib.import_module(f"{__name__}.{name}")

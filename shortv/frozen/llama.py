@@ -20,6 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .._compat import cache_from_kwargs
 from ..layout import TokenLayout
+from .hooks import call_attention_hooks, has_forward_hooks
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 _REQUIRED = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
@@ -56,10 +57,15 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     Rounds exactly as transformers' ``x * cos + rotate_half(x) * sin`` (each product in the promoted dtype, then
     the sum), but writes the rotated half straight into one buffer instead of building it with a ``cat``: a frozen
     layer ropes every key, and on long image prompts (2880 visual tokens) that element-wise work is a visible share
-    of the layer. Under autograd it falls back to the plain formula, since ``out=`` does not record gradients.
+    of the layer. Under autograd it falls back to the plain formula, since ``out=`` does not record gradients, and
+    under ``torch.compile`` too.
     """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+    # Compilers fuse the plain formula themselves, and functionalization mishandles ``out=`` into views (aot_eager
+    # returned wrong values), so under torch.compile the plain formula is both faster and correct.
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
+    ):
         return (x * cos) + (_rotate_half(x) * sin)
     half = x.shape[-1] // 2
     rotated_sin = x.new_empty(torch.broadcast_shapes(x.shape, sin.shape), dtype=torch.promote_types(x.dtype, sin.dtype))
@@ -162,7 +168,7 @@ def fast_frozen_forward(
 
     implementation = attention_implementation(layer)
     mask = _text_query_mask(attention_mask, layout, past_length, keys.shape[2], implementation, queries.dtype)
-    attention_output, _ = _attention_function(layer)(
+    attention_output, weights = _attention_function(layer)(
         attn,
         queries,
         keys,
@@ -174,9 +180,11 @@ def fast_frozen_forward(
         position_ids=position_ids,
         **kwargs,
     )
-    attention_output = attention_output.reshape(batch, width, -1)[slots]
+    attention_output = attn.o_proj(attention_output.reshape(batch, width, -1)[slots])
+    if has_forward_hooks(attn):  # output_attentions and user hooks on the attention module
+        call_attention_hooks(attn, layout, attention_output, weights, {"hidden_states": normed, **kwargs})
 
-    text_states = hidden_states[text] + attn.o_proj(attention_output)
+    text_states = hidden_states[text] + attention_output
     text_states = text_states + layer.mlp(layer.post_attention_layernorm(text_states))
     output = hidden_states.clone()
     output[text] = text_states
