@@ -11,6 +11,13 @@ import importlib
 from types import ModuleType
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def fast_layer_module(name: str) -> ModuleType:
-    """The fast frozen-layer module ``shortv.frozen.<name>``."""
-    return importlib.import_module(f"{__name__}.{name}")
+    """The fast frozen-layer module ``shortv.frozen.<name>`` (imported once; later calls are a dict lookup, which
+    torch.compile traces through)."""
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(f"{__name__}.{name}")
+    return module

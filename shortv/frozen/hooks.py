@@ -23,15 +23,11 @@ def has_forward_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks) or bool(torch_module._global_forward_hooks)
 
 
-def _scatter_rows(values: torch.Tensor, layout: TokenLayout, row_dim: int) -> torch.Tensor:
-    """``values`` with rows per text slot along ``row_dim`` -> full ``seq`` rows, zeros at visual positions."""
-    batch, seq = layout.shape
-    shape = list(values.shape)
-    shape[row_dim] = seq
-    full = values.new_zeros(shape)
-    moved, target = values.movedim(row_dim, 1), full.movedim(row_dim, 1)
-    target[layout.text] = moved[layout.text_slots]
-    return full
+def _scatter_rows(grid: torch.Tensor, layout: TokenLayout, row_dim: int) -> torch.Tensor:
+    """``grid`` with a row per text slot along ``row_dim`` -> full ``seq`` rows, zeros at visual positions."""
+    rows = layout.from_grid(grid.movedim(row_dim, 1))
+    full = layout.put_text(rows.new_zeros(*layout.shape, *rows.shape[1:]), rows)
+    return full.movedim(1, row_dim)
 
 
 def call_attention_hooks(
@@ -42,9 +38,10 @@ def call_attention_hooks(
     kwargs: dict[str, Any],
 ) -> None:
     """Run ``attention``'s forward hooks as if it had produced ``text_output`` (flat text rows) and ``weights``."""
-    output_grid = text_output.new_zeros(*layout.text_positions.shape, text_output.shape[-1])
-    output_grid[layout.text_slots] = text_output
-    output = (_scatter_rows(output_grid, layout, 1), None if weights is None else _scatter_rows(weights, layout, 2))
+    output = (
+        layout.put_text(text_output.new_zeros(*layout.shape, text_output.shape[-1]), text_output),
+        None if weights is None else _scatter_rows(weights, layout, 2),
+    )
     hooks = {**torch_module._global_forward_hooks, **attention._forward_hooks}
     for hook_id, hook in hooks.items():
         if hook_id in attention._forward_hooks_with_kwargs:

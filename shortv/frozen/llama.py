@@ -144,8 +144,7 @@ def fast_frozen_forward(
         raise RuntimeError(f"expected per-token cos/sin of shape (batch, seq, dim), got {tuple(cos.shape)}")
 
     batch, seq, _ = hidden_states.shape
-    text = layout.text
-    positions, slots = layout.text_positions, layout.text_slots
+    positions = layout.text_positions
     width = positions.shape[1]
     head_dim = attn.head_dim
 
@@ -159,10 +158,7 @@ def fast_frozen_forward(
         keys, values = cache.update(keys, values, attn.layer_idx, kwargs=kwargs)
 
     # Queries for text tokens only: flat rows through q_proj, then into a (batch, width) grid for attention.
-    text_rows = normed[text]
-    queries_flat = attn.q_proj(text_rows)
-    queries = queries_flat.new_zeros(batch, width, queries_flat.shape[-1])
-    queries[slots] = queries_flat
+    queries = layout.to_grid(attn.q_proj(layout.take_text(normed)))
     queries = queries.view(batch, width, -1, head_dim).transpose(1, 2)
     queries = _apply_rope(queries, _gather_rows(cos, positions), _gather_rows(sin, positions))
 
@@ -180,12 +176,10 @@ def fast_frozen_forward(
         position_ids=position_ids,
         **kwargs,
     )
-    attention_output = attn.o_proj(attention_output.reshape(batch, width, -1)[slots])
+    attention_output = attn.o_proj(layout.from_grid(attention_output.reshape(batch, width, -1)))
     if has_forward_hooks(attn):  # output_attentions and user hooks on the attention module
         call_attention_hooks(attn, layout, attention_output, weights, {"hidden_states": normed, **kwargs})
 
-    text_states = hidden_states[text] + attention_output
+    text_states = layout.take_text(hidden_states) + attention_output
     text_states = text_states + layer.mlp(layer.post_attention_layernorm(text_states))
-    output = hidden_states.clone()
-    output[text] = text_states
-    return output
+    return layout.put_text(hidden_states, text_states)
