@@ -18,7 +18,7 @@ speedup to expect. One job per module, in the order data flows:
 """
 
 from .ideal import DeviceRates, ideal_prefill_speedup, roofline_prefill_seconds, roofline_prefill_speedup
-from .inputs import DEFAULT_PROMPT, BenchInputs, multimodal_inputs
+from .inputs import DEFAULT_PROMPT, BenchInputs, causal_lm_inputs, multimodal_inputs
 from .layers import default_shortv_config, paper_n, shape_shortv_config
 from .machine import machine_info
 from .memory import MMAP_THRESHOLD_ENV, PeakMemory
@@ -26,7 +26,7 @@ from .prefill import PrefillTiming, time_prefill
 from .rates import measure_rates
 from .report import layers_line, speedup_lines, summary_rows, to_markdown
 from .results import BenchResult, Stats, VariantMetrics
-from .run import bench_embedded, bench_pretrained, bench_shape, shape_model_and_inputs
+from .run import bench_embedded, bench_pretrained, bench_shape
 from .timing import benchmark
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "bench_pretrained",
     "bench_shape",
     "benchmark",
+    "causal_lm_inputs",
     "default_shortv_config",
     "ideal_prefill_speedup",
     "layers_line",
@@ -52,7 +53,6 @@ __all__ = [
     "paper_n",
     "roofline_prefill_seconds",
     "roofline_prefill_speedup",
-    "shape_model_and_inputs",
     "shape_shortv_config",
     "speedup_lines",
     "summary_rows",

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..registry import visual_token_ids
+from .shapes import make_token_layout
 
 DEFAULT_PROMPT = "Describe this image in detail. What objects are there, what colors do they have and where are they?"
 
@@ -72,6 +73,15 @@ class BenchInputs:
                     value = value.to(dtype)
             moved[key] = value
         return BenchInputs(kwargs=moved, visual_mask=self.visual_mask.to(device), explicit_mask=self.explicit_mask)
+
+
+def causal_lm_inputs(
+    batch_size: int, text_tokens: int, visual_tokens: int, vocab_size: int, seed: int = 0
+) -> BenchInputs:
+    """``batch_size`` rows of random ids: ``text_tokens`` text ids around one block of ``visual_tokens`` ids declared
+    visual with an explicit mask (`shapes.make_token_layout`), for a bare causal LM or a shape model."""
+    layout = make_token_layout(batch_size, text_tokens, visual_tokens, vocab_size=vocab_size, seed=seed)
+    return BenchInputs.for_causal_lm(layout.input_ids, layout.visual_mask)
 
 
 def _synthetic_image(size: tuple[int, int], seed: int = 0) -> Any:

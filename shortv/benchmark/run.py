@@ -16,27 +16,10 @@ from ..config import ShortVConfig
 from ..flops import get_shape
 from . import shapes
 from .devices import dtype_name, resolve_device, resolve_dtype
-from .inputs import DEFAULT_PROMPT, BenchInputs, multimodal_inputs
+from .inputs import DEFAULT_PROMPT, causal_lm_inputs, multimodal_inputs
 from .layers import choose_config, given_note, shape_shortv_config
 from .results import BenchResult
 from .timing import Progress, benchmark
-
-
-def shape_model_and_inputs(
-    name: str, *, num_layers: int | None = None, visual_tokens: int | None = None, text_tokens: int = 64,
-    batch_size: int = 1, dtype: str | torch.dtype = "bf16", device: str | torch.device = "cpu", seed: int = 0,
-) -> tuple[nn.Module, BenchInputs]:
-    """A paper shape's random-weight causal LM (its first ``num_layers`` layers) on ``device`` and ``batch_size``
-    prompts of ``text_tokens`` text tokens around one block of ``visual_tokens`` image tokens (default: the shape's
-    own count), declared visual with an explicit mask."""
-    if visual_tokens is None:
-        visual_tokens = get_shape(name).visual_tokens
-    model = shapes.build_shape_model(
-        name, num_layers=num_layers, dtype=resolve_dtype(dtype), seed=seed, device=resolve_device(device)
-    )
-    layout = shapes.make_token_layout(batch_size, text_tokens, visual_tokens, vocab_size=model.config.vocab_size,
-                                      seed=seed)
-    return model, BenchInputs.for_causal_lm(layout.input_ids, layout.visual_mask)
 
 
 def bench_shape(
@@ -58,7 +41,9 @@ def bench_shape(
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> BenchResult:
-    """Shape mode (`shape_model_and_inputs`). ``visual_tokens`` defaults to the shape's own count (576 for
+    """Shape mode: a random-weight causal LM with a paper model's real dims (its first ``num_layers`` layers),
+    ``batch_size`` prompts of ``text_tokens`` text tokens around one block of ``visual_tokens`` image tokens, and
+    an explicit visual mask. ``visual_tokens`` defaults to the shape's own count (576 for
     LLaVA-1.5 and the Qwen2-VL shape, 2880 for LLaVA-NeXT's AnyRes grid). ``config`` overrides the layer selection
     of `shape_shortv_config`."""
     full = get_shape(name).dims.num_layers
@@ -68,10 +53,12 @@ def bench_shape(
         selection = given_note(config)
     say = progress or (lambda message: None)
     say(f"building {name} shape model ({num_layers or full} of {full} layers, {dtype_name(resolve_dtype(dtype))})")
-    model, inputs = shape_model_and_inputs(
-        name, num_layers=num_layers, visual_tokens=visual_tokens, text_tokens=text_tokens, batch_size=batch_size,
-        dtype=dtype, device=device, seed=seed,
+    model = shapes.build_shape_model(
+        name, num_layers=num_layers, dtype=resolve_dtype(dtype), seed=seed, device=resolve_device(device)
     )
+    if visual_tokens is None:
+        visual_tokens = get_shape(name).visual_tokens
+    inputs = causal_lm_inputs(batch_size, text_tokens, visual_tokens, model.config.vocab_size, seed)
     label = f"{name} (shape{'' if num_layers in (None, full) else f', first {num_layers} layers'})"
     return benchmark(
         model, inputs, config, new_tokens=new_tokens, repeats=repeats, warmup=warmup, name=label, source="shape",
@@ -130,8 +117,7 @@ def bench_pretrained(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         vocab = model.config.get_text_config().vocab_size
         visual_tokens = 576 if visual_tokens is None else visual_tokens
-        layout = shapes.make_token_layout(batch_size, text_tokens, visual_tokens, vocab_size=vocab)
-        inputs = BenchInputs.for_causal_lm(layout.input_ids, layout.visual_mask)
+        inputs = causal_lm_inputs(batch_size, text_tokens, visual_tokens, vocab)
     model = model.to(torch_device).eval()
     config, selection = choose_config(model, config, n, Path(path))
     return benchmark(

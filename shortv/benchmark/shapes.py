@@ -20,7 +20,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ..flops import get_shape
+from ..flops import PaperShape, get_shape
 
 
 class _Family(NamedTuple):
@@ -50,9 +50,14 @@ class ShapeInputs(NamedTuple):
     visual_mask: torch.Tensor
 
 
-def shape_config(name: str, num_layers: int | None = None) -> PretrainedConfig:
+def as_shape(shape: str | PaperShape) -> PaperShape:
+    """A registered paper shape by name (`shortv.flops.get_shape`), or a `PaperShape` built by the caller."""
+    return shape if isinstance(shape, PaperShape) else get_shape(shape)
+
+
+def shape_config(name: str | PaperShape, num_layers: int | None = None) -> PretrainedConfig:
     """The HF config of a paper shape, optionally truncated to its first layers."""
-    shape = get_shape(name)
+    shape = as_shape(name)
     dims = shape.dims
     if num_layers is None:
         num_layers = dims.num_layers
@@ -107,7 +112,7 @@ def _materialize(model: torch.nn.Module, std: float, seed: int, device: torch.de
 
 
 def build_shape_model(
-    name: str,
+    name: str | PaperShape,
     num_layers: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
     attn_implementation: str = "sdpa",
@@ -123,7 +128,7 @@ def build_shape_model(
     the device's random generator: the same seed gives other weights on CUDA.
     """
     config = shape_config(name, num_layers)
-    model_class = FAMILIES[get_shape(name).family].model_class
+    model_class = FAMILIES[as_shape(name).family].model_class
     # Buffers (RoPE inverse frequencies) stay real and in float32, as from_pretrained leaves them.
     with init_empty_weights(include_buffers=False):
         model = model_class._from_config(
