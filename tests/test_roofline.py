@@ -71,3 +71,22 @@ def test_h100_roofline_at_the_paper_shapes() -> None:
         assert roofline_prefill_speedup(dims, counts, layers, measured) == pytest.approx(
             ideal_prefill_speedup(dims, counts, layers), rel=0.01
         )
+
+
+def test_roofline_never_exceeds_the_flops_ideal() -> None:
+    # A ShortV product has at most the dense one's rows and the same weight, so a weight-bound floor adds at least as
+    # much time to ShortV as to the dense model: the roofline speedup lies between 1 and the FLOPs-ideal.
+    import random
+
+    generator = random.Random(0)
+    for _ in range(200):
+        heads = generator.choice([4, 8, 32])
+        dims = LayerDims(hidden_size=heads * 16, intermediate_size=generator.randint(16, 2048),
+                         num_attention_heads=heads, num_key_value_heads=generator.choice([1, heads]), head_dim=16,
+                         num_layers=8, vocab_size=generator.randint(10, 5000))
+        counts = [(generator.randint(0, 300), generator.randint(0, 3000)) for _ in range(generator.randint(1, 4))]
+        counts = [(t, v) if t + v else (1, 0) for t, v in counts]
+        layers = generator.sample(range(8), generator.randint(0, 8))
+        rates = DeviceRates(flops_per_s=10 ** generator.uniform(9, 15), bytes_per_s=10 ** generator.uniform(9, 13))
+        roofline = roofline_prefill_speedup(dims, counts, layers, rates)
+        assert 1 - 1e-12 <= roofline <= ideal_prefill_speedup(dims, counts, layers) * (1 + 1e-12)
