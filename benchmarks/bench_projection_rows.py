@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from markdown_report import emit_report, machine_line
-from shortv.bench import paper_n
+from shortv.benchmark import paper_n
 from shortv.flops import get_shape, layer_projections, projection_rows
 
 POOL_BYTES = 768 * 2**20  # beyond any last-level cache of the machines we run on

@@ -27,11 +27,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from markdown_report import emit_report, machine_line
-from shortv.bench import paper_n
+from shortv.benchmark import paper_n
 from shortv.flops import LayerDims, get_shape, layer_flops
 from shortv.frozen import llama as fast
 from shortv.layout import TokenLayout
-from shortv.shapes import build_shape_model, make_token_layout
+from shortv.benchmark.shapes import build_shape_model, make_token_layout
 
 BOOKKEEPING = {
     "aten::index", "aten::index_put_", "aten::_index_put_impl_", "aten::gather", "aten::clone", "aten::zeros",

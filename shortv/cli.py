@@ -47,8 +47,8 @@ def load_config_option(path: Optional[Path]):  # noqa: ANN201 - ShortVConfig, im
 # ------------------------------------------------------------------------------------------------------------------
 # bench
 # ------------------------------------------------------------------------------------------------------------------
-def _print_bench(result) -> None:  # noqa: ANN001 - shortv.bench.BenchResult
-    from shortv.bench import layers_line, speedup_lines, summary_rows
+def _print_bench(result) -> None:  # noqa: ANN001 - shortv.benchmark.BenchResult
+    from shortv.benchmark import layers_line, speedup_lines, summary_rows
 
     table = Table(title=f"ShortV benchmark: {result.model}", title_justify="left")
     for column in ("metric", "baseline", "ShortV", "ShortV vs baseline"):
@@ -105,7 +105,7 @@ def bench(
 
     Without --model or --shape, benchmarks the embedded tiny LLaVA.
     """
-    from shortv import bench as bench_lib
+    from shortv import benchmark as bench_lib
 
     if model is not None and shape is not None:
         raise fail("give either --model or --shape, not both")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .bench import BenchInputs, benchmark
+from .benchmark import BenchInputs, benchmark
 from .calibrate import calibrate
 from .config import ShortVConfig
 from .data import VQASample, read_jsonl, subsample
@@ -117,7 +117,7 @@ def run_demo(
     model_path: str | Path | None = None,
 ) -> DemoReport:
     """Run the demo into ``out_dir``; ``model_path`` swaps in another checkpoint of the embedded architecture."""
-    from .bench import machine_info
+    from .benchmark import machine_info
     from .tiny import embedded_split_path, load_embedded
 
     out_dir = Path(out_dir)

@@ -180,14 +180,18 @@ def projection_rows(name: str, t: int, v: int, frozen: bool) -> int:
     return t if frozen and name not in ALL_TOKEN_PROJECTIONS else t + v
 
 
+def attention_flops(dims: LayerDims, t: int, v: int, frozen: bool) -> int:
+    """``Q K^T`` and ``softmax(.) V`` of one layer over one sample: queries are the tokens the layer updates."""
+    queries = t if frozen else t + v
+    return 4 * queries * (t + v) * dims.num_attention_heads * dims.head_dim
+
+
 def _exact_layer(dims: LayerDims, t: int, v: int, frozen: bool) -> int:
     projections = sum(
         2 * projection_rows(name, t, v, frozen) * fan_in * fan_out
         for name, (fan_in, fan_out) in layer_projections(dims).items()
     )
-    queries = t if frozen else t + v  # tokens that are updated by this layer
-    attention = 4 * queries * (t + v) * dims.num_attention_heads * dims.head_dim  # Q K^T and softmax(.) V
-    return projections + attention
+    return projections + attention_flops(dims, t, v, frozen)
 
 
 def layer_flops(dims: LayerDims, t: int, v: int, frozen: bool, formula: Formula = "paper") -> int:

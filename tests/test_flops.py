@@ -18,7 +18,7 @@ from shortv.flops import (
     model_flops,
     shape_names,
 )
-from shortv.shapes import ShapeInputs, build_shape_model, make_token_layout, shape_config
+from shortv.benchmark.shapes import ShapeInputs, build_shape_model, make_token_layout, shape_config
 
 TFLOPS = 1e12
 TEXT_TOKENS = 64  # the paper's FLOPs table assumes 64 text tokens

@@ -32,8 +32,8 @@ def family(request):
 
 
 @pytest.fixture(scope="module")
-def tiny(family):
-    model = build_model(family, attn_implementation="sdpa", init_std=0.2)
+def tiny(family, device):
+    model = build_model(family, attn_implementation="sdpa", init_std=0.2).to(device)
     inputs = build_inputs(model, family, batch_layouts=default_layouts(family), padding_side="left")
     return model, inputs
 
@@ -89,8 +89,8 @@ def test_visual_states_leave_frozen_layer_unchanged(tiny):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_each_sample_in_batch_equals_sample_alone(family, padding_side):
-    model = build_model(family, attn_implementation="sdpa", init_std=0.2)
+def test_each_sample_in_batch_equals_sample_alone(family, padding_side, device):
+    model = build_model(family, attn_implementation="sdpa", init_std=0.2).to(device)
     inputs = build_inputs(model, family, batch_layouts=default_layouts(family), padding_side=padding_side)
     # Batched matmuls and left-padding-shifted RoPE positions round differently; with init_std=0.2 the unpatched
     # model itself agrees with the unpadded run only to ~1e-5 (2e-7 at the default init).
@@ -102,8 +102,8 @@ def test_each_sample_in_batch_equals_sample_alone(family, padding_side):
         torch.testing.assert_close(batched[i, inputs.positions(i)], run(model, alone)[0], rtol=0, atol=atol)
 
 
-def test_right_padding_and_eager_attention(family):
-    model = build_model(family, attn_implementation="eager", init_std=0.2)
+def test_right_padding_and_eager_attention(family, device):
+    model = build_model(family, attn_implementation="eager", init_std=0.2).to(device)
     inputs = build_inputs(model, family, batch_layouts=default_layouts(family), padding_side="right", seed=3)
     apply_shortv(model, ShortVConfig(FROZEN, mode="reference"))
     reference = run(model, inputs)

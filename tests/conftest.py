@@ -1,0 +1,28 @@
+"""Fixtures every test file can use.
+
+``device``: where device-aware tests (the parity tests) put their models, from the environment variable
+``SHORTV_TEST_DEVICE`` (default ``cpu``), so the same tests run on a GPU::
+
+    SHORTV_TEST_DEVICE=cuda python -m pytest tests/test_parity.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE_ENV = "SHORTV_TEST_DEVICE"
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    requested = torch.device(os.environ.get(DEVICE_ENV, "cpu"))
+    if requested.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.fail(f"{DEVICE_ENV}={requested} but torch sees no CUDA device", pytrace=False)
+        # fp32 tolerances (1e-5) assume true fp32 products: no TF32 in matmuls or in the vision towers' convolutions.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return requested
