@@ -30,6 +30,7 @@ from .frozen import fast_layer_module
 from .layout import TokenLayout
 from .loading import inputs_for
 from .patch import disable_shortv, get_shortv_state
+from .placement import execution_device
 from .records import append_records, read_records
 from .registry import architecture_for, find_decoder_layers, find_final_norm, visual_token_ids
 
@@ -132,12 +133,6 @@ def divergence_between(log_variant: torch.Tensor, log_original: torch.Tensor, ki
     raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCES}")
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    for parameter in module.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
 def _repeat_batch(value: Any, copies: int, device: torch.device) -> Any:
     """Call arguments for a batch of ``copies`` variants of one sample: batch-1 tensors are expanded."""
     if isinstance(value, torch.Tensor):
@@ -158,8 +153,8 @@ class _Scorer:
             raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to score with")
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = hidden[:, positions].to(_device_of(self.norm))
-        logits = self.head(self.norm(hidden).to(_device_of(self.head)))
+        hidden = hidden[:, positions].to(execution_device(self.norm))
+        logits = self.head(self.norm(hidden).to(execution_device(self.head)))
         return torch.log_softmax(logits.float(), dim=-1)
 
 
@@ -229,7 +224,7 @@ class _Replay:
 
     def run_layer(self, index: int, states: torch.Tensor) -> torch.Tensor:
         layer = self.layers[index]
-        device = _device_of(layer)
+        device = execution_device(layer)
         kwargs = {key: _repeat_batch(value, states.shape[0], device) for key, value in self.capture.inputs[index][1].items()}
         states = states.to(device)
         self.layer_evaluations += states.shape[0]

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .placement import execution_device, parameter_dtype
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -52,7 +54,7 @@ def load_model(
 def inputs_for(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     """Processor outputs moved to the model's input device, floating tensors (pixels) cast to its dtype."""
     embeddings = model.get_input_embeddings()
-    device, dtype = embeddings.weight.device, embeddings.weight.dtype
+    device, dtype = execution_device(embeddings), parameter_dtype(embeddings)
     moved = {}
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor):
