@@ -128,8 +128,8 @@ class FrozenForward(_InstanceOverride):
             raise RuntimeError(
                 "ShortV cannot tell which positions of this forward are visual: a frozen decoder layer ran with only "
                 "`inputs_embeds` and no `visual_mask`, or outside a forward of the model or one of its entry modules "
-                f"({', '.join(type(module).__name__ for module in state.entries)}; gradient checkpointing recomputes "
-                "layers outside the forward and is not supported). Pass `visual_mask=` (bool, batch x seq), use "
+                f"({', '.join(type(module).__name__ for module in state.entries)}). Pass `visual_mask=` (bool, batch x "
+                "seq), use "
                 "`using_visual_mask(model, mask)`, or `disable_shortv(model)` to run unfrozen."
             )
         layout = state.layout

@@ -287,3 +287,30 @@ def test_chunked_prefill_accepts_per_call_or_absolute_masks(llama):
     finally:
         remove_shortv(model)
     assert not torch.equal(logits(model, inputs), whole)  # unpatched: freezing did something
+
+
+def test_training_gradients_match_reference_with_and_without_checkpointing(llava):
+    model, inputs = llava
+    frozen_mlp = find_decoder_layers(model)[FROZEN[0]].mlp.down_proj.weight
+    gradients = {}
+    model.train()
+    try:
+        for name, mode, checkpointing in [("reference", "reference", False), ("fast", "fast", False),
+                                          ("fast+checkpointing", "fast", True)]:
+            if checkpointing:
+                model.gradient_checkpointing_enable()
+            apply_shortv(model, ShortVConfig(FROZEN, mode=mode))
+            model.zero_grad()
+            model(**inputs, use_cache=False).logits[inputs["attention_mask"].bool()].sum().backward()
+            gradients[name] = frozen_mlp.grad.clone()
+            remove_shortv(model)
+        model.zero_grad()
+        model(**inputs, use_cache=False).logits[inputs["attention_mask"].bool()].sum().backward()
+        unpatched = frozen_mlp.grad.clone()
+    finally:
+        model.gradient_checkpointing_disable()
+        model.zero_grad()
+        model.eval()
+    torch.testing.assert_close(gradients["fast"], gradients["reference"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gradients["fast+checkpointing"], gradients["fast"], rtol=0, atol=0)
+    assert not torch.allclose(gradients["fast"], unpatched, atol=1e-3)  # the frozen layer's MLP sees text rows only
