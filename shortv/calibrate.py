@@ -10,7 +10,7 @@ from .config import ShortVConfig
 from .contribution import DIVERGENCES, SAMPLES_FILE, LCResult, layer_contribution
 from .data import POSITIONS, CalibrationSamples, check_context, file_sha256, read_jsonl, subsample
 from .files import exclusive_output, replaced_on_success
-from .loading import context_length, load_model, resolve_model
+from .loading import context_length, load_model, model_id_of, resolve_model
 from .records import check_fresh
 from .registry import find_decoder_layers
 from .selection import select_layers
@@ -61,7 +61,8 @@ def calibrate(
 ) -> Calibration:
     """Calibrate LC on ``data`` (default: the embedded model's calib split) and write lc.json, config and plot.
 
-    ``model`` is a path/hub id (or None for the embedded model), or an already loaded model with ``processor``.
+    ``model`` is a path/hub id (or None for the embedded model), or an already loaded model with ``processor``
+    (``model_id`` defaults to the folder or hub id it was loaded from).
     Everything is checked before the model runs: the data (every line, every image), ``n`` against the layer count,
     the output folder (not in use by another process, no earlier results unless ``resume``) and every input's length.
     """
@@ -81,6 +82,7 @@ def calibrate(
         raise ValueError("a loaded model needs its processor (processor=...)")
     else:
         source, num_layers = None, len(find_decoder_layers(model))
+        model_id = model_id or model_id_of(model)
     n = default_n(num_layers) if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= num_layers:
         raise ValueError(f"n must be in 0..{num_layers} (the model's decoder layers), got {n!r}")

@@ -28,7 +28,7 @@ from .config import ShortVConfig
 from .data import VQASample, check_context, file_sha256, load_images, prompt_text, read_jsonl, subsample, visual_token_count
 from .files import atomic_write_text, exclusive_output
 from .flops import LayerDims, flops_ratio
-from .loading import context_length, inputs_for, load_model, resolve_model
+from .loading import context_length, inputs_for, load_model, model_id_of, resolve_model
 from .patch import apply_shortv, disable_shortv, get_shortv_state
 from .records import append_records, check_fresh, start_run
 from .registry import find_decoder_layers
@@ -164,7 +164,7 @@ def _run_settings(model: Any, config: ShortVConfig, samples: Sequence[VQASample]
     answer)."""
     ids = "\n".join(sample.id for sample in samples).encode()
     return {
-        "model_id": model_id or getattr(model.config, "_name_or_path", None) or type(model).__name__,
+        "model_id": model_id or model_id_of(model) or type(model).__name__,
         "num_layers": len(find_decoder_layers(model)),
         "dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""),
         "shortv_layers": sorted(config.frozen_layers),

@@ -53,6 +53,16 @@ def context_length(config: Any) -> int | None:
     return int(limit) if limit else None
 
 
+def model_id_of(model: Any) -> str | None:
+    """The id a loaded model came from (``config.name_or_path``): a local folder resolved to its absolute path, as
+    `resolve_model` names it, so that files recorded for it match however the path was written."""
+    name = str(getattr(model.config, "name_or_path", "") or "")
+    if not name:
+        return None
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 

@@ -210,3 +210,17 @@ def test_config_and_lc_files_are_checked_against_the_model_before_it_loads(model
     with pytest.raises(ValueError, match=r"--n goes with --lc .*; --config FILE already lists its layers"):
         run(config=deep, n=3)
     assert [path.name for path in (tmp_path / "out").iterdir() if path.name != ".shortv.lock"] == []  # no result
+
+
+def test_over_long_input_is_named_before_generating(tiny, test_samples, tmp_path, monkeypatch):
+    import shortv.evaluation as evaluation
+
+    model, processor = tiny
+    long = VQASample(id="long", images=test_samples[0].images, prompt=" ".join(["what color is the circle"] * 80),
+                     answer="red", source="data.jsonl:9")
+    monkeypatch.setattr(evaluation, "generate_answers", lambda *a, **k: pytest.fail("generated anyway"))
+    with pytest.raises(ValueError, match=r"data.jsonl:9: the input is \d+ tokens \+ 8 new tokens, longer than the "
+                                         r"model's context of 512 tokens"):
+        evaluate(model, processor, [*test_samples[:2], long], ShortVConfig([1]), out_dir=tmp_path, progress=False)
+    remove_shortv(model)
+    assert not (tmp_path / "predictions.jsonl").exists()

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from transformers import LlavaConfig
 
-from shortv.loading import load_model, resolve_model
+from shortv.loading import load_model, model_id_of, resolve_model
 
 
 def copy_of(folder, tmp_path):
@@ -18,8 +18,9 @@ def test_loads_and_reads_facts_from_the_config(tiny_llava_dir, monkeypatch):
     assert source.num_layers == 12 and source.context_length == 512 and source.model_id == str(tiny_llava_dir)
     monkeypatch.chdir(tiny_llava_dir.parent)
     assert resolve_model(tiny_llava_dir.name).model_id == str(tiny_llava_dir)  # relative path: the same id
-    model, processor, model_id = load_model(tiny_llava_dir)
+    model, processor, model_id = load_model(tiny_llava_dir.name)
     assert model_id == str(tiny_llava_dir) and not model.training and processor.image_token == "<image>"
+    assert model_id_of(model) == model_id  # a loaded model is named as its folder, however it was written
 
 
 def test_truncated_safetensors_is_named(tiny_llava_dir, tmp_path):
