@@ -26,12 +26,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .files import atomic_write_text, exclusive_output, read_json
 from .frozen import fast_layer_module
 from .layout import TokenLayout
 from .loading import inputs_for
 from .patch import disable_shortv, get_shortv_state
 from .placement import execution_device
-from .records import append_records, read_records
+from .records import append_records, start_run
 from .registry import architecture_for, find_decoder_layers, find_final_norm, visual_token_ids
 
 TOKEN_TYPES = ("visual", "text")
@@ -68,6 +69,17 @@ class LCResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     version: int = LC_FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        """Shapes agree and every value is a finite number, so no NaN is ever saved or ranked."""
+        for token_type, rows in self.per_sample.items():
+            if len(rows) != len(self.sample_ids):
+                raise ValueError(f"{len(rows)} rows of {token_type} LC for {len(self.sample_ids)} sample ids")
+            for sample_id, row in zip(self.sample_ids, rows):
+                if len(row) != self.num_layers:
+                    raise ValueError(f"sample {sample_id!r}: {len(row)} {token_type} LC values for {self.num_layers} layers")
+                if not all(math.isfinite(value) for value in row):
+                    raise ValueError(f"sample {sample_id!r}: {token_type} LC is not finite: {row}")
+
     @property
     def mean(self) -> dict[str, list[float]]:
         """Arithmetic mean over samples, per token type and layer."""
@@ -80,7 +92,11 @@ class LCResult:
 
     @property
     def order(self) -> list[int]:
-        """Layers by ascending mean visual LC (ties: lower index first); ShortV takes a prefix of this."""
+        """Layers by ascending mean visual LC; ShortV takes a prefix of this.
+
+        Ties (equal means, e.g. the exact zeros of layers whose visual updates nothing downstream reads) go to the
+        lower layer index first, so the order is a pure function of the numbers.
+        """
         if "visual" not in self.per_sample:
             raise ValueError("the ShortV order needs visual LC; this result has only " + ", ".join(self.token_types))
         visual = self.mean["visual"]
@@ -100,33 +116,46 @@ class LCResult:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        """Write the JSON form atomically (strict JSON: values are finite by construction)."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LCResult:
-        data = json.loads(Path(path).read_text())
-        if data.get("version") != LC_FORMAT_VERSION:
-            raise ValueError(f"{path}: LC format version {data.get('version')!r} is not supported")
-        return cls(
-            num_layers=data["num_layers"],
-            token_types=tuple(data["token_types"]),
-            sample_ids=list(data["sample_ids"]),
-            per_sample={key: [list(map(float, row)) for row in rows] for key, rows in data["per_sample"].items()},
-            model_id=data.get("model_id"),
-            metadata=data.get("metadata", {}),
-        )
+        """Read an ``lc.json``; every problem is a ValueError (or FileNotFoundError) naming the file."""
+        data = read_json(path)
+        try:
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+            if data.get("version") != LC_FORMAT_VERSION:
+                raise ValueError(f"LC format version {data.get('version')!r} is not supported")
+            missing = [key for key in ("num_layers", "token_types", "sample_ids", "per_sample") if key not in data]
+            if missing:
+                raise KeyError(", ".join(missing))
+            return cls(
+                num_layers=int(data["num_layers"]),
+                token_types=tuple(data["token_types"]),
+                sample_ids=list(data["sample_ids"]),
+                per_sample={key: [list(map(float, row)) for row in rows] for key, rows in data["per_sample"].items()},
+                model_id=data.get("model_id"),
+                metadata=dict(data.get("metadata") or {}),
+            )
+        except KeyError as error:
+            raise ValueError(f"{path}: not an LC file from shortv calibrate (missing {error.args[0]})") from None
+        except (TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{path}: not an LC file from shortv calibrate: {error}") from None
 
 
 def divergence_between(log_variant: torch.Tensor, log_original: torch.Tensor, kind: str) -> torch.Tensor:
-    """Divergence per row of two log-distributions over the vocabulary (last dim), in fp32."""
+    """Divergence per row of two log-distributions over the vocabulary (last dim), in fp32.
+
+    KL and JS are >= 0, but summed in fp32 over a vocabulary two nearly equal distributions can give about -1e-7;
+    such rounding is clamped to 0, so an LC is never negative.
+    """
     log_variant, log_original = log_variant.float(), log_original.float()
     if kind == "kl":  # KL(P_variant || P_original), the paper's code: kl_div(log P_original, P_variant)
-        return (log_variant.exp() * (log_variant - log_original)).sum(-1)
+        return (log_variant.exp() * (log_variant - log_original)).sum(-1).clamp_min(0.0)
     if kind == "kl_reversed":
-        return (log_original.exp() * (log_original - log_variant)).sum(-1)
+        return (log_original.exp() * (log_original - log_variant)).sum(-1).clamp_min(0.0)
     if kind == "js":
         log_mix = torch.logaddexp(log_variant, log_original) - math.log(2.0)
         return 0.5 * (divergence_between(log_variant, log_mix, "kl") + divergence_between(log_original, log_mix, "kl"))
@@ -290,7 +319,22 @@ def sample_contribution(
         for row, (token_type, layer) in enumerate(active):
             score = divergence_between(scorer(states[row : row + 1], targets), reference, divergence)
             result[token_type][layer] = score.mean().item()
+    _check_finite(sample, result)
     return result, num_layers + replay.layer_evaluations
+
+
+def _check_finite(sample: CalibrationSample, lc: dict[str, list[float]]) -> None:
+    """Stop at the first sample whose LC is NaN or inf: a mean over it, and a ranking of it, would mean nothing."""
+    problems = []
+    for token_type, values in lc.items():
+        layers = [layer for layer, value in enumerate(values) if not math.isfinite(value)]
+        if layers:
+            problems.append(f"{token_type} LC of layer(s) {layers}")
+    if problems:
+        raise ValueError(
+            f"sample {sample.id!r}: Layer Contribution is not finite ({'; '.join(problems)}): the model's output is "
+            "NaN or inf on this sample (in half precision, try --dtype fp32). Nothing was recorded for it."
+        )
 
 
 def _run_metadata(model: nn.Module, token_types: Sequence[str], divergence: str, extra: Mapping[str, Any]) -> dict:
@@ -331,23 +375,6 @@ def layer_contribution(
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
     run = _run_metadata(model, token_types, divergence, {"model_id": model_id, **(metadata or {})})
 
-    finished: dict[str, dict[str, list[float]]] = {}
-    records_path = None
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        records_path, run_path = out_dir / SAMPLES_FILE, out_dir / RUN_FILE
-        if records_path.exists() and not resume:
-            raise FileExistsError(f"{records_path} already holds calibration results; pass resume=True "
-                                  "(--resume) to continue that run, or choose another output folder")
-        if resume and run_path.exists():
-            previous = json.loads(run_path.read_text())
-            changed = {key for key in run if previous.get(key) != run[key]}
-            if changed:
-                raise ValueError(f"cannot resume {out_dir}: settings differ from the interrupted run ({sorted(changed)})")
-        run_path.write_text(json.dumps(run, indent=1) + "\n")
-        finished = {key: record["lc"] for key, record in read_records(records_path).items()} if resume else {}
-
     samples = list(samples) if not isinstance(samples, Sequence) else samples
     # A lazy sequence (shortv.data.CalibrationSamples) knows its ids without building inputs.
     sample_ids = list(getattr(samples, "ids", None) or [sample.id for sample in samples])
@@ -355,8 +382,16 @@ def layer_contribution(
         raise ValueError("calibration sample ids must be unique")
     if not samples:
         raise ValueError("no calibration samples")
+
+    finished: dict[str, dict[str, list[float]]] = {}
+    records_path = None
     evaluations = 0
     with ExitStack() as stack:
+        if out_dir is not None:  # one process per folder; finished samples are skipped on resume
+            out_dir = stack.enter_context(exclusive_output(out_dir))
+            records_path = out_dir / SAMPLES_FILE
+            records = start_run(out_dir, SAMPLES_FILE, RUN_FILE, run, resume)
+            finished = {key: record["lc"] for key, record in records.items()}
         if get_shortv_state(model) is not None:  # calibrate the unmodified model
             stack.enter_context(disable_shortv(model))
         bar = stack.enter_context(tqdm(total=len(samples), desc="LC calibration", unit="sample", disable=not progress))

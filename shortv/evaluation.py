@@ -2,11 +2,14 @@
 
 Both runs use the same model object (ShortV switched off with `disable_shortv` for the baseline), left padding and
 greedy decoding, so the only difference is the frozen layers. Predictions are appended per batch to a JSONL file;
-an interrupted run resumes from it.
+an interrupted run resumes from it, after checking that it had the same model, layers, samples and generation
+settings (``eval_run.json``). `evaluate_files` is ``shortv eval`` as a library call: paths in, every check before
+the model loads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import string
@@ -22,15 +25,20 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ShortVConfig
-from .data import VQASample, load_images, prompt_text, visual_token_count
+from .data import VQASample, check_context, file_sha256, load_images, prompt_text, read_jsonl, subsample, visual_token_count
+from .files import atomic_write_text, exclusive_output
 from .flops import LayerDims, flops_ratio
-from .loading import inputs_for
+from .loading import context_length, inputs_for, load_model, model_id_of, resolve_model
 from .patch import apply_shortv, disable_shortv, get_shortv_state
-from .records import append_records, read_records
+from .records import append_records, check_fresh, start_run
+from .registry import find_decoder_layers
+from .selection import check_matches_model, select_layers
 
 PREDICTIONS_FILE = "predictions.jsonl"
+RUN_FILE = "eval_run.json"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MARKDOWN = "summary.md"
+FINAL_FILES = (SUMMARY_JSON, SUMMARY_MARKDOWN)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -150,6 +158,25 @@ def _scores(records: list[dict[str, Any]], key: str) -> ModelScores:
     return ModelScores(sum(r[f"{key}_correct"] for r in records) / len(records), per_type, seconds)
 
 
+def _run_settings(model: Any, config: ShortVConfig, samples: Sequence[VQASample], max_new_tokens: int,
+                  model_id: str | None, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """What must not change between an interrupted evaluation and its resumption (batch size may: it changes no
+    answer)."""
+    ids = "\n".join(sample.id for sample in samples).encode()
+    return {
+        "model_id": model_id or model_id_of(model) or type(model).__name__,
+        "num_layers": len(find_decoder_layers(model)),
+        "dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""),
+        "shortv_layers": sorted(config.frozen_layers),
+        "mode": config.mode,
+        "frozen_tokens": config.frozen_tokens,
+        "max_new_tokens": max_new_tokens,
+        "num_samples": len(samples),
+        "sample_ids_sha256": hashlib.sha256(ids).hexdigest(),
+        **(metadata or {}),
+    }
+
+
 def evaluate(
     model: Any,
     processor: Any,
@@ -160,8 +187,15 @@ def evaluate(
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    model_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> EvalSummary:
-    """Baseline vs ShortV on ``samples``. With ``config`` ShortV is applied first; otherwise the model must have it."""
+    """Baseline vs ShortV on ``samples``. With ``config`` ShortV is applied first; otherwise the model must have it.
+
+    With ``out_dir``: the folder is locked for this process; ``resume=True`` continues from its predictions after
+    checking the interrupted run had the same settings (model, layers, samples, ``max_new_tokens``, ``metadata``).
+    Every input's length is checked against the model's context before generating.
+    """
     if not samples:
         raise ValueError("no samples to evaluate")
     missing = [sample for sample in samples if sample.answer is None]
@@ -170,21 +204,29 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if config is not None:
-        apply_shortv(model, config)
+        apply_shortv(model, ShortVConfig.coerce(config))
     state = get_shortv_state(model)
     if state is None:
         raise ValueError("give a ShortV config (or apply_shortv first) to compare against the baseline")
+    check_context(processor, samples, context_length(model.config), new_tokens=max_new_tokens)
+    if out_dir is None:
+        return _evaluate(model, processor, samples, batch_size, max_new_tokens, None, {}, progress)
+    with exclusive_output(out_dir) as out_dir:
+        settings = _run_settings(model, state.config, samples, max_new_tokens, model_id, metadata)
+        done = start_run(out_dir, PREDICTIONS_FILE, RUN_FILE, settings, resume, FINAL_FILES)
+        summary = _evaluate(model, processor, samples, batch_size, max_new_tokens, out_dir / PREDICTIONS_FILE, done,
+                            progress)
+        atomic_write_text(out_dir / SUMMARY_JSON, json.dumps(summary.to_dict(), indent=1) + "\n")
+        atomic_write_text(out_dir / SUMMARY_MARKDOWN, summary.markdown())
+    return summary
 
-    done: dict[str, dict[str, Any]] = {}
-    predictions_path = None
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        predictions_path = out_dir / PREDICTIONS_FILE
-        if predictions_path.exists() and not resume:
-            raise FileExistsError(f"{predictions_path} exists; pass resume=True (--resume) or another folder")
-        done = read_records(predictions_path) if resume else {}
 
+def _evaluate(
+    model: Any, processor: Any, samples: Sequence[VQASample], batch_size: int, max_new_tokens: int,
+    predictions_path: Path | None, done: dict[str, dict[str, Any]], progress: bool,
+) -> EvalSummary:
+    """Generate the answers not in ``done`` (appending them to ``predictions_path``), then summarise all."""
+    state = get_shortv_state(model)
     todo = [sample for sample in samples if sample.id not in done]
     with tqdm(total=len(samples), initial=len(samples) - len(todo), desc="evaluating", unit="sample",
               disable=not progress) as bar:
@@ -225,7 +267,60 @@ def evaluate(
         layers=list(state.config.layers),
         per_type_counts=dict(per_type_counts),
     )
-    if out_dir is not None:
-        (out_dir / SUMMARY_JSON).write_text(json.dumps(summary.to_dict(), indent=1) + "\n")
-        (out_dir / SUMMARY_MARKDOWN).write_text(summary.markdown())
     return summary
+
+
+def evaluate_files(
+    model: str | Path | None = None,
+    data: str | Path | None = None,
+    config: str | Path | None = None,
+    lc: str | Path | None = None,
+    n: int | None = None,
+    num_samples: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    out_dir: str | Path = "shortv_eval",
+    resume: bool = False,
+    seed: int = 0,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    allow_other_model: bool = False,
+    progress: bool = True,
+) -> EvalSummary:
+    """``shortv eval``: the model (path, hub id, None for the embedded one) with ``config`` or the first ``n`` layers
+    of ``lc``'s order, on ``data`` (default: the embedded test split).
+
+    Checked before the model loads: the flags agree, the config or LC file was made for this model (layer count,
+    model id unless ``allow_other_model``), every data line parses and every image opens, the output folder is free.
+    """
+    from .contribution import LCResult
+
+    if config is not None and lc is not None:
+        raise ValueError("give either --config FILE or --lc FILE with --n N, not both")
+    if config is not None and n is not None:
+        raise ValueError("--n goes with --lc (the first N layers of its order); --config FILE already lists its layers")
+    if config is None and (lc is None or n is None):
+        raise ValueError("give either --config FILE or --lc FILE with --n N")
+    source = resolve_model(model, trust_remote_code)
+    if config is not None:
+        shortv_config = ShortVConfig.load(config)
+        check_matches_model(shortv_config, source.num_layers, source.model_id, str(config), allow_other_model)
+    else:
+        lc_result = LCResult.load(lc)
+        check_matches_model(lc_result, source.num_layers, source.model_id, str(lc), allow_other_model)
+        shortv_config = select_layers(lc_result, n=n)
+        shortv_config.provenance["lc"] = str(lc)
+    if data is None:
+        from .tiny import embedded_split_path
+
+        data = embedded_split_path("test")
+    samples = subsample(read_jsonl(data, require_answer=True), num_samples, seed)
+    with exclusive_output(out_dir) as out_dir:
+        if not resume:
+            check_fresh(out_dir, (PREDICTIONS_FILE, *FINAL_FILES))
+        loaded, processor, model_id = load_model(source, dtype=dtype)
+        metadata = {"data": str(Path(data).resolve()), "data_sha256": file_sha256(data), "seed": seed,
+                    "num_samples_requested": num_samples}
+        return evaluate(loaded, processor, samples, shortv_config, batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, out_dir=out_dir, resume=resume, progress=progress,
+                        model_id=model_id, metadata=metadata)

@@ -4,6 +4,8 @@
 ``SHORTV_TEST_DEVICE`` (default ``cpu``), so the same tests run on a GPU::
 
     SHORTV_TEST_DEVICE=cuda python -m pytest tests/test_parity.py
+
+``tiny_llava_dir``: an untrained tiny LLaVA checkpoint folder (weights and processor), as a user's model folder is.
 """
 
 from __future__ import annotations
@@ -26,3 +28,14 @@ def device() -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return requested
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    from shortv.tiny import build
+
+    folder = tmp_path_factory.mktemp("tiny_llava")
+    torch.manual_seed(0)
+    build.build_model(seed=0).save_pretrained(folder)
+    build.build_processor().save_pretrained(folder)
+    return folder

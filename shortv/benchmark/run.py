@@ -100,21 +100,21 @@ def bench_pretrained(
 
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     path = str(path)
-    hf_config = AutoConfig.from_pretrained(path)
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if _is_multimodal_config(hf_config):
         if visual_tokens is not None:
             raise ValueError(
                 f"{path} is a multimodal model: its processor decides how many visual tokens an image becomes, so "
                 "visual_tokens (--visual-tokens) applies only to a bare causal LM or to shape mode"
             )
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
         try:
-            processor = AutoProcessor.from_pretrained(path)
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError, TypeError) as error:
             raise ValueError(f"{path} holds a multimodal model but no usable processor: {error}") from error
         inputs = multimodal_inputs(model, processor, batch_size, prompt)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
         vocab = model.config.get_text_config().vocab_size
         visual_tokens = 576 if visual_tokens is None else visual_tokens
         inputs = causal_lm_inputs(batch_size, text_tokens, visual_tokens, vocab)

@@ -20,6 +20,10 @@ Model arguments (``--model_args key=value,...``):
 ``shortv_mode``
     ``fast`` (skip the frozen tokens' compute) or ``reference`` (run the layer, restore the frozen tokens); overrides
     the config's mode.
+``trust_remote_code``
+    ``true`` lets the model folder or hub repo run its own Python code (off by default; only for trusted sources).
+``allow_other_model``
+    ``true`` accepts an ``lc``/``shortv_config`` file recorded for another model id (the layer count must match).
 ``dtype`` (``float16``, ``bfloat16``, ``float32``; default: the checkpoint's), ``device`` (default: ``cuda`` when
 available), ``device_map`` (e.g. ``auto`` to shard one model over the visible GPUs), ``attn_implementation``
 (default ``sdpa``), ``max_new_tokens`` (default when a task does not set it: 1024), ``chat_template`` (a Jinja
@@ -56,8 +60,10 @@ except ImportError as _error:  # pragma: no cover - exercised only without the e
     ) from _error
 
 from ..config import MODES, PRESET_ALIASES, PRESET_LAYER_ORDERS, ShortVConfig
-from ..loading import inputs_for, load_model
+from ..data import to_rgb
+from ..loading import inputs_for, load_model, resolve_model
 from ..patch import apply_shortv, get_shortv_state
+from ..selection import check_matches_model
 
 __all__ = ["ShortV", "ShortVChat", "GenerationSettings", "resolve_shortv_config"]
 
@@ -227,7 +233,10 @@ def _as_images(visuals: Any) -> list[Any]:
         if isinstance(item, (list, tuple)):
             pending[:0] = list(item)
         elif isinstance(item, Image.Image):
-            flat.append(item if item.mode == "RGB" else item.convert("RGB"))
+            try:
+                flat.append(to_rgb(item))  # 16-bit grayscale scaled to 8 bits, not clipped to white
+            except ValueError as error:
+                raise ValueError(f"a task image cannot be used: {error}") from None
         elif item is not None:
             kind = "a video (path)" if isinstance(item, str) else "audio" if isinstance(item, dict) else type(item).__name__
             raise NotImplementedError(f"the shortv lmms-eval model takes images only; this task gives {kind}")
@@ -258,6 +267,8 @@ class _ShortVModel(lmms):
         system_prompt: str | None = None,
         max_batch_size: int | None = None,  # passed by lmms-eval; only used with batch_size=auto, which we refuse
         torch_dtype: str | None = None,
+        trust_remote_code: bool = False,
+        allow_other_model: bool = False,
         **unknown: Any,
     ) -> None:
         super().__init__()
@@ -265,8 +276,11 @@ class _ShortVModel(lmms):
             raise TypeError(
                 f"unknown model argument(s) for the shortv lmms-eval model: {', '.join(sorted(unknown))}. Known: "
                 "pretrained, shortv_config, n, lc, preset, shortv_mode, dtype, device, device_map, "
-                "attn_implementation, batch_size, max_new_tokens, chat_template, system_prompt"
+                "attn_implementation, batch_size, max_new_tokens, chat_template, system_prompt, trust_remote_code, "
+                "allow_other_model"
             )
+        if not isinstance(trust_remote_code, bool) or not isinstance(allow_other_model, bool):
+            raise ValueError("trust_remote_code and allow_other_model take true or false")
         pretrained = None if _is_none(pretrained) else str(pretrained)
         self.shortv_config = resolve_shortv_config(pretrained, shortv_config, n, lc, preset, shortv_mode)
         try:
@@ -282,8 +296,12 @@ class _ShortVModel(lmms):
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         if world_size > 1:
             self._rank, self._world_size = int(os.environ.get("RANK", 0)), world_size
+        source = resolve_model(pretrained, trust_remote_code)
+        if self.shortv_config is not None:  # a file made for another model would freeze the wrong layers
+            where = next((str(v) for v in (shortv_config, lc) if not _is_none(v)), "the ShortV preset")
+            check_matches_model(self.shortv_config, source.num_layers, source.model_id, where, allow_other_model)
         model, processor, self.model_id = load_model(
-            pretrained, dtype=None if _is_none(dtype) else dtype, device_map=None if _is_none(device_map) else device_map,
+            source, dtype=None if _is_none(dtype) else dtype, device_map=None if _is_none(device_map) else device_map,
             attn_implementation=attn_implementation,
         )
         if _is_none(device_map):
