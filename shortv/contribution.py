@@ -26,12 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .frozen import fast_layer_module
 from .layout import TokenLayout
 from .loading import inputs_for
 from .patch import disable_shortv, get_shortv_state
 from .records import append_records, read_records
-from .registry import architecture_for, find_decoder_layers, find_final_norm, visual_token_ids
+from .registry import fast_layer_for, find_decoder_layers, find_final_norm, visual_token_ids
 
 TOKEN_TYPES = ("visual", "text")
 DIVERGENCES = ("kl", "kl_reversed", "js")
@@ -216,10 +215,9 @@ class _Replay:
     def __init__(self, model: nn.Module, layers: nn.ModuleList, capture: _Capture, targets: torch.Tensor):
         self.layers = layers
         self.capture = capture
-        arch = architecture_for(model)
         last = layers[-1]
         # The last layer only needs the scored queries: reuse the fast frozen layer with "frozen" = everything else.
-        self.fast = fast_layer_module(arch.fast_layer) if arch.fast_layer else None
+        self.fast = fast_layer_for(model)
         self.last_layer_shortcut = self.fast is not None and self.fast.unsupported_reason(last) is None
         seq = capture.inputs[0][0].shape[1]
         keep = torch.ones(1, seq, dtype=torch.bool)

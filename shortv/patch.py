@@ -21,11 +21,11 @@ from torch import nn
 
 from . import _compat
 from .config import ShortVConfig
-from .frozen import fast_layer_module
 from .frozen.reference import reference_frozen_forward
 from .layout import TokenLayout
 from .registry import (
     architecture_for,
+    fast_layer_for,
     find_decoder_layers,
     model_type_of,
     supported_fast_model_types,
@@ -81,7 +81,7 @@ def _check_applicable(model: nn.Module, config: ShortVConfig, layers: nn.ModuleL
         return
     arch = architecture_for(model)
     model_type = model_type_of(model)
-    if arch.fast_layer is None:
+    if not arch.fast_text_model_types:
         raise ValueError(
             f"mode='fast' does not support model_type={model_type!r}; supported: "
             f"{', '.join(supported_fast_model_types())}. mode='reference' works with any decoder."
@@ -92,7 +92,7 @@ def _check_applicable(model: nn.Module, config: ShortVConfig, layers: nn.ModuleL
             f"mode='fast' for {model_type!r} was verified with language models "
             f"{', '.join(arch.fast_text_model_types)}, not {text_type!r}; use mode='reference'"
         )
-    fast_module = fast_layer_module(arch.fast_layer)
+    fast_module = fast_layer_for(model)
     for index in config.frozen_layers:
         reason = fast_module.unsupported_reason(layers[index])
         if reason is not None:
@@ -246,8 +246,7 @@ def apply_shortv(model: nn.Module, config_or_layers: ShortVConfig | list[int] | 
 
     if get_shortv_state(model) is not None:
         remove_shortv(model)
-    arch = architecture_for(model)
-    fast = fast_layer_module(arch.fast_layer) if config.mode == "fast" and arch.fast_layer else None
+    fast = fast_layer_for(model) if config.mode == "fast" else None
     state = ShortVState(config=config, num_layers=len(layers), token_ids=visual_token_ids(model))
     for index in sorted(config.frozen_layers):
         layer = layers[index]

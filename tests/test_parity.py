@@ -184,7 +184,7 @@ def test_rope_rounds_exactly_like_transformers(x_dtype, angle_dtype):
     """The frozen layer's buffer-writing RoPE must be bit-identical to transformers' own formula."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from shortv.frozen.llama import _apply_rope
+    from shortv.frozen.common import apply_rope as _apply_rope
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 7, 16, generator=generator).to(x_dtype) * 5

@@ -1,0 +1,251 @@
+"""Pieces every compute-skipping frozen layer shares: text-row gathers, the text-query mask, RoPE, attention.
+
+In a frozen layer every token gets its keys and values (text queries attend to the image, and the KV cache is
+filled as usual), while only text tokens get queries, attention output, ``o_proj``, the MLP and residual updates;
+visual hidden states leave the layer untouched. `text_attention` is that attention half for any softmax-attention
+layer described by a `LayerAnatomy`; the fast layer modules add their residual structure around it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .._compat import cache_from_kwargs
+from ..layout import TokenLayout
+from .anatomy import LayerAnatomy
+from .hooks import call_attention_hooks, has_forward_hooks
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+_REQUIRED_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
+
+
+def attention_implementation(attention: nn.Module) -> str | None:
+    return getattr(getattr(attention, "config", None), "_attn_implementation", None)
+
+
+def unsupported_reason(layer: nn.Module, anatomy: LayerAnatomy) -> str | None:
+    """Why ``layer`` does not have ``anatomy`` or runs on an unsupported attention backend; None when it is fine."""
+    attention = getattr(layer, anatomy.attention, None)
+    missing = [name for name in (anatomy.attention, anatomy.mlp, *anatomy.norms) if not hasattr(layer, name)]
+    parts = _REQUIRED_ATTENTION + (("q_norm", "k_norm") if anatomy.qk_norm else ())
+    missing += [f"{anatomy.attention}.{name}" for name in parts if not hasattr(attention, name)]
+    if missing:
+        return f"{type(layer).__name__} does not have the expected layer anatomy (missing {', '.join(missing)})"
+    if not anatomy.qk_norm and (hasattr(attention, "q_norm") or hasattr(attention, "k_norm")):
+        return f"{type(layer).__name__} norms its queries/keys, which its registered anatomy does not describe"
+    implementation = attention_implementation(attention)
+    if implementation not in SUPPORTED_ATTENTION:
+        return (
+            f"attn_implementation={implementation!r} is not supported by the fast ShortV layer (supported: "
+            f"{', '.join(SUPPORTED_ATTENTION)}); load the model with attn_implementation='sdpa' or use mode='reference'"
+        )
+    return None
+
+
+# ---- rows -------------------------------------------------------------------------------------------------------
+def gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``x[b, positions[b, j]]`` for x of shape (batch or 1, seq, dim)."""
+    x = x.expand(positions.shape[0], *x.shape[1:])
+    return torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def rows_to_grid(rows: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Flat text rows (n_text, ...) -> (batch, width, ...) with zeros in the padding slots."""
+    grid = rows.new_zeros(*layout.text_positions.shape, *rows.shape[1:])
+    grid[layout.text_slots] = rows
+    return grid
+
+
+def with_text_rows(hidden_states: torch.Tensor, layout: TokenLayout, text_states: torch.Tensor) -> torch.Tensor:
+    """``hidden_states`` with its text rows replaced by ``text_states``; visual rows are copied unchanged."""
+    output = hidden_states.clone()
+    output[layout.text] = text_states
+    return output
+
+
+def run_on_rows(module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """A token-wise block (MLP or MoE) on flat rows, passed as one sequence: MoE blocks expect (batch, seq, dim)."""
+    output = module(rows.unsqueeze(0))
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} returned {type(output).__name__}, expected a tensor")
+    return output.squeeze(0)
+
+
+# ---- masks ------------------------------------------------------------------------------------------------------
+def text_query_mask(
+    attention_mask: torch.Tensor | None,
+    layout: TokenLayout,
+    past_length: int,
+    kv_length: int,
+    implementation: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The rows of the layer's 4-D attention mask that belong to the text queries.
+
+    Whatever the layer's mask encodes (causal, sliding window, bidirectional image blocks, padding) is kept for the
+    text queries. When transformers passed no mask (sdpa's causal fast case), the causal mask is built explicitly:
+    the text queries are a subset, so sdpa's ``is_causal`` alignment no longer applies.
+    """
+    positions = layout.text_positions
+    batch, width = positions.shape
+    if attention_mask is None:
+        query_index = (positions + past_length).unsqueeze(-1)
+        key_index = torch.arange(kv_length, device=positions.device)
+        allowed = (key_index <= query_index).unsqueeze(1)
+        if implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        raise TypeError(
+            f"the fast ShortV layer expects a 4-D attention mask tensor, got {type(attention_mask).__name__}"
+        )
+    mask = attention_mask.expand(batch, attention_mask.shape[1], attention_mask.shape[2], attention_mask.shape[3])
+    index = positions[:, None, :, None].expand(batch, mask.shape[1], width, mask.shape[3])
+    return torch.gather(mask, 2, index)
+
+
+# ---- RoPE -------------------------------------------------------------------------------------------------------
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def _rope_half_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin``, rounding exactly like it, with the rotated half written into one buffer.
+
+    A frozen layer ropes every key, and on long image prompts that element-wise work is a visible share of the
+    layer, so the ``cat`` of ``rotate_half`` is avoided.
+    """
+    half = x.shape[-1] // 2
+    rotated_sin = x.new_empty(torch.broadcast_shapes(x.shape, sin.shape), dtype=torch.promote_types(x.dtype, sin.dtype))
+    # rotate_half(x) * sin == cat(-x2 * sin1, x1 * sin2); negating after the product rounds the same.
+    torch.mul(x[..., half:], sin[..., :half], out=rotated_sin[..., :half]).neg_()
+    torch.mul(x[..., :half], sin[..., half:], out=rotated_sin[..., half:])
+    return (x * cos).add_(rotated_sin)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "half") -> torch.Tensor:
+    """Rotary embedding for ``x`` (batch, heads, seq, dim) with cos/sin (batch, seq, rotary_dim), as transformers.
+
+    Bit-identical to the families' own ``apply_rotary_pos_emb``: ``style`` ``"half"`` (Llama's ``rotate_half``) or
+    ``"interleaved"`` (GLM's pairs); only the first ``rotary_dim`` dims rotate (partial rotary), the rest pass.
+    The buffer-writing variant is used only outside autograd (``out=`` records no gradients) and outside
+    ``torch.compile`` (functionalization mishandles ``out=`` into views: aot_eager returned wrong values; compilers
+    fuse the plain formula themselves).
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotary_dim = cos.shape[-1]
+    partial = rotary_dim < x.shape[-1]
+    rotated, passed = (x[..., :rotary_dim], x[..., rotary_dim:]) if partial else (x, None)
+    plain = torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
+    )
+    if style == "interleaved":
+        out = (rotated * cos) + (_rotate_pairs(rotated) * sin)
+    elif plain:
+        out = (rotated * cos) + (_rotate_half(rotated) * sin)
+    else:
+        out = _rope_half_inplace(rotated, cos, sin)
+    return torch.cat([out, passed], dim=-1) if partial else out
+
+
+def _llama4_query_scale(attention: nn.Module, position_ids: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
+    """Per-text-query scale ``1 + beta * log(1 + floor(pos / L))`` (batch, 1, width, 1) at the queries' positions."""
+    if position_ids is None:
+        raise RuntimeError("this layer scales queries by position and needs `position_ids` from the decoder")
+    parameters = attention.config.rope_parameters
+    beta, length = parameters.get("llama_4_scaling_beta"), parameters.get("original_max_position_embeddings")
+    positions = torch.gather(position_ids.expand(layout.text_positions.shape[0], -1), 1, layout.text_positions)
+    return (1 + beta * torch.log(1 + torch.floor(positions / length)))[:, None, :, None]
+
+
+# ---- attention --------------------------------------------------------------------------------------------------
+def attention_function(attention: nn.Module) -> Callable[..., Any]:
+    implementation = attention_implementation(attention)
+    if implementation not in SUPPORTED_ATTENTION:
+        raise RuntimeError(
+            f"attn_implementation={implementation!r} is not supported by the fast ShortV layer (supported: "
+            f"{', '.join(SUPPORTED_ATTENTION)})"
+        )
+    # The family's own eager kernel lives next to its attention class in transformers.
+    eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward")
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+
+
+def _heads(attention: nn.Module, projected: torch.Tensor, norm: str | None) -> torch.Tensor:
+    """(..., heads * head_dim) -> (..., heads, head_dim), normed per head when the anatomy says so."""
+    heads = projected.view(*projected.shape[:-1], -1, attention.head_dim)
+    return getattr(attention, norm)(heads) if norm else heads
+
+
+def text_attention(
+    attention: nn.Module,
+    anatomy: LayerAnatomy,
+    layout: TokenLayout,
+    normed: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    position_ids: torch.Tensor | None,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """Attention output after ``o_proj`` for the text rows (n_text, hidden); keys/values for every token.
+
+    ``normed`` is the attention input (batch, seq, hidden); ``kwargs`` the rest of the layer's call arguments
+    (the KV cache among them: it is updated with every token's keys and values, exactly as unpatched).
+    """
+    cache = cache_from_kwargs(kwargs)
+    kwargs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values", "use_cache")}
+    if position_embeddings is None:
+        raise RuntimeError("the fast ShortV layer needs `position_embeddings` (cos, sin) from the decoder")
+    cos, sin = position_embeddings
+    if cos.dim() != 3:
+        raise RuntimeError(f"expected per-token cos/sin of shape (batch, seq, dim), got {tuple(cos.shape)}")
+    batch = normed.shape[0]
+    positions, slots = layout.text_positions, layout.text_slots
+    width = positions.shape[1]
+    q_norm, k_norm = ("q_norm", "k_norm") if anatomy.qk_norm else (None, None)
+
+    # Keys and values for every token, from the (frozen) current states.
+    keys = _heads(attention, attention.k_proj(normed), k_norm).transpose(1, 2)
+    values = _heads(attention, attention.v_proj(normed), None).transpose(1, 2)
+    keys = apply_rope(keys, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), anatomy.rope)
+    past_length = cache.get_seq_length(attention.layer_idx) if cache is not None else 0
+    if cache is not None:
+        keys, values = cache.update(keys, values, attention.layer_idx, kwargs=kwargs)
+
+    # Queries for text tokens only: flat rows through q_proj, then into a (batch, width) grid for attention.
+    queries = rows_to_grid(_heads(attention, attention.q_proj(normed[layout.text]), q_norm), layout).transpose(1, 2)
+    queries = apply_rope(queries, gather_rows(cos, positions), gather_rows(sin, positions), anatomy.rope)
+    if anatomy.query_scale == "llama4":
+        queries = queries * _llama4_query_scale(attention, position_ids, layout).to(queries.dtype)
+
+    implementation = attention_implementation(attention)
+    mask = text_query_mask(attention_mask, layout, past_length, keys.shape[2], implementation, queries.dtype)
+    output, weights = attention_function(attention)(
+        attention,
+        queries,
+        keys,
+        values,
+        mask,
+        dropout=0.0 if not attention.training else attention.attention_dropout,
+        scaling=attention.scaling,
+        sliding_window=getattr(attention, "sliding_window", None),
+        position_ids=position_ids,
+        **kwargs,
+    )
+    output = attention.o_proj(output.reshape(batch, width, -1)[slots])
+    if has_forward_hooks(attention):  # output_attentions and user hooks on the attention module
+        call_attention_hooks(attention, layout, output, weights, {"hidden_states": normed, **kwargs})
+    return output
