@@ -231,3 +231,21 @@ def test_unverified_language_model_is_refused():
     with pytest.raises(ValueError, match="verified with language models mistral, ministral3, not 'qwen2'"):
         apply_shortv(model, [1])
 
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3_vl_moe"])
+def test_chunk_without_text_tokens(family):
+    """A forward whose tokens are all visual (e.g. a decode step on a generated placeholder id) skips the queries,
+    attention and MLP entirely, keeps the KV-cache update, and equals the reference."""
+    from shortv import using_visual_mask
+
+    model = build_model(family, init_std=0.2)
+    inputs = build_inputs(model, family, batch_layouts=[dict(n_text_before=2, images=1), dict(images=1)])
+    everything = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+    logits = []
+    for mode in ("reference", "fast"):
+        apply_shortv(model, ShortVConfig([1, 2], mode=mode))
+        with using_visual_mask(model, everything):
+            logits.append(run(model, inputs))
+    remove_shortv(model)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)

@@ -186,7 +186,7 @@ def attention_function(attention: nn.Module) -> Callable[..., Any]:
 
 def _heads(attention: nn.Module, projected: torch.Tensor, norm: str | None) -> torch.Tensor:
     """(..., heads * head_dim) -> (..., heads, head_dim), normed per head when the anatomy says so."""
-    heads = projected.view(*projected.shape[:-1], -1, attention.head_dim)
+    heads = projected.view(*projected.shape[:-1], projected.shape[-1] // attention.head_dim, attention.head_dim)
     return getattr(attention, norm)(heads) if norm else heads
 
 
@@ -224,6 +224,12 @@ def text_attention(
     past_length = cache.get_seq_length(attention.layer_idx) if cache is not None else 0
     if cache is not None:
         keys, values = cache.update(keys, values, attention.layer_idx, kwargs=kwargs)
+
+    if width == 0:  # no text token in this chunk (all visual): the cache update above is all there is to do
+        output = normed.new_zeros(0, normed.shape[-1])
+        if has_forward_hooks(attention):
+            call_attention_hooks(attention, layout, output, None, {"hidden_states": normed, **kwargs})
+        return output
 
     # Queries for text tokens only: flat rows through q_proj, then into a (batch, width) grid for attention.
     queries = rows_to_grid(_heads(attention, attention.q_proj(normed[layout.text]), q_norm), layout).transpose(1, 2)
