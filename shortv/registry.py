@@ -109,6 +109,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(**_CAUSAL_LM),
     "mistral": Architecture(**_CAUSAL_LM),
     "qwen2": Architecture(**_CAUSAL_LM),
+    "qwen3": Architecture(**_CAUSAL_LM, fast_text_model_types=("qwen3",)),
+    "gemma3_text": Architecture(**_CAUSAL_LM, fast_text_model_types=("gemma3_text",)),
 }
 
 #: Used for model types not in the table: reference mode only, layers found through ``get_decoder()``.

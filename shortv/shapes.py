@@ -11,22 +11,31 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from accelerate import init_empty_weights
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+import transformers
+from transformers import PretrainedConfig, PreTrainedModel
 
 from shortv.flops import get_shape
 
-# Non-shape settings of the original checkpoints' language models.
-_FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
+# Per family: the causal LM built for a shape, and the non-shape settings of the original checkpoints.
+_FAMILIES: dict[str, dict[str, Any]] = {
     # Vicuna-v1.5 (LLaVA-1.5 / LLaVA-NeXT vicuna).
-    "llama": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
-    # Qwen2-VL's LM; its multimodal RoPE is replaced by 1-D RoPE, which costs the same.
-    "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0},
+    "llama": dict(model="LlamaForCausalLM", config="LlamaConfig", head_dim=True, settings=dict(
+        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+    )),
+    # Qwen2-VL's LM; its multimodal RoPE is replaced by 1-D RoPE, which costs the same. Qwen2 derives head_dim.
+    "qwen2": dict(model="Qwen2ForCausalLM", config="Qwen2Config", head_dim=False, settings=dict(
+        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )),
+    # Qwen3-VL's LM (QK-norm), likewise with 1-D RoPE.
+    "qwen3": dict(model="Qwen3ForCausalLM", config="Qwen3Config", head_dim=True, settings=dict(
+        max_position_embeddings=262144, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5e6},
+    )),
+    # Gemma 3's LM: sandwich norms, QK-norm, 5 sliding (1024) : 1 global layers, global RoPE linearly scaled by 8.
+    "gemma3": dict(model="Gemma3ForCausalLM", config="Gemma3TextConfig", head_dim=True, settings=dict(
+        max_position_embeddings=131072, rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=1024,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+    )),
 }
 
 
@@ -37,8 +46,8 @@ class ShapeInputs(NamedTuple):
     visual_mask: torch.Tensor
 
 
-def shape_config(name: str, num_layers: int | None = None) -> LlamaConfig | Qwen2Config:
-    """The HF config of a paper shape, optionally truncated to its first layers."""
+def shape_config(name: str, num_layers: int | None = None) -> PretrainedConfig:
+    """The HF config of a shape's language model, optionally truncated to its first layers."""
     shape = get_shape(name)
     dims = shape.dims
     if num_layers is None:
@@ -47,23 +56,20 @@ def shape_config(name: str, num_layers: int | None = None) -> LlamaConfig | Qwen
         raise ValueError(
             f"num_layers for {name!r} must be in 1..{dims.num_layers}, got {num_layers}"
         )
-    settings = _FAMILY_SETTINGS[shape.family]
-    common = dict(
+    family = _FAMILIES[shape.family]
+    config_class = getattr(transformers, family["config"])
+    extra = {"head_dim": dims.head_dim} if family["head_dim"] else {}
+    return config_class(
         vocab_size=dims.vocab_size,
         hidden_size=dims.hidden_size,
         intermediate_size=dims.intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=dims.num_attention_heads,
         num_key_value_heads=dims.num_key_value_heads,
-        max_position_embeddings=settings["max_position_embeddings"],
-        rms_norm_eps=settings["rms_norm_eps"],
-        rope_parameters={"rope_type": "default", "rope_theta": settings["rope_theta"]},
         tie_word_embeddings=False,
+        **extra,
+        **family["settings"],
     )
-    if shape.family == "llama":
-        return LlamaConfig(head_dim=dims.head_dim, **common)
-    # Qwen2 derives head_dim as hidden_size // num_attention_heads.
-    return Qwen2Config(**common)
 
 
 def _random_parameter(
@@ -110,7 +116,7 @@ def build_shape_model(
     the first layers to fit smaller machines. Use ``.to(device)`` afterwards.
     """
     config = shape_config(name, num_layers)
-    model_class = LlamaForCausalLM if isinstance(config, LlamaConfig) else Qwen2ForCausalLM
+    model_class = getattr(transformers, _FAMILIES[get_shape(name).family]["model"])
     # Buffers (RoPE inverse frequencies) stay real and in float32, as from_pretrained leaves them.
     with init_empty_weights(include_buffers=False):
         model = model_class._from_config(

@@ -34,12 +34,16 @@ VISION_HIDDEN = 32
 
 
 def text_config(kind: str, extra: dict) -> Any:
-    """A tiny Llama / Mistral / Qwen2 / Qwen3 / Ministral3 text config (``sliding_window=None`` for Mistral)."""
+    """A tiny Llama / Mistral / Qwen2 / Qwen3 / Ministral3 / Gemma 3 text config (``sliding_window=None`` for
+    Mistral)."""
     import transformers as tf
 
     classes = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
-               "qwen3": tf.Qwen3Config, "ministral3": tf.Ministral3Config}
+               "qwen3": tf.Qwen3Config, "ministral3": tf.Ministral3Config, "gemma3_text": tf.Gemma3TextConfig}
     kwargs = dict(TEXT_DIMS)
+    if kind == "gemma3_text":  # sandwich norms, QK-norm; sliding window 8 on layers 0 and 2
+        kwargs.update(head_dim=HEAD_DIM, sliding_window=8, query_pre_attn_scalar=24,
+                      layer_types=["sliding_attention", "full_attention"] * 2)
     if kind in ("mistral", "ministral3"):
         kwargs["sliding_window"] = None
     if kind == "qwen3":

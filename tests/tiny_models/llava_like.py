@@ -11,7 +11,6 @@ from .base import (
     PAD_ID,
     ROW_BREAK_ID,
     TEXT,
-    TEXT_DIMS,
     VIDEO_TOKEN_ID,
     VISION_END_ID,
     VISION_HIDDEN,
@@ -323,9 +322,7 @@ class Gemma3(FamilySpec):
     def make_config(self, text_extra):
         import transformers as tf
 
-        text = dict(TEXT_DIMS, model_type="gemma3_text", head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
-                    layer_types=["sliding_attention", "full_attention"] * 2)
-        text.update(text_extra)
+        text = text_config("gemma3_text", text_extra)
         vision = dict(_SMALL_VISION, model_type="siglip_vision_model", image_size=16, patch_size=4)
         return tf.Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16,
                                image_token_index=IMAGE_TOKEN_ID, boi_token_index=VISION_START_ID,

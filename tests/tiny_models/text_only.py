@@ -1,4 +1,5 @@
-"""Bare causal LMs (``llama``, ``mistral``, ``qwen2``): the caller declares which positions are visual.
+"""Bare causal LMs (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma3_text``): the caller declares which
+positions are visual.
 
 Inputs are input_ids + attention_mask only; the "visual" blocks are ordinary random token ids and ``visual_mask``
 is the ground truth to hand to the library. An image/video "size" is the number of visual tokens of the block;
@@ -41,4 +42,5 @@ class TextOnly(FamilySpec):
 
 
 SPECS = [TextOnly("llama", "LlamaForCausalLM"), TextOnly("mistral", "MistralForCausalLM"),
-         TextOnly("qwen2", "Qwen2ForCausalLM")]
+         TextOnly("qwen2", "Qwen2ForCausalLM"), TextOnly("qwen3", "Qwen3ForCausalLM"),
+         TextOnly("gemma3_text", "Gemma3ForCausalLM")]
