@@ -99,25 +99,22 @@ def build_processor(family: str) -> Any:
     """The processor of ``family`` (a key of tiny_models.FAMILIES, multimodal) for its tiny model."""
     import transformers as tf
 
-    if family.startswith("qwen3_vl"):
-        specials = {"<|image_pad|>": IMAGE_TOKEN_ID, "<|video_pad|>": VIDEO_TOKEN_ID,
-                    "<|vision_start|>": VISION_START_ID, "<|vision_end|>": VISION_END_ID}
-        template = _template("<|vision_start|><|image_pad|><|vision_end|>")
-        images = tf.Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2,
-                                             size={"shortest_edge": 16 * 16, "longest_edge": 24 * 24})
+    if family.startswith("qwen3_vl") or family == "glm4v":  # patch grids: 4 px patches, 2 x 2 merge
+        qwen = family != "glm4v"
+        image, start, end = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>") if qwen else (
+            "<|image|>", "<|begin_of_image|>", "<|end_of_image|>")
+        specials = {image: IMAGE_TOKEN_ID, start: VISION_START_ID, end: VISION_END_ID,
+                    "<|video_pad|>" if qwen else "<|video|>": VIDEO_TOKEN_ID}
+        if not qwen:
+            specials.update({"<|begin_of_video|>": VIDEO_START_ID, "<|end_of_video|>": VIDEO_END_ID})
+        template = _template(start + image + end)
+        image_processor = tf.Qwen2VLImageProcessorPil if qwen else tf.Glm4vImageProcessorPil
+        processor = tf.Qwen3VLProcessor if qwen else tf.Glm4vProcessor
+        images = image_processor(patch_size=4, temporal_patch_size=2, merge_size=2,
+                                 size={"shortest_edge": 16 * 16, "longest_edge": 24 * 24})
         with _no_video_processor():
-            return tf.Qwen3VLProcessor(image_processor=images, tokenizer=_tokenizer(specials, {}, template),
-                                       video_processor=None, chat_template=template)
-    if family == "glm4v":
-        specials = {"<|image|>": IMAGE_TOKEN_ID, "<|video|>": VIDEO_TOKEN_ID, "<|begin_of_image|>": VISION_START_ID,
-                    "<|end_of_image|>": VISION_END_ID, "<|begin_of_video|>": VIDEO_START_ID,
-                    "<|end_of_video|>": VIDEO_END_ID}
-        template = _template("<|begin_of_image|><|image|><|end_of_image|>")
-        images = tf.Glm4vImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2,
-                                           size={"shortest_edge": 16 * 16, "longest_edge": 24 * 24})
-        with _no_video_processor():
-            return tf.Glm4vProcessor(image_processor=images, tokenizer=_tokenizer(specials, {}, template),
-                                     video_processor=None, chat_template=template)
+            return processor(image_processor=images, tokenizer=_tokenizer(specials, {}, template),
+                             video_processor=None, chat_template=template)
     if family == "gemma3":
         specials = {"<image_soft_token>": IMAGE_TOKEN_ID, "<start_of_image>": VISION_START_ID,
                     "<end_of_image>": VISION_END_ID}

@@ -29,8 +29,15 @@ def attention_implementation(attention: nn.Module) -> str | None:
     return getattr(getattr(attention, "config", None), "_attn_implementation", None)
 
 
-def unsupported_reason(layer: nn.Module, anatomy: LayerAnatomy) -> str | None:
-    """Why ``layer`` does not have ``anatomy`` or runs on an unsupported attention backend; None when it is fine."""
+def unsupported_reason(layer: nn.Module, anatomy: LayerAnatomy, output_norms: bool) -> str | None:
+    """Why ``layer`` does not have ``anatomy`` or runs on an unsupported attention backend; None when it is fine.
+
+    ``output_norms``: whether the calling fast layer norms each branch's output (sandwich) or not (pre-norm)."""
+    if output_norms != bool(anatomy.attention_output_norm and anatomy.mlp_output_norm) or (
+        not output_norms and (anatomy.attention_output_norm or anatomy.mlp_output_norm)
+    ):
+        kind = "needs" if output_norms else "has no"
+        return f"the {anatomy.module} layer {kind} branch-output norms (attention_output_norm, mlp_output_norm)"
     attention = getattr(layer, anatomy.attention, None)
     missing = [name for name in (anatomy.attention, anatomy.mlp, *anatomy.norms) if not hasattr(layer, name)]
     parts = _REQUIRED_ATTENTION + (("q_norm", "k_norm") if anatomy.qk_norm else ())
@@ -188,6 +195,21 @@ def _heads(attention: nn.Module, projected: torch.Tensor, norm: str | None) -> t
     """(..., heads * head_dim) -> (..., heads, head_dim), normed per head when the anatomy says so."""
     heads = projected.view(*projected.shape[:-1], projected.shape[-1] // attention.head_dim, attention.head_dim)
     return getattr(attention, norm)(heads) if norm else heads
+
+
+def attention_branch(
+    layer: nn.Module, anatomy: LayerAnatomy, layout: TokenLayout, hidden_states: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """The attention branch of a frozen layer for the text rows: input norm, then `text_attention`.
+
+    ``kwargs`` are the decoder layer's call arguments (mask, positions, RoPE, KV cache ...)."""
+    kwargs = dict(kwargs)
+    attention_mask = kwargs.pop("attention_mask", None)
+    position_ids = kwargs.pop("position_ids", None)
+    position_embeddings = kwargs.pop("position_embeddings", None)
+    normed = getattr(layer, anatomy.input_norm)(hidden_states)
+    return text_attention(getattr(layer, anatomy.attention), anatomy, layout, normed, attention_mask,
+                          position_embeddings, position_ids, kwargs)
 
 
 def text_attention(

@@ -26,8 +26,10 @@ from .base import (
 )
 
 __all__ = [
-    "BOS_ID", "EOS_ID", "IMAGE_TOKEN_ID", "PAD_ID", "ROW_BREAK_ID", "VIDEO_END_ID", "VIDEO_START_ID",
-    "VIDEO_TOKEN_ID", "VISION_END_ID", "VISION_START_ID", "VOCAB_SIZE",
+    "FAMILIES", "MULTIMODAL_FAMILIES", "TEXT_ONLY_FAMILIES", "VIDEO_FAMILIES", "MODEL_TYPES", "SPECS", "VOCAB_SIZE",
+    "PAD_ID", "BOS_ID", "EOS_ID", "IMAGE_TOKEN_ID", "VIDEO_TOKEN_ID", "VISION_START_ID", "VISION_END_ID",
+    "ROW_BREAK_ID", "VIDEO_START_ID", "VIDEO_END_ID", "TinyInputs", "build_model", "build_inputs",
+    "single_sample_inputs", "default_layouts", "reset_state",
 ]
 
 SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (*llava_like.SPECS, *grid_like.SPECS, *text_only.SPECS)}

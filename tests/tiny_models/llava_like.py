@@ -29,7 +29,30 @@ def _clip_vision_config(image_size: int):
     return CLIPVisionConfig(**_SMALL_VISION, image_size=image_size, patch_size=4, projection_dim=VISION_HIDDEN)
 
 
-class Llava(FamilySpec):
+class OneTensorPerImage(FamilySpec):
+    """Every image is resized to the vision tower's square size and gives a fixed number of tokens."""
+
+    def tokens_per_image(self, model) -> int:
+        raise NotImplementedError
+
+    def make_item(self, model, kind, size, gen):
+        s = model.config.vision_config.image_size
+        return dict(pixel=torch.randn(3, s, s, generator=gen), size=(s, s))
+
+    def count_tokens(self, model, kinds, items):
+        if not items:
+            return []
+        pv = torch.stack([it["pixel"] for it in items]).to(model.device)
+        feats = model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output
+        assert all(f.shape[0] == self.tokens_per_image(model) for f in feats)
+        return [f.shape[0] for f in feats]
+
+    def collate(self, samples):
+        images = [item["pixel"] for pairs in samples for _, item in pairs]
+        return {"pixel_values": torch.stack(images)} if images else {}
+
+
+class Llava(OneTensorPerImage):
     """CLIP 12x12 px, patch 4, feature layer -2, "default" strategy (CLS dropped): 9 tokens per image (any requested
     size is ignored, like the real processor which resizes), any number of images per sample. Inputs:
     pixel_values (n_images_in_batch, 3, 12, 12). ``llava_mistral`` has a Mistral text model with
@@ -50,22 +73,9 @@ class Llava(FamilySpec):
             vision_feature_select_strategy="default", pad_token_id=PAD_ID,
         )
 
-    def make_item(self, model, kind, size, gen):
-        s = model.config.vision_config.image_size
-        return dict(pixel=torch.randn(3, s, s, generator=gen), size=(s, s))
-
-    def count_tokens(self, model, kinds, items):
-        if not items:
-            return []
-        pv = torch.stack([it["pixel"] for it in items]).to(model.device)
-        feats = model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output
+    def tokens_per_image(self, model):
         vc = model.config.vision_config
-        assert all(f.shape[0] == (vc.image_size // vc.patch_size) ** 2 for f in feats)
-        return [f.shape[0] for f in feats]
-
-    def collate(self, samples):
-        images = [item["pixel"] for pairs in samples for _, item in pairs]
-        return {"pixel_values": torch.stack(images)} if images else {}
+        return (vc.image_size // vc.patch_size) ** 2
 
 
 class LlavaNext(FamilySpec):
@@ -308,7 +318,7 @@ class Mistral3(FamilySpec):
         return {"position_ids": (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)}
 
 
-class Gemma3(FamilySpec):
+class Gemma3(OneTensorPerImage):
     """SigLIP 16 px, patch 4, ``mm_tokens_per_image=16``: 16 tokens per image (sizes are ignored; the processor
     resizes), wrapped as ``<start_of_image> ... <end_of_image>``. Text model: sandwich norms, QK-norm,
     ``query_pre_attn_scalar=24``, layers [sliding, global, sliding, global] with ``sliding_window=8`` (shorter than
@@ -328,24 +338,11 @@ class Gemma3(FamilySpec):
                                image_token_index=IMAGE_TOKEN_ID, boi_token_index=VISION_START_ID,
                                eoi_token_index=VISION_END_ID)
 
-    def make_item(self, model, kind, size, gen):
-        s = model.config.vision_config.image_size
-        return dict(pixel=torch.randn(3, s, s, generator=gen), size=(s, s))
-
-    def count_tokens(self, model, kinds, items):
-        if not items:
-            return []
-        pv = torch.stack([it["pixel"] for it in items]).to(model.device)
-        feats = model.model.get_image_features(pv, return_dict=True).pooler_output
-        assert all(f.shape[0] == model.config.mm_tokens_per_image for f in feats)
-        return [f.shape[0] for f in feats]
+    def tokens_per_image(self, model):
+        return model.config.mm_tokens_per_image
 
     def placeholder(self, kind, n, item):
         return wrapped([IMAGE_TOKEN_ID] * n, [IMAGE] * n)
-
-    def collate(self, samples):
-        images = [item["pixel"] for pairs in samples for _, item in pairs]
-        return {"pixel_values": torch.stack(images)} if images else {}
 
     def extra_inputs(self, mm_types, attention_mask):
         return {"token_type_ids": (mm_types == IMAGE).long()}
