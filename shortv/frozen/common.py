@@ -1,4 +1,4 @@
-"""Pieces every compute-skipping frozen layer shares: text-row gathers, the text-query mask, RoPE, attention.
+"""Pieces every compute-skipping frozen layer shares: text-row gathers, the text-query mask, attention.
 
 In a frozen layer every token gets its keys and values (text queries attend to the image, and the KV cache is
 filled as usual), while only text tokens get queries, attention output, ``o_proj``, the MLP and residual updates;
@@ -20,6 +20,7 @@ from .._compat import cache_from_kwargs
 from ..layout import TokenLayout
 from .anatomy import LayerAnatomy
 from .hooks import call_attention_hooks, has_forward_hooks
+from .rope import apply_rope
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 _REQUIRED_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
@@ -33,9 +34,7 @@ def unsupported_reason(layer: nn.Module, anatomy: LayerAnatomy, output_norms: bo
     """Why ``layer`` does not have ``anatomy`` or runs on an unsupported attention backend; None when it is fine.
 
     ``output_norms``: whether the calling fast layer norms each branch's output (sandwich) or not (pre-norm)."""
-    if output_norms != bool(anatomy.attention_output_norm and anatomy.mlp_output_norm) or (
-        not output_norms and (anatomy.attention_output_norm or anatomy.mlp_output_norm)
-    ):
+    if (bool(anatomy.attention_output_norm), bool(anatomy.mlp_output_norm)) != (output_norms, output_norms):
         kind = "needs" if output_norms else "has no"
         return f"the {anatomy.module} layer {kind} branch-output norms (attention_output_norm, mlp_output_norm)"
     attention = getattr(layer, anatomy.attention, None)
@@ -46,13 +45,17 @@ def unsupported_reason(layer: nn.Module, anatomy: LayerAnatomy, output_norms: bo
         return f"{type(layer).__name__} does not have the expected layer anatomy (missing {', '.join(missing)})"
     if not anatomy.qk_norm and (hasattr(attention, "q_norm") or hasattr(attention, "k_norm")):
         return f"{type(layer).__name__} norms its queries/keys, which its registered anatomy does not describe"
+    return _backend_reason(attention)
+
+
+def _backend_reason(attention: nn.Module) -> str | None:
     implementation = attention_implementation(attention)
-    if implementation not in SUPPORTED_ATTENTION:
-        return (
-            f"attn_implementation={implementation!r} is not supported by the fast ShortV layer (supported: "
-            f"{', '.join(SUPPORTED_ATTENTION)}); load the model with attn_implementation='sdpa' or use mode='reference'"
-        )
-    return None
+    if implementation in SUPPORTED_ATTENTION:
+        return None
+    return (
+        f"attn_implementation={implementation!r} is not supported by the fast ShortV layer (supported: "
+        f"{', '.join(SUPPORTED_ATTENTION)}); load the model with attn_implementation='sdpa' or use mode='reference'"
+    )
 
 
 # ---- rows -------------------------------------------------------------------------------------------------------
@@ -119,55 +122,7 @@ def text_query_mask(
     return torch.gather(mask, 2, index)
 
 
-# ---- RoPE -------------------------------------------------------------------------------------------------------
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
-
-
-def _rope_half_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin``, rounding exactly like it, with the rotated half written into one buffer.
-
-    A frozen layer ropes every key, and on long image prompts that element-wise work is a visible share of the
-    layer, so the ``cat`` of ``rotate_half`` is avoided.
-    """
-    half = x.shape[-1] // 2
-    rotated_sin = x.new_empty(torch.broadcast_shapes(x.shape, sin.shape), dtype=torch.promote_types(x.dtype, sin.dtype))
-    # rotate_half(x) * sin == cat(-x2 * sin1, x1 * sin2); negating after the product rounds the same.
-    torch.mul(x[..., half:], sin[..., :half], out=rotated_sin[..., :half]).neg_()
-    torch.mul(x[..., :half], sin[..., half:], out=rotated_sin[..., half:])
-    return (x * cos).add_(rotated_sin)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "half") -> torch.Tensor:
-    """Rotary embedding for ``x`` (batch, heads, seq, dim) with cos/sin (batch, seq, rotary_dim), as transformers.
-
-    Bit-identical to the families' own ``apply_rotary_pos_emb``: ``style`` ``"half"`` (Llama's ``rotate_half``) or
-    ``"interleaved"`` (GLM's pairs); only the first ``rotary_dim`` dims rotate (partial rotary), the rest pass.
-    The buffer-writing variant is used only outside autograd (``out=`` records no gradients) and outside
-    ``torch.compile`` (functionalization mishandles ``out=`` into views: aot_eager returned wrong values; compilers
-    fuse the plain formula themselves).
-    """
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    rotary_dim = cos.shape[-1]
-    partial = rotary_dim < x.shape[-1]
-    rotated, passed = (x[..., :rotary_dim], x[..., rotary_dim:]) if partial else (x, None)
-    plain = torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
-    )
-    if style == "interleaved":
-        out = (rotated * cos) + (_rotate_pairs(rotated) * sin)
-    elif plain:
-        out = (rotated * cos) + (_rotate_half(rotated) * sin)
-    else:
-        out = _rope_half_inplace(rotated, cos, sin)
-    return torch.cat([out, passed], dim=-1) if partial else out
-
-
+# ---- attention --------------------------------------------------------------------------------------------------
 def _llama4_query_scale(attention: nn.Module, position_ids: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
     """Per-text-query scale ``1 + beta * log(1 + floor(pos / L))`` (batch, 1, width, 1) at the queries' positions."""
     if position_ids is None:
@@ -178,17 +133,13 @@ def _llama4_query_scale(attention: nn.Module, position_ids: torch.Tensor | None,
     return (1 + beta * torch.log(1 + torch.floor(positions / length)))[:, None, :, None]
 
 
-# ---- attention --------------------------------------------------------------------------------------------------
 def attention_function(attention: nn.Module) -> Callable[..., Any]:
-    implementation = attention_implementation(attention)
-    if implementation not in SUPPORTED_ATTENTION:
-        raise RuntimeError(
-            f"attn_implementation={implementation!r} is not supported by the fast ShortV layer (supported: "
-            f"{', '.join(SUPPORTED_ATTENTION)})"
-        )
+    reason = _backend_reason(attention)
+    if reason is not None:
+        raise RuntimeError(reason)
     # The family's own eager kernel lives next to its attention class in transformers.
     eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward")
-    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    return ALL_ATTENTION_FUNCTIONS.get_interface(attention_implementation(attention), eager)
 
 
 def _heads(attention: nn.Module, projected: torch.Tensor, norm: str | None) -> torch.Tensor:
