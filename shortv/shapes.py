@@ -33,6 +33,7 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     # Gemma 3's LM: sandwich norms, QK-norm, 5 sliding (1024) : 1 global layers, global RoPE linearly scaled by 8.
     "gemma3": dict(model="Gemma3ForCausalLM", config="Gemma3TextConfig", head_dim=True, settings=dict(
         max_position_embeddings=131072, rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=1024,
+        tie_word_embeddings=True,
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
     )),
@@ -66,9 +67,7 @@ def shape_config(name: str, num_layers: int | None = None) -> PretrainedConfig:
         num_hidden_layers=num_layers,
         num_attention_heads=dims.num_attention_heads,
         num_key_value_heads=dims.num_key_value_heads,
-        tie_word_embeddings=False,
-        **extra,
-        **family["settings"],
+        **{"tie_word_embeddings": False, **extra, **family["settings"]},
     )
 
 

@@ -23,7 +23,8 @@ from .hooks import call_attention_hooks, has_forward_hooks
 from .rope import apply_rope
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-_REQUIRED_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_ATTENTION_ATTRIBUTES = ("head_dim", "scaling", "layer_idx")
 
 
 def attention_implementation(attention: nn.Module) -> str | None:
@@ -38,13 +39,17 @@ def unsupported_reason(layer: nn.Module, anatomy: LayerAnatomy, output_norms: bo
         kind = "needs" if output_norms else "has no"
         return f"the {anatomy.module} layer {kind} branch-output norms (attention_output_norm, mlp_output_norm)"
     attention = getattr(layer, anatomy.attention, None)
+    parts = _PROJECTIONS + (("q_norm", "k_norm") if anatomy.qk_norm else ())
     missing = [name for name in (anatomy.attention, anatomy.mlp, *anatomy.norms) if not hasattr(layer, name)]
-    parts = _REQUIRED_ATTENTION + (("q_norm", "k_norm") if anatomy.qk_norm else ())
-    missing += [f"{anatomy.attention}.{name}" for name in parts if not hasattr(attention, name)]
+    missing += [f"{anatomy.attention}.{name}" for name in parts + _ATTENTION_ATTRIBUTES
+                if not hasattr(attention, name)]
+    supported = (f"the fast {anatomy.module} layer supports {anatomy.attention}({', '.join(parts)}), "
+                 f"{', '.join(anatomy.norms)}, {anatomy.mlp}; mode='reference' works with any layer")
+    name = type(layer).__name__
     if missing:
-        return f"{type(layer).__name__} does not have the expected layer anatomy (missing {', '.join(missing)})"
+        return f"{name} does not have the expected layer anatomy (missing {', '.join(missing)}); {supported}"
     if not anatomy.qk_norm and (hasattr(attention, "q_norm") or hasattr(attention, "k_norm")):
-        return f"{type(layer).__name__} norms its queries/keys, which its registered anatomy does not describe"
+        return f"{name} norms its queries/keys, which its registered anatomy does not describe; {supported}"
     return _backend_reason(attention)
 
 
