@@ -2,6 +2,7 @@
 tests/tiny_processors.py): evaluation, LC calibration and the lmms-eval model, with one and two images per sample.
 """
 
+import importlib.util
 import json
 
 import pytest
@@ -18,10 +19,14 @@ from shortv.loading import inputs_for
 from shortv.registry import visual_token_ids
 from shortv.tiny import synthetic
 
-FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl_qwen3", "smolvlm", "idefics3", "gemma3", "glm4v",
-            pytest.param("mistral3", marks=pytest.mark.skipif(
-                __import__("importlib").util.find_spec("torchvision") is None,
-                reason="transformers' PixtralProcessor (Mistral 3) needs torchvision"))]
+
+def _needs(module: str, reason: str):
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=reason)
+
+
+FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl_qwen3", "idefics3", "gemma3", "glm4v",
+            pytest.param("smolvlm", marks=_needs("num2words", "transformers' SmolVLMProcessor needs num2words")),
+            pytest.param("mistral3", marks=_needs("torchvision", "transformers' PixtralProcessor needs torchvision"))]
 LAYERS = [1, 2]
 
 
