@@ -9,7 +9,8 @@ Efficient and exact: one unmodified pass captures every layer's input and call a
 extra work at layer ``l`` (the frozen output is the captured input/output pair, mixed by the token mask), so it
 replays only layers ``l+1..L-1``; variants are batched together, and the last layer computes only the query
 positions that are scored. Per sample that is about ``L*L`` layer evaluations against ``2*L*(L+1)`` for the naive
-method (one full forward per variant).
+method (one full forward per variant). Updates a family makes between layers, outside them (Qwen3-VL's DeepStack
+adds vision features after the first layers), are recorded in the capture pass and replayed after the same layers.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ class _Capture:
 
 
 @contextmanager
-def _recording_updates(model: nn.Module, layers: nn.ModuleList, capture: _Capture) -> Iterator[None]:
+def _recording_updates(model: nn.Module, capture: _Capture) -> Iterator[None]:
     """Record every call of the family's between-layer update, with the index of the layer it follows."""
     found = find_inter_layer_update(model)
     if found is None:
@@ -220,7 +221,7 @@ def _capture_pass(model: nn.Module, layers: nn.ModuleList, sample: CalibrationSa
     handles = [layer.register_forward_pre_hook(before, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(after, with_kwargs=True))
     try:
-        with _recording_updates(model, layers, capture):
+        with _recording_updates(model, capture):
             model(**inputs_for(model, sample.inputs), use_cache=False)
     finally:
         for handle in handles:
@@ -291,8 +292,7 @@ def _variant_start_states(capture: _Capture, masks: dict[str, torch.Tensor]) -> 
         for token_type, mask in masks.items():
             frozen = mask.to(layer_input.device).unsqueeze(-1)
             state = torch.where(frozen, layer_input, layer_output.to(layer_input.device))
-            variants.append((token_type, layer, capture.apply_updates(layer, state) if layer in capture.outputs
-                             else state))
+            variants.append((token_type, layer, capture.apply_updates(layer, state)))
     return variants
 
 
