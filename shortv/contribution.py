@@ -9,15 +9,16 @@ Efficient and exact: one unmodified pass captures every layer's input and call a
 extra work at layer ``l`` (the frozen output is the captured input/output pair, mixed by the token mask), so it
 replays only layers ``l+1..L-1``; variants are batched together, and the last layer computes only the query
 positions that are scored. Per sample that is about ``L*L`` layer evaluations against ``2*L*(L+1)`` for the naive
-method (one full forward per variant).
+method (one full forward per variant). Updates a family makes between layers, outside them (Qwen3-VL's DeepStack
+adds vision features after the first layers), are recorded in the capture pass and replayed after the same layers.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .files import atomic_write_text, exclusive_output, read_json
-from .frozen import fast_layer_module
 from .layout import TokenLayout
 from .loading import inputs_for
 from .patch import disable_shortv, get_shortv_state
 from .placement import execution_device
 from .records import append_records, start_run
-from .registry import architecture_for, find_decoder_layers, find_final_norm, visual_token_ids
+from .registry import fast_layer_for, find_decoder_layers, find_final_norm, find_inter_layer_update, visual_token_ids
 
 TOKEN_TYPES = ("visual", "text")
 DIVERGENCES = ("kl", "kl_reversed", "js")
@@ -191,6 +191,44 @@ class _Scorer:
 class _Capture:
     inputs: list[tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=list)
     last_output: torch.Tensor | None = None
+    #: Between-layer updates (registry `inter_layer_update`, e.g. DeepStack): after layer i, the calls' extra
+    #: arguments, and layer i's own output (which differs from layer i+1's input by those updates).
+    updates: dict[int, list[tuple[tuple, dict[str, Any]]]] = field(default_factory=dict)
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    update: Any = None  # the (unpatched) bound update method
+
+    def apply_updates(self, layer: int, states: torch.Tensor) -> torch.Tensor:
+        """``states`` (any number of variants of the sample) after the updates the model made after ``layer``."""
+        for args, kwargs in self.updates.get(layer, ()):
+            states = torch.cat([self.update(states[row : row + 1], *args, **kwargs) for row in range(len(states))])
+        return states
+
+
+@contextmanager
+def _recording_updates(model: nn.Module, capture: _Capture) -> Iterator[None]:
+    """Record every call of the family's between-layer update, with the index of the layer it follows."""
+    found = find_inter_layer_update(model)
+    if found is None:
+        yield
+        return
+    owner, name = found
+    capture.update = getattr(owner, name)
+    previous = owner.__dict__.get(name)
+
+    def recording(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        after = len(capture.inputs) - 1
+        capture.updates.setdefault(after, []).append((args, kwargs))
+        capture.outputs.setdefault(after, hidden_states)
+        return capture.update(hidden_states, *args, **kwargs)
+
+    object.__setattr__(owner, name, recording)
+    try:
+        yield
+    finally:
+        if previous is None:
+            object.__delattr__(owner, name)
+        else:
+            object.__setattr__(owner, name, previous)
 
 
 def _capture_pass(model: nn.Module, layers: nn.ModuleList, sample: CalibrationSample) -> _Capture:
@@ -207,12 +245,14 @@ def _capture_pass(model: nn.Module, layers: nn.ModuleList, sample: CalibrationSa
     handles = [layer.register_forward_pre_hook(before, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(after, with_kwargs=True))
     try:
-        model(**inputs_for(model, sample.inputs), use_cache=False)
+        with _recording_updates(model, capture):
+            model(**inputs_for(model, sample.inputs), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     if len(capture.inputs) != len(layers) or capture.last_output is None:
         raise RuntimeError(f"expected {len(layers)} decoder layer calls in one forward, saw {len(capture.inputs)}")
+    capture.last_output = capture.apply_updates(len(layers) - 1, capture.last_output)
     return capture
 
 
@@ -240,10 +280,9 @@ class _Replay:
     def __init__(self, model: nn.Module, layers: nn.ModuleList, capture: _Capture, targets: torch.Tensor):
         self.layers = layers
         self.capture = capture
-        arch = architecture_for(model)
         last = layers[-1]
         # The last layer only needs the scored queries: reuse the fast frozen layer with "frozen" = everything else.
-        self.fast = fast_layer_module(arch.fast_layer) if arch.fast_layer else None
+        self.fast = fast_layer_for(model)
         self.last_layer_shortcut = self.fast is not None and self.fast.unsupported_reason(last) is None
         seq = capture.inputs[0][0].shape[1]
         keep = torch.ones(1, seq, dtype=torch.bool)
@@ -259,9 +298,9 @@ class _Replay:
         self.layer_evaluations += states.shape[0]
         if index == len(self.layers) - 1 and self.last_layer_shortcut:
             layout = TokenLayout.from_visual_mask(self.last_layout.visual.expand(states.shape[0], -1).to(device))
-            return self.fast.fast_frozen_forward(layer, layout, states, **kwargs)
+            return self.capture.apply_updates(index, self.fast.fast_frozen_forward(layer, layout, states, **kwargs))
         output = layer(states, **kwargs)
-        return output[0] if isinstance(output, tuple) else output
+        return self.capture.apply_updates(index, output[0] if isinstance(output, tuple) else output)
 
 
 def _variant_start_states(capture: _Capture, masks: dict[str, torch.Tensor]) -> list[tuple[str, int, torch.Tensor]]:
@@ -270,10 +309,14 @@ def _variant_start_states(capture: _Capture, masks: dict[str, torch.Tensor]) -> 
     variants = []
     for layer in range(num_layers):
         layer_input = capture.inputs[layer][0]
-        layer_output = capture.inputs[layer + 1][0] if layer + 1 < num_layers else capture.last_output
+        if layer in capture.outputs:  # a between-layer update follows: mix the layer's own output, then update
+            layer_output = capture.outputs[layer]
+        else:
+            layer_output = capture.inputs[layer + 1][0] if layer + 1 < num_layers else capture.last_output
         for token_type, mask in masks.items():
             frozen = mask.to(layer_input.device).unsqueeze(-1)
-            variants.append((token_type, layer, torch.where(frozen, layer_input, layer_output.to(layer_input.device))))
+            state = torch.where(frozen, layer_input, layer_output.to(layer_input.device))
+            variants.append((token_type, layer, capture.apply_updates(layer, state)))
     return variants
 
 

@@ -182,7 +182,13 @@ def prompt_text(processor: Any, sample: VQASample) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def visual_token_count(processor: Any, input_ids: Any) -> int:
+def visual_token_count(processor: Any, input_ids: Any, token_ids: Sequence[int] = ()) -> int:
+    """Visual placeholder tokens in ``input_ids``: those of ``token_ids`` (the model's image and video ids, from
+    `shortv.registry.visual_token_ids`) when given, else the processor's image token."""
+    if token_ids:
+        import torch
+
+        return int(torch.isin(input_ids, torch.tensor(list(token_ids), device=input_ids.device)).sum())
     image_token_id = getattr(processor, "image_token_id", None)
     if image_token_id is None:
         image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)

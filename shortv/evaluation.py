@@ -31,7 +31,7 @@ from .flops import LayerDims, flops_ratio
 from .loading import context_length, inputs_for, load_model, model_id_of, resolve_model
 from .patch import apply_shortv, disable_shortv, get_shortv_state
 from .records import append_records, check_fresh, start_run
-from .registry import find_decoder_layers
+from .registry import find_decoder_layers, visual_token_ids
 from .selection import check_matches_model, select_layers
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -78,21 +78,25 @@ def is_correct(prediction: str, sample: VQASample) -> bool:
 
 
 def batch_inputs(processor: Any, samples: Sequence[VQASample]) -> dict[str, Any]:
-    """Processor outputs for a batch of prompts, left-padded for generation."""
+    """Processor outputs for a batch of prompts, left-padded for generation.
+
+    Images go in as one list per prompt: processors that check each prompt's image count (Gemma 3, SmolVLM) need
+    that nesting, and all others accept it."""
     tokenizer = processor.tokenizer
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        images = [image for sample in samples for image in load_images(sample)]
+        images = [load_images(sample) for sample in samples]
         texts = [prompt_text(processor, sample) for sample in samples]
         return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
     finally:
         tokenizer.padding_side = previous_side
 
 
-def token_counts(processor: Any, batch: dict[str, Any]) -> list[dict[str, int]]:
-    """Per sample: visual and text (non-padding) tokens, for the FLOPs model."""
-    visual = [visual_token_count(processor, row) for row in batch["input_ids"]]
+def token_counts(processor: Any, batch: dict[str, Any], token_ids: Sequence[int] = ()) -> list[dict[str, int]]:
+    """Per sample: visual and text (non-padding) tokens, for the FLOPs model (``token_ids``: the model's visual
+    token ids; marker tokens such as image start/end or row breaks are text)."""
+    visual = [visual_token_count(processor, row, token_ids) for row in batch["input_ids"]]
     real = batch["attention_mask"].sum(dim=1).tolist()
     return [{"visual_tokens": v, "text_tokens": int(r) - v} for v, r in zip(visual, real)]
 
@@ -109,7 +113,7 @@ def generate_answers(
                             pad_token_id=tokenizer.pad_token_id)
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     answers = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return answers, token_counts(processor, batch)
+    return answers, token_counts(processor, batch, visual_token_ids(model))
 
 
 @dataclass

@@ -23,10 +23,11 @@ from torch import nn
 from . import _compat
 from .config import ShortVConfig
 from .entry import ShortVState, entry_modules, install_entry_hooks, remove_entry_hooks
-from .frozen import fast_layer_module
+from .frozen import FastLayer
 from .frozen.reference import reference_frozen_forward
 from .registry import (
     architecture_for,
+    fast_layer_for,
     find_decoder_layers,
     model_type_of,
     supported_fast_model_types,
@@ -58,7 +59,7 @@ def _check_applicable(model: nn.Module, config: ShortVConfig, layers: nn.ModuleL
         return
     arch = architecture_for(model)
     model_type = model_type_of(model)
-    if arch.fast_layer is None:
+    if not arch.fast_text_model_types:
         raise ValueError(
             f"mode='fast' does not support model_type={model_type!r}; supported: "
             f"{', '.join(supported_fast_model_types())}. mode='reference' works with any decoder."
@@ -69,7 +70,7 @@ def _check_applicable(model: nn.Module, config: ShortVConfig, layers: nn.ModuleL
             f"mode='fast' for {model_type!r} was verified with language models "
             f"{', '.join(arch.fast_text_model_types)}, not {text_type!r}; use mode='reference'"
         )
-    fast_module = fast_layer_module(arch.fast_layer)
+    fast_module = fast_layer_for(model)
     for index in config.frozen_layers:
         reason = fast_module.unsupported_reason(layers[index])
         if reason is not None:
@@ -104,9 +105,9 @@ class _InstanceOverride:
 class FrozenForward(_InstanceOverride):
     """The ``forward`` of a ShortV layer: the original while nothing is frozen, else the fast or reference freeze."""
 
-    def __init__(self, state: ShortVState, layer: nn.Module, previous: Any, fast_layer: str | None, attribute: str):
+    def __init__(self, state: ShortVState, layer: nn.Module, previous: Any, fast: FastLayer | None, attribute: str):
         super().__init__(layer, previous)
-        self.state, self.fast_layer, self.attribute = state, fast_layer, attribute
+        self.state, self.fast, self.attribute = state, fast, attribute
 
     def _bind(self, original: Any, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> dict[str, Any]:
         """(hidden_states, *args, **kwargs) -> keyword arguments, by the original forward's signature."""
@@ -141,11 +142,11 @@ class FrozenForward(_InstanceOverride):
                 f"{tuple(hidden_states.shape[:2])}; pass a `visual_mask` (batch x seq) that matches the decoder input"
             )
         layout = layout.to(hidden_states.device)
-        if self.fast_layer is None:
+        if self.fast is None:
             frozen = layout.visual if state.config.frozen_tokens == "visual" else layout.text
             return reference_frozen_forward(original, frozen, hidden_states, *args, **kwargs)
-        fast = fast_layer_module(self.fast_layer)
-        return fast.fast_frozen_forward(self.module, layout, hidden_states, **self._bind(original, hidden_states, args, kwargs))
+        kwargs = self._bind(original, hidden_states, args, kwargs)
+        return self.fast.fast_frozen_forward(self.module, layout, hidden_states, **kwargs)
 
 
 class ShortVGenerate(_InstanceOverride):
@@ -204,13 +205,12 @@ def apply_shortv(model: nn.Module, config_or_layers: ShortVConfig | Sequence[int
 
     if get_shortv_state(model) is not None:
         remove_shortv(model)
-    arch = architecture_for(model)
-    fast_layer = arch.fast_layer if config.mode == "fast" else None
+    fast = fast_layer_for(model) if config.mode == "fast" else None
     state = ShortVState(config=config, num_layers=len(layers), token_ids=visual_token_ids(model))
     for index in sorted(config.frozen_layers):
         layer = layers[index]
         attribute = _forward_attribute(layer)
-        _override(state, layer, FrozenForward(state, layer, layer.__dict__.get(attribute), fast_layer, attribute))
+        _override(state, layer, FrozenForward(state, layer, layer.__dict__.get(attribute), fast, attribute))
     if callable(getattr(model, "generate", None)):
         _override(state, model, ShortVGenerate(state, model, model.__dict__.get("generate")))
     install_entry_hooks(state, entries)

@@ -184,7 +184,7 @@ def test_rope_rounds_exactly_like_transformers(x_dtype, angle_dtype):
     """The frozen layer's buffer-writing RoPE must be bit-identical to transformers' own formula."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from shortv.frozen.llama import _apply_rope
+    from shortv.frozen.rope import apply_rope as _apply_rope
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 7, 16, generator=generator).to(x_dtype) * 5
@@ -220,3 +220,21 @@ def test_text_frozen_ablation_restores_text_states_and_moves_visual_ones(tiny):
     text = ~inputs.visual_mask  # padding counts as text
     assert torch.equal(captured["out"][text], captured["in"][text])
     assert not torch.equal(captured["out"][inputs.visual_mask], captured["in"][inputs.visual_mask])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partial_interleaved_rope_rounds_exactly_like_glm4v(dtype):
+    """GLM-4.1V ropes the first half of each head on interleaved pairs; the rest passes through."""
+    from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
+
+    from shortv.frozen.rope import apply_rope
+
+    generator = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 3, 7, 16, generator=generator) * 5).to(dtype)
+    angles = torch.randn(2, 7, 4, generator=generator) * 3
+    angles = angles.repeat_interleave(2, dim=-1)  # 8 of 16 dims rotate, pairwise, as GLM's rotary module gives them
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    got = apply_rope(x, cos, sin, "interleaved")
+    assert torch.equal(got, expected)
+    assert torch.equal(got[..., 8:], x[..., 8:]) and not torch.equal(got[..., :8], x[..., :8])

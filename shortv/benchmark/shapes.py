@@ -12,12 +12,16 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from accelerate import init_empty_weights
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from ..flops import PaperShape, get_shape
@@ -30,16 +34,31 @@ class _Family(NamedTuple):
     config_class: type[PretrainedConfig]
     model_class: type[PreTrainedModel]
     settings: dict[str, Any]
+    #: Whether the config takes ``head_dim`` (Qwen2 derives it from hidden size and heads).
+    takes_head_dim: bool = True
 
 
-#: One row per ``PaperShape.family``; a new family (e.g. Qwen3-VL's Qwen3 LM) is one row here plus its shape.
+#: One row per ``PaperShape.family``; a new family is one row here plus its shape in `shortv.flops`.
 FAMILIES: dict[str, _Family] = {
     # Vicuna-v1.5 (LLaVA-1.5 / LLaVA-NeXT vicuna).
-    "llama": _Family(LlamaConfig, LlamaForCausalLM,
-                     {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+    "llama": _Family(LlamaConfig, LlamaForCausalLM, dict(
+        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+    )),
     # Qwen2-VL's LM; its multimodal RoPE is replaced by 1-D RoPE, which costs the same.
-    "qwen2": _Family(Qwen2Config, Qwen2ForCausalLM,
-                     {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}),
+    "qwen2": _Family(Qwen2Config, Qwen2ForCausalLM, dict(
+        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ), takes_head_dim=False),
+    # Qwen3-VL's LM (QK-norm), likewise with 1-D RoPE.
+    "qwen3": _Family(Qwen3Config, Qwen3ForCausalLM, dict(
+        max_position_embeddings=262144, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5e6},
+    )),
+    # Gemma 3's LM: sandwich norms, QK-norm, 5 sliding (1024) : 1 global layers, global RoPE linearly scaled by 8.
+    "gemma3": _Family(Gemma3TextConfig, Gemma3ForCausalLM, dict(
+        max_position_embeddings=131072, rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=1024,
+        tie_word_embeddings=True,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+    )),
 }
 
 
@@ -66,7 +85,7 @@ def shape_config(name: str | PaperShape, num_layers: int | None = None) -> Pretr
             f"num_layers for {name!r} must be in 1..{dims.num_layers}, got {num_layers}"
         )
     family = FAMILIES[shape.family]
-    settings = family.settings
+    extra = {"head_dim": dims.head_dim} if family.takes_head_dim else {}
     return family.config_class(
         vocab_size=dims.vocab_size,
         hidden_size=dims.hidden_size,
@@ -74,11 +93,7 @@ def shape_config(name: str | PaperShape, num_layers: int | None = None) -> Pretr
         num_hidden_layers=num_layers,
         num_attention_heads=dims.num_attention_heads,
         num_key_value_heads=dims.num_key_value_heads,
-        head_dim=dims.head_dim,
-        max_position_embeddings=settings["max_position_embeddings"],
-        rms_norm_eps=settings["rms_norm_eps"],
-        rope_parameters={"rope_type": "default", "rope_theta": settings["rope_theta"]},
-        tie_word_embeddings=False,
+        **{"tie_word_embeddings": False, **extra, **family.settings},
     )
 
 

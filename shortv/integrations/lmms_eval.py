@@ -434,8 +434,9 @@ class _ShortVModel(lmms):
         for request in requests:
             messages, request_images = self._messages(request)
             prompts.append(self._render(messages))
-            images.extend(request_images)
-        batch = self._processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
+            images.append(request_images)  # one list per prompt: Gemma 3 and SmolVLM check each prompt's count
+        batch = self._processor(images=images if any(images) else None, text=prompts, padding=True,
+                                return_tensors="pt")
         inputs = inputs_for(self._model, dict(batch))
         prompt_length = inputs["input_ids"].shape[1]
         kwargs = settings.generate_kwargs()
