@@ -112,6 +112,10 @@ def test_lmms_eval_model_through_the_processor(family, samples, monkeypatch):
     import shortv.integrations.lmms_eval as integration
 
     name, model, processor = family
+    from shortv.loading import ModelSource
+
+    source = ModelSource(f"tiny-{name}", f"tiny-{name}", model.config)
+    monkeypatch.setattr(integration, "resolve_model", lambda *args, **kwargs: source)
     monkeypatch.setattr(integration, "load_model", lambda *args, **kwargs: (model, processor, f"tiny-{name}"))
     lm = integration.ShortV(pretrained=f"tiny-{name}", n=0, device="cpu", batch_size=2, max_new_tokens=3)
     apply_shortv(model, LAYERS)
