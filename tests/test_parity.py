@@ -68,24 +68,30 @@ def test_derived_visual_mask_is_the_ground_truth(tiny, family):
     assert get_shortv_state(model) is None
 
 
-def test_visual_states_leave_frozen_layer_unchanged(tiny):
-    model, inputs = tiny
+def frozen_layer_input_output(model, inputs, config):
+    """Hidden states entering and leaving the first frozen layer in one forward with ``config`` applied."""
     captured = {}
 
     def capture(module, args, kwargs, output):
         captured["in"] = args[0] if args else kwargs["hidden_states"]
         captured["out"] = output[0] if isinstance(output, tuple) else output
 
-    apply_shortv(model, FROZEN)
-    handle = decoder_layers(model)[FROZEN[0]].register_forward_hook(capture, with_kwargs=True)
+    apply_shortv(model, config)
+    handle = decoder_layers(model)[config.layers[0]].register_forward_hook(capture, with_kwargs=True)
     try:
         run(model, inputs)
     finally:
         handle.remove()
         remove_shortv(model)
+    return captured["in"], captured["out"]
+
+
+def test_visual_states_leave_frozen_layer_unchanged(tiny):
+    model, inputs = tiny
+    entering, leaving = frozen_layer_input_output(model, inputs, ShortVConfig(FROZEN))
     visual, text = inputs.visual_mask, real(inputs) & ~inputs.visual_mask
-    assert torch.equal(captured["out"][visual], captured["in"][visual])
-    assert not torch.equal(captured["out"][text], captured["in"][text])
+    assert torch.equal(leaving[visual], entering[visual])
+    assert not torch.equal(leaving[text], entering[text])
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
@@ -204,22 +210,11 @@ def test_rope_rounds_exactly_like_transformers(x_dtype, angle_dtype):
 
 def test_text_frozen_ablation_restores_text_states_and_moves_visual_ones(tiny):
     model, inputs = tiny
-    captured = {}
-
-    def capture(module, args, kwargs, output):
-        captured["in"] = args[0] if args else kwargs["hidden_states"]
-        captured["out"] = output[0] if isinstance(output, tuple) else output
-
-    apply_shortv(model, ShortVConfig(FROZEN, mode="reference", frozen_tokens="text"))
-    handle = decoder_layers(model)[FROZEN[0]].register_forward_hook(capture, with_kwargs=True)
-    try:
-        run(model, inputs)
-    finally:
-        handle.remove()
-        remove_shortv(model)
+    config = ShortVConfig(FROZEN, mode="reference", frozen_tokens="text")
+    entering, leaving = frozen_layer_input_output(model, inputs, config)
     text = ~inputs.visual_mask  # padding counts as text
-    assert torch.equal(captured["out"][text], captured["in"][text])
-    assert not torch.equal(captured["out"][inputs.visual_mask], captured["in"][inputs.visual_mask])
+    assert torch.equal(leaving[text], entering[text])
+    assert not torch.equal(leaving[inputs.visual_mask], entering[inputs.visual_mask])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
