@@ -10,7 +10,8 @@ that can decide does so, once per forward; inner entries reuse its decision. The
 2. else the mask of ``using_visual_mask`` / ``generate(visual_mask=...)``: it covers absolute positions
    ``[0, width)`` of the prompt; later positions (generated tokens) are text; generate's beam and
    ``num_return_sequences`` expansion (``repeat_interleave`` of the batch) is applied to it;
-3. else ``input_ids`` and the model's visual token ids.
+3. else ``input_ids`` and the model's visual token ids (in a cached step without ``pixel_values*``, i.e. while
+   decoding, a placeholder id is a generated token and counts as text).
 
 A forward that reaches a frozen layer undecided (only ``inputs_embeds`` and no mask, or a layer called directly)
 raises instead of silently running unfrozen.
@@ -108,6 +109,11 @@ def _input_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[i
     return None, None
 
 
+def _carries_pixels(kwargs: dict[str, Any]) -> bool:
+    """Whether a call brings visual inputs (the processors' ``pixel_values``, ``pixel_values_videos``, ...)."""
+    return any(name.startswith("pixel_values") and isinstance(value, torch.Tensor) for name, value in kwargs.items())
+
+
 def _decide(state: ShortVState, explicit: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Set ``state.layout`` for this forward if this entry's inputs allow it; True when decided."""
     shape, input_ids = _input_shape(args, kwargs)
@@ -119,7 +125,10 @@ def _decide(state: ShortVState, explicit: Any, args: tuple[Any, ...], kwargs: di
     elif state.context_visual_mask is not None:
         visual = context_mask_chunk(state.context_visual_mask, shape, past_length)
     elif input_ids is not None:
-        if not state.token_ids:  # a bare language model: nothing is visual unless the caller says so
+        # A bare language model has no visual ids: nothing is visual unless the caller says so. In a cached step
+        # without pixels (decoding), a placeholder id is a generated token, embedded as text, not vision features.
+        decoding = past_length > 0 and not _carries_pixels(kwargs)
+        if not state.token_ids or decoding:
             visual = torch.zeros(shape, dtype=torch.bool, device=input_ids.device)
         else:
             visual = torch.isin(input_ids, torch.tensor(state.token_ids, device=input_ids.device))

@@ -314,3 +314,27 @@ def test_training_gradients_match_reference_with_and_without_checkpointing(llava
     torch.testing.assert_close(gradients["fast"], gradients["reference"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gradients["fast+checkpointing"], gradients["fast"], rtol=0, atol=0)
     assert not torch.allclose(gradients["fast"], unpatched, atol=1e-3)  # the frozen layer's MLP sees text rows only
+
+
+def test_a_generated_placeholder_id_is_text(llava):
+    """Decoding a token whose id is the image placeholder: it is embedded as text, so it is not frozen."""
+    from transformers import DynamicCache
+
+    model, inputs = llava
+    single = inputs.sample(0)
+    step = torch.full((1, 1), model.config.image_token_id)
+    mask = torch.cat([single["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+    results = {}
+    apply_shortv(model, FROZEN)
+    try:
+        for name, step_mask in (("derived", {}), ("declared text", {"visual_mask": torch.zeros(1, 1, dtype=torch.bool)}),
+                                ("declared visual", {"visual_mask": torch.ones(1, 1, dtype=torch.bool)})):
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad():
+                model(**single, cache=cache, use_cache=True)
+                results[name] = model(input_ids=step, attention_mask=mask, cache=cache, use_cache=True,
+                                      **step_mask).logits
+    finally:
+        remove_shortv(model)
+    assert torch.equal(results["derived"], results["declared text"])
+    assert not torch.equal(results["derived"], results["declared visual"])
