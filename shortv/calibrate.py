@@ -11,6 +11,7 @@ from .contribution import DIVERGENCES, SAMPLES_FILE, LCResult, layer_contributio
 from .data import POSITIONS, CalibrationSamples, check_context, file_sha256, read_jsonl, subsample
 from .files import exclusive_output, replaced_on_success
 from .loading import context_length, load_model, model_id_of, resolve_model
+from .processes import is_main_process, main_holds, on_main, process_device_map
 from .records import check_fresh
 from .registry import find_decoder_layers
 from .selection import select_layers
@@ -65,6 +66,8 @@ def calibrate(
     (``model_id`` defaults to the folder or hub id it was loaded from).
     Everything is checked before the model runs: the data (every line, every image), ``n`` against the layer count,
     the output folder (not in use by another process, no earlier results unless ``resume``) and every input's length.
+    Under a distributed launcher each process loads its own copy of the model and computes its share of the samples
+    (`shortv.processes`); every process returns the whole result, and the main process writes the files.
     """
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
@@ -87,11 +90,11 @@ def calibrate(
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= num_layers:
         raise ValueError(f"n must be in 0..{num_layers} (the model's decoder layers), got {n!r}")
 
-    with exclusive_output(out_dir) as out_dir:
+    with main_holds(exclusive_output, out_dir) as out_dir:  # several processes: the main one writes the results
         if not resume:
-            check_fresh(out_dir, (SAMPLES_FILE, LC_FILE, CONFIG_FILE))
+            on_main(check_fresh, out_dir, (SAMPLES_FILE, LC_FILE, CONFIG_FILE))
         if source is not None:
-            model, processor, model_id = load_model(source, dtype=dtype, device_map=device_map)
+            model, processor, model_id = load_model(source, dtype=dtype, device_map=process_device_map(device_map))
         check_context(processor, samples, context_length(model.config), with_answer=position == "answer")
         lc = layer_contribution(
             model,
@@ -104,13 +107,14 @@ def calibrate(
             metadata={"data": str(Path(data).resolve()), "data_sha256": file_sha256(data), "position": position,
                       "seed": seed, "num_samples_requested": num_samples},
         )
-        lc.save(out_dir / LC_FILE)
         config = select_layers(lc, n=n)
         config.provenance["lc"] = str(out_dir / LC_FILE)
-        config.save(out_dir / CONFIG_FILE)
-        if plot:
-            from .plots import plot_layer_contribution
+        if is_main_process():
+            lc.save(out_dir / LC_FILE)
+            config.save(out_dir / CONFIG_FILE)
+            if plot:
+                from .plots import plot_layer_contribution
 
-            with replaced_on_success(out_dir / PLOT_FILE) as plot_path:
-                plot_layer_contribution(lc, plot_path, chosen=config.layers)
+                with replaced_on_success(out_dir / PLOT_FILE) as plot_path:
+                    plot_layer_contribution(lc, plot_path, chosen=config.layers)
     return Calibration(lc=lc, config=config, out_dir=out_dir)

@@ -163,7 +163,8 @@ def calibrate(
         "shortv_calibration"
     ),
     n: Annotated[
-        Optional[int], typer.Option("--n", help="ShortV layers in shortv_config.json (default: 19/32 of the depth).")
+        Optional[int],
+        typer.Option("--n", "-n", help="ShortV layers in shortv_config.json (default: 19/32 of the depth)."),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
     position: Annotated[str, typer.Option(help="last_prompt (paper) or answer (teacher-forced answer tokens).")] = (
@@ -172,11 +173,15 @@ def calibrate(
     divergence: Annotated[str, typer.Option(help="kl (paper: KL(P_frozen || P)), kl_reversed or js.")] = "kl",
     seed: Annotated[int, typer.Option(help="Seed of the subsample.")] = 0,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (LC is computed in fp32).")] = None,
-    device_map: Annotated[Optional[str], typer.Option(help="accelerate device map, e.g. auto.")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help="accelerate device map, e.g. auto or cuda.")] = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Measure Layer Contribution of every decoder layer and pick the ShortV layers."""
+    """Measure Layer Contribution of every decoder layer and pick the ShortV layers.
+
+    Under torchrun or accelerate launch, the processes share the samples.
+    """
     from shortv.calibrate import calibrate as run_calibration
+    from shortv.processes import is_main_process
 
     try:
         result = run_calibration(
@@ -185,6 +190,8 @@ def calibrate(
         )
     except (ValueError, OSError) as error:
         raise fail(str(error)) from error
+    if not is_main_process():  # a multi-process run: the main process reports
+        return
     chosen = set(result.config.layers)
     table = Table(title=f"Layer Contribution ({len(result.lc.sample_ids)} samples, {divergence})", title_justify="left")
     for column in ("layer", "visual LC", "text LC", "rank", "ShortV"):
@@ -205,7 +212,9 @@ def evaluate_command(
     model: Annotated[Optional[str], typer.Option(help="Local folder or hub id (default: the embedded tiny LLaVA).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="VQA JSONL with answers (default: embedded test split).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="shortv_config.json to evaluate.")] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="With --lc: freeze the first N layers of the order.")] = None,
+    n: Annotated[
+        Optional[int], typer.Option("--n", "-n", help="With --lc: freeze the first N layers of the order.")
+    ] = None,
     lc: Annotated[Optional[Path], typer.Option(help="lc.json from shortv calibrate (with --n).")] = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Seeded subsample of the data.", min=1)] = None,
     batch_size: Annotated[int, typer.Option(help="Generation batch size (left padding).", min=1)] = 8,
@@ -216,21 +225,28 @@ def evaluate_command(
     resume: Annotated[bool, typer.Option(help="Continue from an interrupted run's predictions.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the subsample.")] = 0,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16.")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help="accelerate device map, e.g. auto or cuda.")] = None,
     trust_remote_code: TrustRemoteCode = False,
     allow_other_model: Annotated[bool, typer.Option(
         help="Accept a --config/--lc file recorded for another model id (same layer count).")] = False,
 ) -> None:
-    """Accuracy of the unpatched model vs ShortV on the same samples, side by side."""
+    """Accuracy of the unpatched model vs ShortV on the same samples, side by side.
+
+    Under torchrun or accelerate launch, the processes share the samples.
+    """
     from shortv.evaluation import evaluate_files
+    from shortv.processes import is_main_process
 
     try:
         summary = evaluate_files(
             model, data=data, config=config, lc=lc, n=n, num_samples=num_samples, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, out_dir=out, resume=resume, seed=seed, dtype=dtype,
+            max_new_tokens=max_new_tokens, out_dir=out, resume=resume, seed=seed, dtype=dtype, device_map=device_map,
             trust_remote_code=trust_remote_code, allow_other_model=allow_other_model,
         )
     except (ValueError, OSError) as error:
         raise fail(str(error)) from error
+    if not is_main_process():  # a multi-process run: the main process reports
+        return
     console.print(summary.markdown())
     console.print(f"wrote {out / 'predictions.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}")
 

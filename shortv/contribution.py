@@ -32,7 +32,8 @@ from .layout import TokenLayout
 from .loading import inputs_for
 from .patch import disable_shortv, get_shortv_state
 from .placement import execution_device
-from .records import append_records, start_run
+from .processes import is_main_process, main_holds, on_main, process_count, process_index, share
+from .records import append_records, merge_shards, shard_path, start_run
 from .registry import fast_layer_for, find_decoder_layers, find_final_norm, find_inter_layer_update, visual_token_ids
 
 TOKEN_TYPES = ("visual", "text")
@@ -428,27 +429,37 @@ def layer_contribution(
 
     finished: dict[str, dict[str, list[float]]] = {}
     records_path = None
-    evaluations = 0
     with ExitStack() as stack:
-        if out_dir is not None:  # one process per folder; finished samples are skipped on resume
-            out_dir = stack.enter_context(exclusive_output(out_dir))
-            records_path = out_dir / SAMPLES_FILE
-            records = start_run(out_dir, SAMPLES_FILE, RUN_FILE, run, resume)
+        if out_dir is not None:  # one run per folder; finished samples (of any process) are skipped on resume
+            out_dir = stack.enter_context(main_holds(exclusive_output, out_dir))
+            records = on_main(start_run, out_dir, SAMPLES_FILE, RUN_FILE, run, resume)
             finished = {key: record["lc"] for key, record in records.items()}
+            records_path = shard_path(out_dir, SAMPLES_FILE, process_index())
         if get_shortv_state(model) is not None:  # calibrate the unmodified model
             stack.enter_context(disable_shortv(model))
-        bar = stack.enter_context(tqdm(total=len(samples), desc="LC calibration", unit="sample", disable=not progress))
+        bar = stack.enter_context(tqdm(total=len(samples), desc="LC calibration", unit="sample",
+                                       disable=not progress or not is_main_process()))
         bar.update(sum(1 for sample_id in sample_ids if sample_id in finished))
-        for index, sample_id in enumerate(sample_ids):
-            if sample_id in finished:
-                continue
-            sample = samples[index]
-            lc, count = sample_contribution(model, sample, token_types, divergence, max_variants_per_batch)
-            evaluations += count
-            finished[sample.id] = lc
-            if records_path is not None:
-                append_records(records_path, [{"id": sample.id, "lc": lc}])
-            bar.update(1)
+
+        def calibrate_part(indices: Sequence[int]) -> list[tuple[str, dict[str, list[float]], int]]:
+            """This process's samples, each recorded as soon as it is done."""
+            done = []
+            for index in indices:
+                sample = samples[index]
+                lc, count = sample_contribution(model, sample, token_types, divergence, max_variants_per_batch)
+                if records_path is not None:
+                    append_records(records_path, [{"id": sample.id, "lc": lc}])
+                done.append((sample.id, lc, count))
+                bar.update(1)
+            return done
+
+        todo = [index for index, sample_id in enumerate(sample_ids) if sample_id not in finished]
+        computed = share(todo, calibrate_part)  # several processes: each computes its part, all get every result
+        finished.update((sample_id, lc) for sample_id, lc, _ in computed)
+        bar.update(len(sample_ids) - bar.n)  # the other processes' samples
+        if records_path is not None and is_main_process():
+            merged = [{"id": sample_id, "lc": finished[sample_id]} for sample_id in sample_ids]
+            merge_shards(out_dir, SAMPLES_FILE, merged)
     per_sample = {token_type: [finished[sample_id][token_type] for sample_id in sample_ids] for token_type in token_types}
     return LCResult(
         num_layers=run["num_layers"],
@@ -456,5 +467,6 @@ def layer_contribution(
         sample_ids=sample_ids,
         per_sample=per_sample,
         model_id=model_id,
-        metadata={**run, "num_samples": len(sample_ids), "layer_evaluations_this_run": evaluations},
+        metadata={**run, "num_samples": len(sample_ids), "processes": process_count(),
+                  "layer_evaluations_this_run": sum(count for _, _, count in computed)},
     )

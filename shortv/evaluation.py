@@ -30,7 +30,8 @@ from .files import atomic_write_text, exclusive_output
 from .flops import LayerDims, flops_ratio
 from .loading import context_length, inputs_for, load_model, model_id_of, resolve_model
 from .patch import apply_shortv, disable_shortv, get_shortv_state
-from .records import append_records, check_fresh, start_run
+from .processes import is_main_process, main_holds, on_main, process_device_map, process_index, share
+from .records import append_records, check_fresh, merge_shards, shard_path, start_run
 from .registry import find_decoder_layers, visual_token_ids
 from .selection import check_matches_model, select_layers
 
@@ -196,9 +197,11 @@ def evaluate(
 ) -> EvalSummary:
     """Baseline vs ShortV on ``samples``. With ``config`` ShortV is applied first; otherwise the model must have it.
 
-    With ``out_dir``: the folder is locked for this process; ``resume=True`` continues from its predictions after
+    With ``out_dir``: the folder is locked for this run; ``resume=True`` continues from its predictions after
     checking the interrupted run had the same settings (model, layers, samples, ``max_new_tokens``, ``metadata``).
-    Every input's length is checked against the model's context before generating.
+    Every input's length is checked against the model's context before generating. Under a distributed launcher
+    each process generates its share of the samples (`shortv.processes`); every process returns the whole summary,
+    and the main process writes the files.
     """
     if not samples:
         raise ValueError("no samples to evaluate")
@@ -214,55 +217,72 @@ def evaluate(
         raise ValueError("give a ShortV config (or apply_shortv first) to compare against the baseline")
     check_context(processor, samples, context_length(model.config), new_tokens=max_new_tokens)
     if out_dir is None:
-        return _evaluate(model, processor, samples, batch_size, max_new_tokens, None, {}, progress)
-    with exclusive_output(out_dir) as out_dir:
+        return _summarize(model, _predict(model, processor, samples, batch_size, max_new_tokens, None, {}, progress))
+    with main_holds(exclusive_output, out_dir) as out_dir:  # several processes: the main one writes the results
         settings = _run_settings(model, state.config, samples, max_new_tokens, model_id, metadata)
-        done = start_run(out_dir, PREDICTIONS_FILE, RUN_FILE, settings, resume, FINAL_FILES)
-        summary = _evaluate(model, processor, samples, batch_size, max_new_tokens, out_dir / PREDICTIONS_FILE, done,
-                            progress)
-        atomic_write_text(out_dir / SUMMARY_JSON, json.dumps(summary.to_dict(), indent=1) + "\n")
-        atomic_write_text(out_dir / SUMMARY_MARKDOWN, summary.markdown())
+        done = on_main(start_run, out_dir, PREDICTIONS_FILE, RUN_FILE, settings, resume, FINAL_FILES)
+        predictions_path = shard_path(out_dir, PREDICTIONS_FILE, process_index())
+        records = _predict(model, processor, samples, batch_size, max_new_tokens, predictions_path, done, progress)
+        summary = _summarize(model, records)
+        if is_main_process():
+            merge_shards(out_dir, PREDICTIONS_FILE, records)
+            atomic_write_text(out_dir / SUMMARY_JSON, json.dumps(summary.to_dict(), indent=1) + "\n")
+            atomic_write_text(out_dir / SUMMARY_MARKDOWN, summary.markdown())
     return summary
 
 
-def _evaluate(
+def _predict(
     model: Any, processor: Any, samples: Sequence[VQASample], batch_size: int, max_new_tokens: int,
     predictions_path: Path | None, done: dict[str, dict[str, Any]], progress: bool,
-) -> EvalSummary:
-    """Generate the answers not in ``done`` (appending them to ``predictions_path``), then summarise all."""
-    state = get_shortv_state(model)
+) -> list[dict[str, Any]]:
+    """Every sample's record (answers of both models, correctness, tokens, seconds), in sample order: those in
+    ``done``, and the others generated now, batch by batch, each batch appended to ``predictions_path``. Several
+    processes: each generates its part (`shortv.processes.share`) and all get every record."""
     todo = [sample for sample in samples if sample.id not in done]
-    with tqdm(total=len(samples), initial=len(samples) - len(todo), desc="evaluating", unit="sample",
-              disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
+    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="evaluating", unit="sample",
+               disable=not progress or not is_main_process())
+
+    def predict_part(part: Sequence[VQASample]) -> list[dict[str, Any]]:
+        lines = []
+        for start in range(0, len(part), batch_size):
+            batch = part[start : start + batch_size]
             answers, seconds = {}, {}
             for key in ("baseline", "shortv"):
                 with disable_shortv(model) if key == "baseline" else nullcontext():
                     began = time.perf_counter()
                     answers[key], tokens = generate_answers(model, processor, batch, max_new_tokens)
                     seconds[key] = (time.perf_counter() - began) / len(batch)
-            lines = []
+            batch_lines = []
             for index, sample in enumerate(batch):
                 record = {"id": sample.id, "type": sample.type, "answer": sample.answer, **tokens[index]}
                 for key in ("baseline", "shortv"):
                     record[key] = answers[key][index]
                     record[f"{key}_correct"] = is_correct(answers[key][index], sample)
                     record[f"{key}_seconds"] = seconds[key]
-                done[sample.id] = record
-                lines.append(record)
+                batch_lines.append(record)
             if predictions_path is not None:
-                append_records(predictions_path, lines)
+                append_records(predictions_path, batch_lines)
+            lines += batch_lines
             bar.update(len(batch))
+        return lines
 
-    records = [done[sample.id] for sample in samples]
+    with bar:
+        predicted = share(todo, predict_part)
+        bar.update(len(samples) - bar.n)  # the other processes' samples
+    records = {**done, **{record["id"]: record for record in predicted}}
+    return [records[sample.id] for sample in samples]
+
+
+def _summarize(model: Any, records: list[dict[str, Any]]) -> EvalSummary:
+    """Accuracy per model and type, agreement and the FLOPs ratio of the model's ShortV layers, over ``records``."""
+    state = get_shortv_state(model)
     dims = LayerDims.from_config(model.config)
     text_tokens = max(1, round(sum(r["text_tokens"] for r in records) / len(records)))
     visual_tokens = round(sum(r["visual_tokens"] for r in records) / len(records))
     per_type_counts: dict[str, int] = defaultdict(int)
     for record in records:
         per_type_counts[record["type"] or "all"] += 1
-    summary = EvalSummary(
+    return EvalSummary(
         num_samples=len(records),
         baseline=_scores(records, "baseline"),
         shortv=_scores(records, "shortv"),
@@ -271,7 +291,6 @@ def _evaluate(
         layers=list(state.config.layers),
         per_type_counts=dict(per_type_counts),
     )
-    return summary
 
 
 def evaluate_files(
@@ -287,6 +306,7 @@ def evaluate_files(
     resume: bool = False,
     seed: int = 0,
     dtype: str | None = None,
+    device_map: str | None = None,
     trust_remote_code: bool = False,
     allow_other_model: bool = False,
     progress: bool = True,
@@ -319,10 +339,10 @@ def evaluate_files(
 
         data = embedded_split_path("test")
     samples = subsample(read_jsonl(data, require_answer=True), num_samples, seed)
-    with exclusive_output(out_dir) as out_dir:
+    with main_holds(exclusive_output, out_dir) as out_dir:
         if not resume:
-            check_fresh(out_dir, (PREDICTIONS_FILE, *FINAL_FILES))
-        loaded, processor, model_id = load_model(source, dtype=dtype)
+            on_main(check_fresh, out_dir, (PREDICTIONS_FILE, *FINAL_FILES))
+        loaded, processor, model_id = load_model(source, dtype=dtype, device_map=process_device_map(device_map))
         metadata = {"data": str(Path(data).resolve()), "data_sha256": file_sha256(data), "seed": seed,
                     "num_samples_requested": num_samples}
         return evaluate(loaded, processor, samples, shortv_config, batch_size=batch_size,

@@ -4,8 +4,9 @@ a bad JSON file is named in its error.
 * `atomic_write_text` / `replaced_on_success`: write to a temporary file beside the target, then rename it over the
   target (``os.replace`` is atomic on POSIX and Windows), so a crash or a full disk never leaves a half-written
   ``lc.json``, ``shortv_config.json`` or ``summary.json``.
-* `exclusive_output`: a lock file in the folder (`filelock`), held for the whole run; a second process on the same
-  folder is refused at once instead of redoing all the work and writing every record twice.
+* `exclusive_output`: a lock file in the folder (`filelock`), held for the whole run (by its main process when the run
+  has several, `shortv.processes.main_holds`); a second run on the same folder is refused at once instead of redoing
+  all the work and writing every record twice.
 * `read_json`: a user's JSON file (UTF-8, with or without a byte-order mark); every error names the file and line.
 """
 

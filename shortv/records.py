@@ -4,11 +4,17 @@ A run folder holds the records (one JSON line per finished sample), a run file w
 the final outputs. `start_run` opens it: a fresh run refuses a folder that already holds results, and a resumed run
 refuses one whose settings differ (naming each difference), so two setups are never mixed. `append_records` first
 repairs a last line left half-written by a crash or a full disk, so later records never glue onto it.
+
+A run of several processes (`shortv.processes`) writes one records file per process, so that no two processes append
+to one file: process 0 the usual ``NAME.jsonl``, process ``k`` ``NAME.rank{k}.jsonl``. A run's records are the union
+of these files, whatever number of processes wrote them, so a resumed run with more or fewer processes skips exactly
+the finished samples. At the end, `merge_shards` folds them into ``NAME.jsonl`` in sample order.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,13 +76,53 @@ def append_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
         handle.flush()
 
 
+def shard_path(out_dir: Path, name: str, process: int) -> Path:
+    """The records file process ``process`` appends to: ``name`` itself for process 0 (and a single process)."""
+    path = out_dir / name
+    return path if process == 0 else path.with_name(f"{path.stem}.rank{process}{path.suffix}")
+
+
+def _shards(out_dir: Path, name: str) -> list[Path]:
+    """The existing shard files of processes 1, 2, ... beside ``name``, in process order."""
+    main = out_dir / name
+    pattern = re.compile(re.escape(main.stem) + r"\.rank([1-9][0-9]*)" + re.escape(main.suffix))
+    shards = {int(match[1]): path for path in out_dir.iterdir() if (match := pattern.fullmatch(path.name))}
+    return [shards[index] for index in sorted(shards)]
+
+
+def record_files(out_dir: Path, name: str) -> list[Path]:
+    """The existing records files of a run: ``name``, then the other processes' shards."""
+    return [path for path in (out_dir / name,) if path.exists()] + _shards(out_dir, name)
+
+
+def read_run_records(out_dir: Path, name: str) -> dict[str, dict[str, Any]]:
+    """Records by ``id`` from all of a run's records files (`read_records` of each)."""
+    records: dict[str, dict[str, Any]] = {}
+    for path in record_files(out_dir, name):
+        records.update(read_records(path))
+    return records
+
+
+def merge_shards(out_dir: Path, name: str, records: Sequence[dict[str, Any]]) -> None:
+    """After a run of several processes: all its ``records``, in sample order, become ``name`` (atomically) and the
+    other processes' shards go. A crash in between leaves records twice, which `read_run_records` reads as once. A
+    single process's file, with no shards beside it, stays as it was written."""
+    shards = _shards(out_dir, name)
+    if not shards:
+        return
+    atomic_write_text(out_dir / name, "".join(json.dumps(record, allow_nan=False) + "\n" for record in records))
+    for path in shards:
+        path.unlink()
+
+
 def _as_json(settings: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(settings)))  # tuples -> lists, keys -> str: compares equal to a reloaded run
 
 
 def check_fresh(out_dir: Path, names: Sequence[str]) -> None:
-    """Refuse to start a new run in a folder that holds any of ``names`` (a finished or interrupted run's files)."""
-    existing = [name for name in names if (out_dir / name).exists()]
+    """Refuse to start a new run in a folder that holds any of ``names`` or their shards (a finished or interrupted
+    run's files)."""
+    existing = [path.name for name in names for path in record_files(out_dir, name)]
     if existing:
         raise FileExistsError(
             f"{out_dir} already holds results ({', '.join(existing)}); pass --resume (resume=True) to continue "
@@ -98,7 +144,7 @@ def start_run(
     interrupted run's settings (``run_name``) must equal ``settings``; the message names every difference.
     The caller holds the folder's lock (`shortv.files.exclusive_output`).
     """
-    records_path, run_path = out_dir / records_name, out_dir / run_name
+    run_path = out_dir / run_name
     settings = _as_json(settings)
     if not resume:
         check_fresh(out_dir, (records_name, *outputs))
@@ -116,10 +162,10 @@ def start_run(
                 f"cannot resume {out_dir}: the interrupted run had other settings ({'; '.join(differences)}); "
                 "run with the same settings, or choose another output folder"
             )
-    elif records_path.exists():
+    elif existing := record_files(out_dir, records_name):
         raise ValueError(
-            f"cannot resume {out_dir}: {records_path} has no {run_name} recording the settings that made it; "
+            f"cannot resume {out_dir}: {existing[0]} has no {run_name} recording the settings that made it; "
             "choose another output folder"
         )
     atomic_write_text(run_path, json.dumps(settings, indent=1) + "\n")
-    return read_records(records_path) if resume else {}
+    return read_run_records(out_dir, records_name) if resume else {}

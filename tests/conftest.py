@@ -6,6 +6,8 @@
     SHORTV_TEST_DEVICE=cuda python -m pytest tests/test_parity.py
 
 ``tiny_llava_dir``: an untrained tiny LLaVA checkpoint folder (weights and processor), as a user's model folder is.
+
+``one_thread``: torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
 """
 
 from __future__ import annotations
@@ -39,3 +41,12 @@ def tiny_llava_dir(tmp_path_factory):
     build.build_model(seed=0).save_pretrained(folder)
     build.build_processor().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models gain nothing from threads, and on a shared, loaded CPU they make them ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

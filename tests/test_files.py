@@ -12,7 +12,7 @@ import pytest
 
 from shortv import LCResult, ShortVConfig, files
 from shortv.files import OutputBusyError, atomic_write_text, exclusive_output, read_json
-from shortv.records import append_records, read_records, start_run
+from shortv.records import append_records, merge_shards, read_records, record_files, shard_path, start_run
 
 
 @contextmanager
@@ -141,6 +141,28 @@ def test_start_run_names_each_changed_setting_and_needs_the_run_file(tmp_path):
     (tmp_path / "run.json").unlink()
     with pytest.raises(ValueError, match=r"records.jsonl has no run.json recording the settings"):
         start_run(tmp_path, "records.jsonl", "run.json", settings, resume=True)
+
+
+def test_records_of_several_processes_are_one_run_and_merge_in_sample_order(tmp_path):
+    settings = {"model_id": "/m"}
+    for process, ids in [(1, ["b"]), (10, ["e"]), (2, ["c", "d"])]:  # the main process recorded nothing yet
+        append_records(shard_path(tmp_path, "records.jsonl", process), [{"id": i} for i in ids])
+    names = ["records.rank1.jsonl", "records.rank2.jsonl", "records.rank10.jsonl"]
+    assert [path.name for path in record_files(tmp_path, "records.jsonl")] == names
+    with pytest.raises(ValueError, match=r"records.rank1.jsonl has no run.json recording the settings"):
+        start_run(tmp_path, "records.jsonl", "run.json", settings, resume=True)
+    with pytest.raises(FileExistsError, match=r"already holds results \(records.rank1.jsonl, records.rank2.jsonl"):
+        start_run(tmp_path, "records.jsonl", "run.json", settings, resume=False)
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    append_records(shard_path(tmp_path, "records.jsonl", 0), [{"id": "a"}])
+    assert sorted(start_run(tmp_path, "records.jsonl", "run.json", settings, resume=True)) == ["a", "b", "c", "d", "e"]
+
+    merge_shards(tmp_path, "records.jsonl", [{"id": i} for i in "abcde"])
+    assert record_files(tmp_path, "records.jsonl") == [tmp_path / "records.jsonl"]
+    assert list(read_records(tmp_path / "records.jsonl")) == list("abcde")
+    append_records(tmp_path / "records.jsonl", [{"id": "z"}])  # one process's file, no shards: left as written
+    merge_shards(tmp_path, "records.jsonl", [{"id": i} for i in "abcde"])
+    assert list(read_records(tmp_path / "records.jsonl")) == list("abcdez")
 
 
 def test_output_folder_that_is_a_file(tmp_path):

@@ -27,15 +27,7 @@ from shortv.tiny import build, synthetic  # noqa: E402
 TASK, SPLIT = "tiny_vqa", "test"
 LAYERS = [1, 3, 5, 7]
 GREEDY = {"max_new_tokens": 6, "temperature": 0, "do_sample": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and on a shared, loaded CPU they make it ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

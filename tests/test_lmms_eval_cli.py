@@ -1,8 +1,11 @@
-"""lmms-eval's own command line with ``--model shortv``, end to end, on a local task made from the embedded test split.
+"""lmms-eval's own command line with ``--model shortv``, end to end, on a local task made from the embedded test split,
+run as lmms-eval runs data-parallel: two processes (``torchrun``; on CPU the model's accelerator joins them as a gloo
+group), each answering its share of the questions.
 
 lmms-eval exits 0 even when a model crashes mid-evaluation, so the test reads the results it wrote: every question
-answered, each answer the one `shortv eval`'s generation gives with the same ShortV layers, and the metric agreeing.
-Needs the CLI's install (README, "lmms-eval": ``.[lmms-eval-cpu]`` and ``--no-deps lmms-eval==0.7.3``).
+answered once, each answer the one `shortv eval`'s generation gives in one process with the same ShortV layers, and
+the metric agreeing. Needs the CLI's install (README, "lmms-eval": ``.[lmms-eval-cpu]`` and ``--no-deps
+lmms-eval==0.7.3``). The single-process model is tested in ``test_lmms_eval.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+import shortv
+
 pytest.importorskip("lmms_eval")
 
 from shortv import ShortVConfig, apply_shortv  # noqa: E402
@@ -26,6 +31,7 @@ from shortv.tiny import embedded_split_path, load_embedded  # noqa: E402
 QUESTIONS = 8
 LAYERS = [6, 7, 8, 9, 10, 11]
 TASK = "shortv_tiny_vqa"
+REPO = Path(shortv.__file__).resolve().parents[1]
 
 TASK_YAML = """\
 task: {task}
@@ -84,16 +90,17 @@ def expected_answers(samples) -> list[str]:
     return generate_answers(model, processor, samples, max_new_tokens=8)[0]
 
 
-def test_lmms_eval_cli_runs_shortv_on_a_local_task(tmp_path):
+def test_lmms_eval_cli_runs_shortv_in_two_processes_on_a_local_task(tmp_path):
     samples = read_jsonl(embedded_split_path("test"), require_answer=True)[:QUESTIONS]
     (tmp_path / "task").mkdir()
     task_dir = write_task(tmp_path / "task", samples)
     config = ShortVConfig(LAYERS).save(tmp_path / "shortv_config.json")
     out = tmp_path / "results"
-    cli = Path(sys.executable).with_name("lmms-eval")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf"),
-           "TOKENIZERS_PARALLELISM": "false"}
-    command = [str(cli), "--model", "shortv", "--model_args", f"shortv_config={config},device=cpu",
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmms_eval",
+               "--model", "shortv", "--model_args", f"shortv_config={config},device=cpu",
                "--tasks", TASK, "--include_path", str(task_dir), "--batch_size", "4",
                "--output_path", str(out), "--log_samples"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
@@ -105,7 +112,8 @@ def test_lmms_eval_cli_runs_shortv_on_a_local_task(tmp_path):
     assert results["n-samples"][TASK] == {"original": QUESTIONS, "effective": QUESTIONS}, log
     [samples_file] = out.rglob(f"*_samples_{TASK}.jsonl")
     logged = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda r: r["doc_id"])
-    assert [record["doc_id"] for record in logged] == list(range(QUESTIONS)), log  # every question answered
+    assert [record["doc_id"] for record in logged] == list(range(QUESTIONS)), log  # every question answered once
+    assert "Running on rank 1" in run.stdout + run.stderr  # by two processes
 
     expected = expected_answers(samples)
     answers = [record["filtered_resps"] for record in logged]

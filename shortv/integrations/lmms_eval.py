@@ -35,19 +35,22 @@ unless a task's ``temperature`` is > 0. ``until`` stop strings cut the answer at
 generating that answer early). Only ``generate_until`` is implemented: likelihood-scored multiple-choice tasks
 (``loglikelihood``) and multi-round tasks raise `NotImplementedError`.
 
-Data-parallel runs (``accelerate launch -m lmms_eval ...`` or ``torchrun``) put one copy of the model on each
-process's ``cuda:LOCAL_RANK``; lmms-eval splits the requests between processes.
+Data-parallel runs (``accelerate launch --multi_gpu -m lmms_eval ...``, or ``torchrun --nproc_per_node N -m
+lmms_eval ...``, also on CPU) work as with lmms-eval's own models: the model's ``accelerator`` joins the process group
+(gloo when the device is the CPU), each process puts a whole copy of the model on its own device (``cuda:LOCAL_RANK``,
+or the CPU) and lmms-eval gives each its share of the requests by ``rank`` and ``world_size``, then gathers the
+answers. ``device_map`` is for a single process.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 try:
     from lmms_eval.api.model import lmms
@@ -293,9 +296,19 @@ class _ShortVModel(lmms):
         if torch_dtype is not None and dtype is None:
             dtype = torch_dtype
 
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if world_size > 1:
-            self._rank, self._world_size = int(os.environ.get("RANK", 0)), world_size
+        device = self._pick_device(device)
+        # As lmms-eval's own models: an Accelerator, whose process group lmms-eval uses too (gloo for CPU processes).
+        # Each process holds a whole copy of the model and answers its share of the requests (rank of world_size).
+        self.accelerator = Accelerator(cpu=device.type == "cpu")
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        if self._world_size > 1 and not _is_none(device_map):
+            raise ValueError(
+                f"device_map={device_map} spreads one model over all the devices a process sees, but this launch has "
+                f"{self._world_size} processes, each with its own copy; drop device_map, or run one process"
+            )
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", self.accelerator.local_process_index if self._world_size > 1
+                                  else torch.cuda.current_device())
         source = resolve_model(pretrained, trust_remote_code)
         if self.shortv_config is not None:  # a file made for another model would freeze the wrong layers
             where = next((str(v) for v in (shortv_config, lc) if not _is_none(v)), "the ShortV preset")
@@ -305,7 +318,7 @@ class _ShortVModel(lmms):
             attn_implementation=attn_implementation,
         )
         if _is_none(device_map):
-            model.to(self._pick_device(device))
+            model.to(device)
         self._device = model.get_input_embeddings().weight.device
         if self.shortv_config is not None:
             apply_shortv(model, self.shortv_config)
@@ -331,13 +344,10 @@ class _ShortVModel(lmms):
 
     @staticmethod
     def _pick_device(device: str | None) -> torch.device:
+        """``device``, or the GPU when there is one (which GPU: see ``__init__``), else the CPU."""
         if _is_none(device):
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        chosen = torch.device(device)
-        if chosen.type == "cuda" and chosen.index is None:
-            local_rank = int(os.environ.get("LOCAL_RANK", 0)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
-            chosen = torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
-        return chosen
+        return torch.device(device)
 
     # lmms-eval reads these ------------------------------------------------------------------------------------
     @property
