@@ -4,7 +4,7 @@ prefill of the baseline and of ShortV.
     python benchmarks/bench_compile.py                                  # llava-1.5-7b, first 5 layers, 3 of them frozen
     python benchmarks/bench_compile.py --shape qwen2-vl-7b --layers 5 --threads 2 --out benchmarks/results/compile.json
 
-Three measurements, all on one random-weight prefix of the shape (bf16, 576 visual + 64 text tokens, batch 1):
+Three measurements, all on one random-weight prefix of the shape (``--dtype``, 576 visual + 64 text tokens, batch 1):
 
 1. ``torch._dynamo.explain`` of the unpatched and the patched model: graphs and graph-break reasons.
 2. Recompiles: ``--prompts`` prompts whose text/visual split and length all differ, through one compiled patched
@@ -64,16 +64,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
+                        help="fp32 on CPUs without native bf16 GEMMs (no AMX / avx512_bf16)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     config, selection = shape_shortv_config(args.shape, args.layers, proportional=True)
-    model = build_shape_model(args.shape, num_layers=args.layers, dtype=torch.bfloat16).eval()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = build_shape_model(args.shape, num_layers=args.layers, dtype=dtype).eval()
     inputs = causal_lm_inputs(1, args.text_tokens, args.visual_tokens, model.config.vocab_size)
     kwargs = {**inputs.kwargs, "use_cache": False, "logits_to_keep": 1}
-    report = {"shape": args.shape, "layers": args.layers, "shortv_layers": sorted(config.layers),
+    report = {"shape": args.shape, "layers": args.layers, "dtype": args.dtype, "shortv_layers": sorted(config.layers),
               "selection": selection, "machine": machine_info("cpu")}
 
     report["explain_unpatched"] = explain(model, kwargs)
