@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from markdown_report import emit_report, machine_line
-from shortv.bench import paper_n
+from shortv.benchmark import paper_n
 from shortv.flops import get_shape, layer_projections, projection_rows
+from shortv.loading import DTYPES
 
 POOL_BYTES = 768 * 2**20  # beyond any last-level cache of the machines we run on
 
@@ -65,6 +66,8 @@ def main() -> int:
                         help="extra row counts for the curve (the text and all-token counts are always timed)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+                        help="bf16 where the CPU has native bf16 GEMMs (AMX); fp32 on CPUs that emulate bf16")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args()
     if args.threads:
@@ -78,7 +81,7 @@ def main() -> int:
     seconds = {
         (name, n): value
         for name, (fan_in, fan_out) in projections.items()
-        for n, value in time_projection(fan_in, fan_out, rows, args.repeats, torch.bfloat16).items()
+        for n, value in time_projection(fan_in, fan_out, rows, args.repeats, DTYPES[args.dtype]).items()
     }
 
     def flops(name: str, n: int) -> float:
@@ -101,10 +104,11 @@ def main() -> int:
         return layers / ((layers - frozen_layers) + frozen_layers / layer_speedup)
 
     lines = [
-        f"# Projection GEMMs by row count: {args.shape}, bf16, CPU",
+        f"# Projection GEMMs by row count: {args.shape}, {args.dtype}, CPU",
         "",
         machine_line(),
-        f"Command: `python benchmarks/bench_projection_rows.py --shape {args.shape} --threads {args.threads}`. "
+        f"Command: `python benchmarks/bench_projection_rows.py --shape {args.shape} --threads {args.threads} "
+        f"--dtype {args.dtype}`. "
         f"Weights cycled through a {POOL_BYTES >> 20} MiB pool per projection; median of {args.repeats} passes.",
         "",
         "Throughput of one decoder layer's projections (all seven together) by rows per GEMM:",
@@ -112,7 +116,8 @@ def main() -> int:
         "| rows | ms | TFLOP/s | weight GB/s |",
         "|---|---|---|---|",
     ]
-    weight_bytes = sum(fan_in * fan_out * 2 for fan_in, fan_out in projections.values())
+    element_bytes = torch.finfo(DTYPES[args.dtype]).bits // 8
+    weight_bytes = sum(fan_in * fan_out * element_bytes for fan_in, fan_out in projections.values())
     for n in rows:
         total = sum(seconds[name, n] for name in projections)
         marks = " (text tokens)" if n == t else " (all tokens)" if n == t + v else ""

@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shortv.bench import MMAP_THRESHOLD_ENV, BenchResult, bench_shape, machine_info, paper_n, to_markdown
+from shortv.benchmark import MMAP_THRESHOLD_ENV, BenchResult, bench_shape, machine_info, paper_n, to_markdown
 from shortv.flops import get_shape
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,22 +100,7 @@ def memory_pass(args: argparse.Namespace, prefix: int, n: int) -> BenchResult:
         print(f"memory pass: {MMAP_THRESHOLD_ENV}=65536, 2 repetitions ...", flush=True)
         subprocess.run(command, check=True, env={**os.environ, MMAP_THRESHOLD_ENV: "65536"}, stdout=subprocess.DEVNULL)
         data = json.loads(out.read_text())
-    return _result_from_dict(data)
-
-
-def _result_from_dict(data: dict) -> BenchResult:
-    from shortv.bench import Stats, VariantMetrics
-
-    def stats(value: dict | None) -> Stats | None:
-        return None if value is None else Stats(**value)
-
-    def variant(value: dict) -> VariantMetrics:
-        return VariantMetrics(**{key: stats(item) for key, item in value.items()})
-
-    fields = dict(data)
-    fields["baseline"], fields["shortv"] = variant(data["baseline"]), variant(data["shortv"])
-    fields["prefill_speedup_paired"] = stats(data["prefill_speedup_paired"])
-    return BenchResult(**fields)
+    return BenchResult.from_dict(data)
 
 
 def memory_markdown(memory: BenchResult) -> str:

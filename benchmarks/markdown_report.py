@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shortv.bench import machine_info
+from shortv.benchmark import machine_info
 
 
 def machine_line() -> str:

@@ -1,7 +1,7 @@
 """Where a ShortV (frozen) decoder layer spends its prefill time, next to a dense one, at a paper model's real dims.
 
 Builds a 2-layer shape model, captures the inputs of layer 1 in an ordinary forward, then times that layer's
-dense forward and its fast frozen forward (`shortv.frozen.llama.fast_frozen_forward`) on the same inputs,
+dense forward and its fast frozen forward (`shortv.frozen.prenorm`) on the same inputs,
 interleaved, and profiles both with torch.profiler. Op time is grouped into:
 
 * projections over all tokens (the K/V projections of a frozen layer; every projection of a dense one),
@@ -27,11 +27,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from markdown_report import emit_report, machine_line
-from shortv.bench import paper_n
+from shortv.benchmark import paper_n
 from shortv.flops import LayerDims, get_shape, layer_flops
-from shortv.frozen import llama as fast
 from shortv.layout import TokenLayout
-from shortv.shapes import build_shape_model, make_token_layout
+from shortv.benchmark.shapes import build_shape_model, make_token_layout
+from shortv.registry import fast_layer_for
 
 BOOKKEEPING = {
     "aten::index", "aten::index_put_", "aten::_index_put_impl_", "aten::gather", "aten::clone", "aten::zeros",
@@ -91,6 +91,7 @@ def main() -> int:
     ids, mask = make_token_layout(1, args.text_tokens, args.visual_tokens, vocab_size=model.config.vocab_size)
     hidden, kwargs = capture_layer_inputs(model, ids, 1)
     layer = model.model.layers[1]
+    fast = fast_layer_for(model)
     layout = TokenLayout.from_visual_mask(mask)
     dense_forward = type(layer).forward
     seq = ids.shape[1]

@@ -7,9 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from .config import ShortVConfig
-from .contribution import LCResult, layer_contribution
-from .data import CalibrationSamples, read_jsonl, subsample
-from .loading import load_model
+from .contribution import DIVERGENCES, SAMPLES_FILE, LCResult, layer_contribution
+from .data import POSITIONS, CalibrationSamples, check_context, file_sha256, read_jsonl, subsample
+from .files import exclusive_output, replaced_on_success
+from .loading import context_length, load_model, model_id_of, resolve_model
+from .processes import is_main_process, main_holds, on_main, process_device_map
+from .records import check_fresh
+from .registry import find_decoder_layers
 from .selection import select_layers
 
 LC_FILE = "lc.json"
@@ -54,37 +58,63 @@ def calibrate(
     plot: bool = True,
     processor: Any = None,
     model_id: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Calibration:
     """Calibrate LC on ``data`` (default: the embedded model's calib split) and write lc.json, config and plot.
 
-    ``model`` is a path/hub id (or None for the embedded model), or an already loaded model with ``processor``.
+    ``model`` is a path/hub id (or None for the embedded model), or an already loaded model with ``processor``
+    (``model_id`` defaults to the folder or hub id it was loaded from).
+    Everything is checked before the model runs: the data (every line, every image), ``n`` against the layer count,
+    the output folder (not in use by another process, no earlier results unless ``resume``) and every input's length.
+    Under a distributed launcher each process loads its own copy of the model and computes its share of the samples
+    (`shortv.processes`); every process returns the whole result, and the main process writes the files.
     """
-    if model is None or isinstance(model, (str, Path)):
-        model, processor, model_id = load_model(model, dtype=dtype, device_map=device_map)
-    elif processor is None:
-        raise ValueError("a loaded model needs its processor (processor=...)")
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
     if data is None:
         from .tiny import embedded_split_path
 
         data = embedded_split_path("calib")
     samples = subsample(read_jsonl(data, require_answer=position == "answer"), num_samples, seed)
-    out_dir = Path(out_dir)
-    lc = layer_contribution(
-        model,
-        CalibrationSamples(processor, samples, position=position),
-        divergence=divergence,
-        model_id=model_id,
-        out_dir=out_dir,
-        resume=resume,
-        progress=progress,
-        metadata={"data": str(data), "position": position, "seed": seed, "num_samples_requested": num_samples},
-    )
-    lc.save(out_dir / LC_FILE)
-    config = select_layers(lc, n=default_n(lc.num_layers) if n is None else n)
-    config.provenance["lc"] = str(out_dir / LC_FILE)
-    config.save(out_dir / CONFIG_FILE)
-    if plot:
-        from .plots import plot_layer_contribution
+    if model is None or isinstance(model, (str, Path)):
+        source = resolve_model(model, trust_remote_code)
+        num_layers, model_id = source.num_layers, source.model_id
+    elif processor is None:
+        raise ValueError("a loaded model needs its processor (processor=...)")
+    else:
+        source, num_layers = None, len(find_decoder_layers(model))
+        model_id = model_id or model_id_of(model)
+    n = default_n(num_layers) if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= num_layers:
+        raise ValueError(f"n must be in 0..{num_layers} (the model's decoder layers), got {n!r}")
 
-        plot_layer_contribution(lc, out_dir / PLOT_FILE, chosen=config.layers)
+    with main_holds(exclusive_output, out_dir) as out_dir:  # several processes: the main one writes the results
+        if not resume:
+            on_main(check_fresh, out_dir, (SAMPLES_FILE, LC_FILE, CONFIG_FILE))
+        if source is not None:
+            model, processor, model_id = load_model(source, dtype=dtype, device_map=process_device_map(device_map))
+        check_context(processor, samples, context_length(model.config), with_answer=position == "answer")
+        lc = layer_contribution(
+            model,
+            CalibrationSamples(processor, samples, position=position),
+            divergence=divergence,
+            model_id=model_id,
+            out_dir=out_dir,
+            resume=resume,
+            progress=progress,
+            metadata={"data": str(Path(data).resolve()), "data_sha256": file_sha256(data), "position": position,
+                      "seed": seed, "num_samples_requested": num_samples},
+        )
+        config = select_layers(lc, n=n)
+        config.provenance["lc"] = str(out_dir / LC_FILE)
+        if is_main_process():
+            lc.save(out_dir / LC_FILE)
+            config.save(out_dir / CONFIG_FILE)
+            if plot:
+                from .plots import plot_layer_contribution
+
+                with replaced_on_success(out_dir / PLOT_FILE) as plot_path:
+                    plot_layer_contribution(lc, plot_path, chosen=config.layers)
     return Calibration(lc=lc, config=config, out_dir=out_dir)

@@ -20,6 +20,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the terminal width
+
+#: Options shared by the commands that load a checkpoint.
+TrustRemoteCode = Annotated[bool, typer.Option(
+    help="Let the model folder or hub repo run its own Python code (transformers' trust_remote_code). Only for "
+    "sources you trust; off by default.")]
 
 
 @app.callback()
@@ -28,8 +34,8 @@ def _main() -> None:
 
 
 def fail(message: str) -> typer.Exit:
-    """Print an error and return the exit to raise: ``raise fail("...")``."""
-    console.print(f"[bold red]error:[/] {escape(message)}")
+    """Print an error (one ``error:`` line on stderr) and return the exit to raise: ``raise fail("...")``."""
+    errors.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}")
     return typer.Exit(code=1)
 
 
@@ -41,14 +47,17 @@ def load_config_option(path: Optional[Path]):  # noqa: ANN201 - ShortVConfig, im
 
     if not path.is_file():
         raise fail(f"config file not found: {path}")
-    return ShortVConfig.load(path)
+    try:
+        return ShortVConfig.load(path)
+    except (ValueError, OSError) as error:
+        raise fail(str(error)) from None
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # bench
 # ------------------------------------------------------------------------------------------------------------------
-def _print_bench(result) -> None:  # noqa: ANN001 - shortv.bench.BenchResult
-    from shortv.bench import layers_line, speedup_lines, summary_rows
+def _print_bench(result) -> None:  # noqa: ANN001 - shortv.benchmark.BenchResult
+    from shortv.benchmark import layers_line, speedup_lines, summary_rows
 
     table = Table(title=f"ShortV benchmark: {result.model}", title_justify="left")
     for column in ("metric", "baseline", "ShortV", "ShortV vs baseline"):
@@ -105,10 +114,14 @@ def bench(
 
     Without --model or --shape, benchmarks the embedded tiny LLaVA.
     """
-    from shortv import bench as bench_lib
+    from shortv import benchmark as bench_lib
 
     if model is not None and shape is not None:
         raise fail("give either --model or --shape, not both")
+    if model is not None and not (Path(model).expanduser() / "config.json").is_file():
+        raise fail(f"model not found: {model} is not a local checkpoint folder (with config.json)")
+    if out is not None and out.is_dir():
+        raise fail(f"--out {out} is a folder; give the JSON file to write")
     if shape is None and (layers is not None or proportional):
         raise fail("--layers and --proportional apply to --shape only")
     shortv_config = load_config_option(config)
@@ -150,7 +163,8 @@ def calibrate(
         "shortv_calibration"
     ),
     n: Annotated[
-        Optional[int], typer.Option("--n", help="ShortV layers in shortv_config.json (default: 19/32 of the depth).")
+        Optional[int],
+        typer.Option("--n", "-n", help="ShortV layers in shortv_config.json (default: 19/32 of the depth)."),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
     position: Annotated[str, typer.Option(help="last_prompt (paper) or answer (teacher-forced answer tokens).")] = (
@@ -159,18 +173,25 @@ def calibrate(
     divergence: Annotated[str, typer.Option(help="kl (paper: KL(P_frozen || P)), kl_reversed or js.")] = "kl",
     seed: Annotated[int, typer.Option(help="Seed of the subsample.")] = 0,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (LC is computed in fp32).")] = None,
-    device_map: Annotated[Optional[str], typer.Option(help="accelerate device map, e.g. auto.")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help="accelerate device map, e.g. auto or cuda.")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Measure Layer Contribution of every decoder layer and pick the ShortV layers."""
+    """Measure Layer Contribution of every decoder layer and pick the ShortV layers.
+
+    Under torchrun or accelerate launch, the processes share the samples.
+    """
     from shortv.calibrate import calibrate as run_calibration
+    from shortv.processes import is_main_process
 
     try:
         result = run_calibration(
             model, data=data, out_dir=out, num_samples=num_samples, n=n, resume=resume, position=position,
-            divergence=divergence, seed=seed, dtype=dtype, device_map=device_map,
+            divergence=divergence, seed=seed, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
         )
     except (ValueError, OSError) as error:
         raise fail(str(error)) from error
+    if not is_main_process():  # a multi-process run: the main process reports
+        return
     chosen = set(result.config.layers)
     table = Table(title=f"Layer Contribution ({len(result.lc.sample_ids)} samples, {divergence})", title_justify="left")
     for column in ("layer", "visual LC", "text LC", "rank", "ShortV"):
@@ -191,7 +212,9 @@ def evaluate_command(
     model: Annotated[Optional[str], typer.Option(help="Local folder or hub id (default: the embedded tiny LLaVA).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="VQA JSONL with answers (default: embedded test split).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="shortv_config.json to evaluate.")] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="With --lc: freeze the first N layers of the order.")] = None,
+    n: Annotated[
+        Optional[int], typer.Option("--n", "-n", help="With --lc: freeze the first N layers of the order.")
+    ] = None,
     lc: Annotated[Optional[Path], typer.Option(help="lc.json from shortv calibrate (with --n).")] = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Seeded subsample of the data.", min=1)] = None,
     batch_size: Annotated[int, typer.Option(help="Generation batch size (left padding).", min=1)] = 8,
@@ -202,27 +225,28 @@ def evaluate_command(
     resume: Annotated[bool, typer.Option(help="Continue from an interrupted run's predictions.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the subsample.")] = 0,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16.")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help="accelerate device map, e.g. auto or cuda.")] = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_other_model: Annotated[bool, typer.Option(
+        help="Accept a --config/--lc file recorded for another model id (same layer count).")] = False,
 ) -> None:
-    """Accuracy of the unpatched model vs ShortV on the same samples, side by side."""
-    from shortv.data import read_jsonl, subsample
-    from shortv.evaluation import evaluate
-    from shortv.loading import load_model
-    from shortv.selection import select_layers
+    """Accuracy of the unpatched model vs ShortV on the same samples, side by side.
 
-    if (config is None) == (lc is None) or (lc is not None and n is None):
-        raise fail("give either --config FILE or --lc FILE with --n N")
+    Under torchrun or accelerate launch, the processes share the samples.
+    """
+    from shortv.evaluation import evaluate_files
+    from shortv.processes import is_main_process
+
     try:
-        shortv_config = load_config_option(config) if config is not None else select_layers(lc, n=n)
-        if data is None:
-            from shortv.tiny import embedded_split_path
-
-            data = embedded_split_path("test")
-        samples = subsample(read_jsonl(data, require_answer=True), num_samples, seed)
-        loaded, processor, _ = load_model(model, dtype=dtype)
-        summary = evaluate(loaded, processor, samples, shortv_config, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, out_dir=out, resume=resume)
+        summary = evaluate_files(
+            model, data=data, config=config, lc=lc, n=n, num_samples=num_samples, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, out_dir=out, resume=resume, seed=seed, dtype=dtype, device_map=device_map,
+            trust_remote_code=trust_remote_code, allow_other_model=allow_other_model,
+        )
     except (ValueError, OSError) as error:
         raise fail(str(error)) from error
+    if not is_main_process():  # a multi-process run: the main process reports
+        return
     console.print(summary.markdown())
     console.print(f"wrote {out / 'predictions.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}")
 
@@ -242,8 +266,14 @@ def demo(
 ) -> None:
     """The method and the paper's ablation on the embedded tiny LLaVA: LC, layer selections, FLOPs, speed, report."""
     from shortv.demo import run_demo
+    from shortv.loading import resolve_model
 
     try:
+        num_layers = resolve_model(None).num_layers if n else 0
+        outside = [value for value in n or () if not 1 <= value <= num_layers]
+        if outside:
+            raise ValueError(f"--n {outside[0]}: the embedded model has {num_layers} decoder layers; "
+                             f"give N in 1..{num_layers}")
         report = run_demo(out, num_calib=num_calib, num_test=num_test, ns=tuple(n) if n else None,
                           batch_size=batch_size, seed=seed, speed_repeats=speed_repeats)
     except (ValueError, OSError) as error:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .files import atomic_write_text, read_json
 
 CONFIG_FORMAT_VERSION = 1
 MODES = ("fast", "reference")
@@ -33,6 +36,22 @@ PRESET_ALIASES = {
 }
 
 
+def _layer_index(value: Any) -> int:
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # int, numpy integers, 0-d integer tensors; numpy's bool refuses too
+        except TypeError:
+            pass
+    raise TypeError(f"ShortVConfig.layers must contain integers, got {value!r} ({type(value).__name__})")
+
+
+def layer_list(layers: Any) -> list[int]:
+    """``layers`` (a list, tuple, range, numpy array or any iterable of integers) as a list of Python ints."""
+    if isinstance(layers, (str, bytes, dict)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"ShortVConfig.layers must be a list of layer indices, got {layers!r}")
+    return [_layer_index(value) for value in layers]
+
+
 @dataclass
 class ShortVConfig:
     """Which decoder layers are ShortV layers (visual tokens frozen) and which implementation runs them.
@@ -51,13 +70,9 @@ class ShortVConfig:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
-            raise TypeError(f"ShortVConfig.layers must be a list of layer indices, got {self.layers!r}")
-        layers = list(self.layers)
+        layers = layer_list(self.layers)
         seen: set[int] = set()
         for index in layers:
-            if isinstance(index, bool) or not isinstance(index, int):
-                raise TypeError(f"ShortVConfig.layers must contain integers, got {index!r} ({type(index).__name__})")
             if index < 0:
                 raise ValueError(f"ShortVConfig.layers must be >= 0 (decoder layer indices), got {index}")
             if index in seen:
@@ -89,27 +104,33 @@ class ShortVConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShortVConfig:
+        """From the JSON form; ``layers`` is required (``[]`` for a config that freezes nothing)."""
         if not isinstance(data, dict):
             raise TypeError(f"a ShortV config must be a JSON object, got {type(data).__name__}")
         unknown = set(data) - {"layers", "mode", "frozen_tokens", "version", "provenance"}
         if unknown:
             raise ValueError(f"unknown ShortV config field(s): {sorted(unknown)}")
+        if "layers" not in data:
+            raise ValueError('a ShortV config needs "layers" (the decoder layers to freeze, [] for none)')
         return cls(**data)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        """Write the JSON form atomically (a crash never leaves half a file)."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ShortVConfig:
-        path = Path(path)
+        """Read a saved config; every problem is a ValueError (or FileNotFoundError) naming the file."""
+        data = read_json(path)
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: not a ShortV config: {error}") from None
+
+    @classmethod
+    def coerce(cls, config_or_layers: Any) -> ShortVConfig:
+        """A ShortVConfig as is; a list (tuple, range, numpy array...) of layer indices as ``ShortVConfig(layers)``."""
+        return config_or_layers if isinstance(config_or_layers, cls) else cls(layers=config_or_layers)
 
     @classmethod
     def from_preset(cls, name: str, n: int | None = None, mode: str = "fast") -> ShortVConfig:

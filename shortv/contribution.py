@@ -9,15 +9,16 @@ Efficient and exact: one unmodified pass captures every layer's input and call a
 extra work at layer ``l`` (the frozen output is the captured input/output pair, mixed by the token mask), so it
 replays only layers ``l+1..L-1``; variants are batched together, and the last layer computes only the query
 positions that are scored. Per sample that is about ``L*L`` layer evaluations against ``2*L*(L+1)`` for the naive
-method (one full forward per variant).
+method (one full forward per variant). Updates a family makes between layers, outside them (Qwen3-VL's DeepStack
+adds vision features after the first layers), are recorded in the capture pass and replayed after the same layers.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .frozen import llama as llama_fast
+from .files import atomic_write_text, exclusive_output, read_json
 from .layout import TokenLayout
 from .loading import inputs_for
 from .patch import disable_shortv, get_shortv_state
-from .records import append_records, read_records
-from .registry import architecture_for, find_decoder_layers, find_final_norm, visual_token_ids
+from .placement import execution_device
+from .processes import is_main_process, main_holds, on_main, process_count, process_index, share
+from .records import append_records, merge_shards, shard_path, start_run
+from .registry import fast_layer_for, find_decoder_layers, find_final_norm, find_inter_layer_update, visual_token_ids
 
 TOKEN_TYPES = ("visual", "text")
 DIVERGENCES = ("kl", "kl_reversed", "js")
@@ -67,6 +70,17 @@ class LCResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     version: int = LC_FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        """Shapes agree and every value is a finite number, so no NaN is ever saved or ranked."""
+        for token_type, rows in self.per_sample.items():
+            if len(rows) != len(self.sample_ids):
+                raise ValueError(f"{len(rows)} rows of {token_type} LC for {len(self.sample_ids)} sample ids")
+            for sample_id, row in zip(self.sample_ids, rows):
+                if len(row) != self.num_layers:
+                    raise ValueError(f"sample {sample_id!r}: {len(row)} {token_type} LC values for {self.num_layers} layers")
+                if not all(math.isfinite(value) for value in row):
+                    raise ValueError(f"sample {sample_id!r}: {token_type} LC is not finite: {row}")
+
     @property
     def mean(self) -> dict[str, list[float]]:
         """Arithmetic mean over samples, per token type and layer."""
@@ -79,7 +93,11 @@ class LCResult:
 
     @property
     def order(self) -> list[int]:
-        """Layers by ascending mean visual LC (ties: lower index first); ShortV takes a prefix of this."""
+        """Layers by ascending mean visual LC; ShortV takes a prefix of this.
+
+        Ties (equal means, e.g. the exact zeros of layers whose visual updates nothing downstream reads) go to the
+        lower layer index first, so the order is a pure function of the numbers.
+        """
         if "visual" not in self.per_sample:
             raise ValueError("the ShortV order needs visual LC; this result has only " + ", ".join(self.token_types))
         visual = self.mean["visual"]
@@ -99,43 +117,50 @@ class LCResult:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        """Write the JSON form atomically (strict JSON: values are finite by construction)."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LCResult:
-        data = json.loads(Path(path).read_text())
-        if data.get("version") != LC_FORMAT_VERSION:
-            raise ValueError(f"{path}: LC format version {data.get('version')!r} is not supported")
-        return cls(
-            num_layers=data["num_layers"],
-            token_types=tuple(data["token_types"]),
-            sample_ids=list(data["sample_ids"]),
-            per_sample={key: [list(map(float, row)) for row in rows] for key, rows in data["per_sample"].items()},
-            model_id=data.get("model_id"),
-            metadata=data.get("metadata", {}),
-        )
+        """Read an ``lc.json``; every problem is a ValueError (or FileNotFoundError) naming the file."""
+        data = read_json(path)
+        try:
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+            if data.get("version") != LC_FORMAT_VERSION:
+                raise ValueError(f"LC format version {data.get('version')!r} is not supported")
+            missing = [key for key in ("num_layers", "token_types", "sample_ids", "per_sample") if key not in data]
+            if missing:
+                raise KeyError(", ".join(missing))
+            return cls(
+                num_layers=int(data["num_layers"]),
+                token_types=tuple(data["token_types"]),
+                sample_ids=list(data["sample_ids"]),
+                per_sample={key: [list(map(float, row)) for row in rows] for key, rows in data["per_sample"].items()},
+                model_id=data.get("model_id"),
+                metadata=dict(data.get("metadata") or {}),
+            )
+        except KeyError as error:
+            raise ValueError(f"{path}: not an LC file from shortv calibrate (missing {error.args[0]})") from None
+        except (TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{path}: not an LC file from shortv calibrate: {error}") from None
 
 
 def divergence_between(log_variant: torch.Tensor, log_original: torch.Tensor, kind: str) -> torch.Tensor:
-    """Divergence per row of two log-distributions over the vocabulary (last dim), in fp32."""
+    """Divergence per row of two log-distributions over the vocabulary (last dim), in fp32.
+
+    KL and JS are >= 0, but summed in fp32 over a vocabulary two nearly equal distributions can give about -1e-7;
+    such rounding is clamped to 0, so an LC is never negative.
+    """
     log_variant, log_original = log_variant.float(), log_original.float()
     if kind == "kl":  # KL(P_variant || P_original), the paper's code: kl_div(log P_original, P_variant)
-        return (log_variant.exp() * (log_variant - log_original)).sum(-1)
+        return (log_variant.exp() * (log_variant - log_original)).sum(-1).clamp_min(0.0)
     if kind == "kl_reversed":
-        return (log_original.exp() * (log_original - log_variant)).sum(-1)
+        return (log_original.exp() * (log_original - log_variant)).sum(-1).clamp_min(0.0)
     if kind == "js":
         log_mix = torch.logaddexp(log_variant, log_original) - math.log(2.0)
         return 0.5 * (divergence_between(log_variant, log_mix, "kl") + divergence_between(log_original, log_mix, "kl"))
     raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCES}")
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for parameter in module.parameters():
-        return parameter.device
-    return torch.device("cpu")
 
 
 def _repeat_batch(value: Any, copies: int, device: torch.device) -> Any:
@@ -158,8 +183,8 @@ class _Scorer:
             raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to score with")
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = hidden[:, positions].to(_device_of(self.norm))
-        logits = self.head(self.norm(hidden).to(_device_of(self.head)))
+        hidden = hidden[:, positions].to(execution_device(self.norm))
+        logits = self.head(self.norm(hidden).to(execution_device(self.head)))
         return torch.log_softmax(logits.float(), dim=-1)
 
 
@@ -167,6 +192,44 @@ class _Scorer:
 class _Capture:
     inputs: list[tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=list)
     last_output: torch.Tensor | None = None
+    #: Between-layer updates (registry `inter_layer_update`, e.g. DeepStack): after layer i, the calls' extra
+    #: arguments, and layer i's own output (which differs from layer i+1's input by those updates).
+    updates: dict[int, list[tuple[tuple, dict[str, Any]]]] = field(default_factory=dict)
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    update: Any = None  # the (unpatched) bound update method
+
+    def apply_updates(self, layer: int, states: torch.Tensor) -> torch.Tensor:
+        """``states`` (any number of variants of the sample) after the updates the model made after ``layer``."""
+        for args, kwargs in self.updates.get(layer, ()):
+            states = torch.cat([self.update(states[row : row + 1], *args, **kwargs) for row in range(len(states))])
+        return states
+
+
+@contextmanager
+def _recording_updates(model: nn.Module, capture: _Capture) -> Iterator[None]:
+    """Record every call of the family's between-layer update, with the index of the layer it follows."""
+    found = find_inter_layer_update(model)
+    if found is None:
+        yield
+        return
+    owner, name = found
+    capture.update = getattr(owner, name)
+    previous = owner.__dict__.get(name)
+
+    def recording(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        after = len(capture.inputs) - 1
+        capture.updates.setdefault(after, []).append((args, kwargs))
+        capture.outputs.setdefault(after, hidden_states)
+        return capture.update(hidden_states, *args, **kwargs)
+
+    object.__setattr__(owner, name, recording)
+    try:
+        yield
+    finally:
+        if previous is None:
+            object.__delattr__(owner, name)
+        else:
+            object.__setattr__(owner, name, previous)
 
 
 def _capture_pass(model: nn.Module, layers: nn.ModuleList, sample: CalibrationSample) -> _Capture:
@@ -183,12 +246,14 @@ def _capture_pass(model: nn.Module, layers: nn.ModuleList, sample: CalibrationSa
     handles = [layer.register_forward_pre_hook(before, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(after, with_kwargs=True))
     try:
-        model(**inputs_for(model, sample.inputs), use_cache=False)
+        with _recording_updates(model, capture):
+            model(**inputs_for(model, sample.inputs), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     if len(capture.inputs) != len(layers) or capture.last_output is None:
         raise RuntimeError(f"expected {len(layers)} decoder layer calls in one forward, saw {len(capture.inputs)}")
+    capture.last_output = capture.apply_updates(len(layers) - 1, capture.last_output)
     return capture
 
 
@@ -216,10 +281,10 @@ class _Replay:
     def __init__(self, model: nn.Module, layers: nn.ModuleList, capture: _Capture, targets: torch.Tensor):
         self.layers = layers
         self.capture = capture
-        arch = architecture_for(model)
         last = layers[-1]
         # The last layer only needs the scored queries: reuse the fast frozen layer with "frozen" = everything else.
-        self.last_layer_shortcut = arch.fast_layer == "llama" and llama_fast.unsupported_reason(last) is None
+        self.fast = fast_layer_for(model)
+        self.last_layer_shortcut = self.fast is not None and self.fast.unsupported_reason(last) is None
         seq = capture.inputs[0][0].shape[1]
         keep = torch.ones(1, seq, dtype=torch.bool)
         keep[0, targets.cpu()] = False
@@ -228,15 +293,15 @@ class _Replay:
 
     def run_layer(self, index: int, states: torch.Tensor) -> torch.Tensor:
         layer = self.layers[index]
-        device = _device_of(layer)
+        device = execution_device(layer)
         kwargs = {key: _repeat_batch(value, states.shape[0], device) for key, value in self.capture.inputs[index][1].items()}
         states = states.to(device)
         self.layer_evaluations += states.shape[0]
         if index == len(self.layers) - 1 and self.last_layer_shortcut:
             layout = TokenLayout.from_visual_mask(self.last_layout.visual.expand(states.shape[0], -1).to(device))
-            return llama_fast.fast_frozen_forward(layer, layout, states, **kwargs)
+            return self.capture.apply_updates(index, self.fast.fast_frozen_forward(layer, layout, states, **kwargs))
         output = layer(states, **kwargs)
-        return output[0] if isinstance(output, tuple) else output
+        return self.capture.apply_updates(index, output[0] if isinstance(output, tuple) else output)
 
 
 def _variant_start_states(capture: _Capture, masks: dict[str, torch.Tensor]) -> list[tuple[str, int, torch.Tensor]]:
@@ -245,10 +310,14 @@ def _variant_start_states(capture: _Capture, masks: dict[str, torch.Tensor]) -> 
     variants = []
     for layer in range(num_layers):
         layer_input = capture.inputs[layer][0]
-        layer_output = capture.inputs[layer + 1][0] if layer + 1 < num_layers else capture.last_output
+        if layer in capture.outputs:  # a between-layer update follows: mix the layer's own output, then update
+            layer_output = capture.outputs[layer]
+        else:
+            layer_output = capture.inputs[layer + 1][0] if layer + 1 < num_layers else capture.last_output
         for token_type, mask in masks.items():
             frozen = mask.to(layer_input.device).unsqueeze(-1)
-            variants.append((token_type, layer, torch.where(frozen, layer_input, layer_output.to(layer_input.device))))
+            state = torch.where(frozen, layer_input, layer_output.to(layer_input.device))
+            variants.append((token_type, layer, capture.apply_updates(layer, state)))
     return variants
 
 
@@ -294,7 +363,22 @@ def sample_contribution(
         for row, (token_type, layer) in enumerate(active):
             score = divergence_between(scorer(states[row : row + 1], targets), reference, divergence)
             result[token_type][layer] = score.mean().item()
+    _check_finite(sample, result)
     return result, num_layers + replay.layer_evaluations
+
+
+def _check_finite(sample: CalibrationSample, lc: dict[str, list[float]]) -> None:
+    """Stop at the first sample whose LC is NaN or inf: a mean over it, and a ranking of it, would mean nothing."""
+    problems = []
+    for token_type, values in lc.items():
+        layers = [layer for layer, value in enumerate(values) if not math.isfinite(value)]
+        if layers:
+            problems.append(f"{token_type} LC of layer(s) {layers}")
+    if problems:
+        raise ValueError(
+            f"sample {sample.id!r}: Layer Contribution is not finite ({'; '.join(problems)}): the model's output is "
+            "NaN or inf on this sample (in half precision, try --dtype fp32). Nothing was recorded for it."
+        )
 
 
 def _run_metadata(model: nn.Module, token_types: Sequence[str], divergence: str, extra: Mapping[str, Any]) -> dict:
@@ -335,23 +419,6 @@ def layer_contribution(
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
     run = _run_metadata(model, token_types, divergence, {"model_id": model_id, **(metadata or {})})
 
-    finished: dict[str, dict[str, list[float]]] = {}
-    records_path = None
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        records_path, run_path = out_dir / SAMPLES_FILE, out_dir / RUN_FILE
-        if records_path.exists() and not resume:
-            raise FileExistsError(f"{records_path} already holds calibration results; pass resume=True "
-                                  "(--resume) to continue that run, or choose another output folder")
-        if resume and run_path.exists():
-            previous = json.loads(run_path.read_text())
-            changed = {key for key in run if previous.get(key) != run[key]}
-            if changed:
-                raise ValueError(f"cannot resume {out_dir}: settings differ from the interrupted run ({sorted(changed)})")
-        run_path.write_text(json.dumps(run, indent=1) + "\n")
-        finished = {key: record["lc"] for key, record in read_records(records_path).items()} if resume else {}
-
     samples = list(samples) if not isinstance(samples, Sequence) else samples
     # A lazy sequence (shortv.data.CalibrationSamples) knows its ids without building inputs.
     sample_ids = list(getattr(samples, "ids", None) or [sample.id for sample in samples])
@@ -359,22 +426,40 @@ def layer_contribution(
         raise ValueError("calibration sample ids must be unique")
     if not samples:
         raise ValueError("no calibration samples")
-    evaluations = 0
+
+    finished: dict[str, dict[str, list[float]]] = {}
+    records_path = None
     with ExitStack() as stack:
+        if out_dir is not None:  # one run per folder; finished samples (of any process) are skipped on resume
+            out_dir = stack.enter_context(main_holds(exclusive_output, out_dir))
+            records = on_main(start_run, out_dir, SAMPLES_FILE, RUN_FILE, run, resume)
+            finished = {key: record["lc"] for key, record in records.items()}
+            records_path = shard_path(out_dir, SAMPLES_FILE, process_index())
         if get_shortv_state(model) is not None:  # calibrate the unmodified model
             stack.enter_context(disable_shortv(model))
-        bar = stack.enter_context(tqdm(total=len(samples), desc="LC calibration", unit="sample", disable=not progress))
+        bar = stack.enter_context(tqdm(total=len(samples), desc="LC calibration", unit="sample",
+                                       disable=not progress or not is_main_process()))
         bar.update(sum(1 for sample_id in sample_ids if sample_id in finished))
-        for index, sample_id in enumerate(sample_ids):
-            if sample_id in finished:
-                continue
-            sample = samples[index]
-            lc, count = sample_contribution(model, sample, token_types, divergence, max_variants_per_batch)
-            evaluations += count
-            finished[sample.id] = lc
-            if records_path is not None:
-                append_records(records_path, [{"id": sample.id, "lc": lc}])
-            bar.update(1)
+
+        def calibrate_part(indices: Sequence[int]) -> list[tuple[str, dict[str, list[float]], int]]:
+            """This process's samples, each recorded as soon as it is done."""
+            done = []
+            for index in indices:
+                sample = samples[index]
+                lc, count = sample_contribution(model, sample, token_types, divergence, max_variants_per_batch)
+                if records_path is not None:
+                    append_records(records_path, [{"id": sample.id, "lc": lc}])
+                done.append((sample.id, lc, count))
+                bar.update(1)
+            return done
+
+        todo = [index for index, sample_id in enumerate(sample_ids) if sample_id not in finished]
+        computed = share(todo, calibrate_part)  # several processes: each computes its part, all get every result
+        finished.update((sample_id, lc) for sample_id, lc, _ in computed)
+        bar.update(len(sample_ids) - bar.n)  # the other processes' samples
+        if records_path is not None and is_main_process():
+            merged = [{"id": sample_id, "lc": finished[sample_id]} for sample_id in sample_ids]
+            merge_shards(out_dir, SAMPLES_FILE, merged)
     per_sample = {token_type: [finished[sample_id][token_type] for sample_id in sample_ids] for token_type in token_types}
     return LCResult(
         num_layers=run["num_layers"],
@@ -382,5 +467,6 @@ def layer_contribution(
         sample_ids=sample_ids,
         per_sample=per_sample,
         model_id=model_id,
-        metadata={**run, "num_samples": len(sample_ids), "layer_evaluations_this_run": evaluations},
+        metadata={**run, "num_samples": len(sample_ids), "processes": process_count(),
+                  "layer_evaluations_this_run": sum(count for _, _, count in computed)},
     )

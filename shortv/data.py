@@ -6,18 +6,23 @@ One JSON object per line::
 
 ``image`` is a path or a list of paths, relative to the JSONL file's folder; ``answer`` is optional for
 calibration and required for evaluation; ``id``, ``type`` and ``choices`` (multiple choice) are optional.
-Every error names the file and line. Sample order is the file's; subsampling is seeded, so runs are reproducible
-and an image always stays with its own question.
+Everything that can be checked without the model is checked up front (every line parses, every image opens), and
+`check_context` checks every input's length against the model's context before any compute. Every error names the
+file and line. Sample order is the file's; subsampling is seeded, so runs are reproducible and an image always stays
+with its own question.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .contribution import CalibrationSample
 
@@ -43,13 +48,28 @@ class VQASample:
         return SampleError(f"{self.source}: {message}")
 
 
-def read_jsonl(path: str | Path, require_answer: bool = False) -> list[VQASample]:
-    """Parse and check every line up front, so a bad line fails before any compute."""
+def _read_text(path: Path) -> str:
+    """UTF-8 text (a leading byte-order mark is dropped); a decoding error names the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise SampleError(f"{path}:{line}: not UTF-8 text ({error.reason}); save the file as UTF-8") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a data file: a resumed run checks it is continuing on the same data."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_jsonl(path: str | Path, require_answer: bool = False, check_images: bool = True) -> list[VQASample]:
+    """Parse and check every line up front (and open every image), so a bad line fails before any compute."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     samples, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -89,6 +109,10 @@ def read_jsonl(path: str | Path, require_answer: bool = False) -> list[VQASample
         )
     if not samples:
         raise SampleError(f"{path}: no samples (empty file)")
+    if check_images:
+        for sample in samples:
+            for image_path in sample.images:
+                _open_image(sample, image_path, decode=False)
     return samples
 
 
@@ -102,17 +126,48 @@ def subsample(samples: Sequence[VQASample], num_samples: int | None, seed: int =
     return [samples[index] for index in chosen]
 
 
-def load_images(sample: VQASample) -> list[Any]:
+#: 16-bit grayscale modes; their 0..65535 values are scaled to 8 bits (``convert("RGB")`` would clip them to white).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+#: 32-bit integer and float pixels: no fixed range to scale from, so they are refused.
+_UNSCALED_MODES = ("I", "F")
+
+
+def _check_mode(image: Any) -> None:
+    if image.mode in _UNSCALED_MODES:
+        raise ValueError(f"mode {image.mode!r} (32-bit pixels) has no fixed range; "
+                         "save the image as 8-bit (or 16-bit) RGB or grayscale")
+
+
+def to_rgb(image: Any) -> Any:
+    """An RGB PIL image. 16-bit grayscale is scaled to 8 bits; 32-bit pixels are refused (ValueError)."""
     from PIL import Image
 
-    images = []
-    for image_path in sample.images:
-        try:
-            with Image.open(image_path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, ValueError) as error:
-            raise sample.error(f"cannot read image {image_path}: {error}") from error
-    return images
+    _check_mode(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image).astype(np.float32) / 257.0  # 65535 -> 255
+        return Image.fromarray(np.round(pixels).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def _open_image(sample: VQASample, image_path: Path, decode: bool = True) -> Any:
+    """The image as RGB; with ``decode=False`` only checked (it opens, its size is safe, its mode is usable)."""
+    from PIL import Image
+
+    try:
+        with Image.open(image_path) as image:
+            if decode:
+                return to_rgb(image)
+            _check_mode(image)
+            image.verify()
+            return None
+    except Image.DecompressionBombError as error:
+        raise sample.error(f"image {image_path} is too large to open safely ({error})") from None
+    except (OSError, ValueError, SyntaxError) as error:  # verify() reports a broken file as SyntaxError
+        raise sample.error(f"cannot read image {image_path}: {error}") from None
+
+
+def load_images(sample: VQASample) -> list[Any]:
+    return [_open_image(sample, image_path) for image_path in sample.images]
 
 
 def prompt_text(processor: Any, sample: VQASample) -> str:
@@ -127,7 +182,13 @@ def prompt_text(processor: Any, sample: VQASample) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def visual_token_count(processor: Any, input_ids: Any) -> int:
+def visual_token_count(processor: Any, input_ids: Any, token_ids: Sequence[int] = ()) -> int:
+    """Visual placeholder tokens in ``input_ids``: those of ``token_ids`` (the model's image and video ids, from
+    `shortv.registry.visual_token_ids`) when given, else the processor's image token."""
+    if token_ids:
+        import torch
+
+        return int(torch.isin(input_ids, torch.tensor(list(token_ids), device=input_ids.device)).sum())
     image_token_id = getattr(processor, "image_token_id", None)
     if image_token_id is None:
         image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
@@ -159,6 +220,25 @@ def model_inputs(processor: Any, sample: VQASample, with_answer: bool = False) -
     ):
         raise sample.error("the prompt's tokens are not a prefix of prompt + answer; cannot score the answer tokens")
     return dict(full), prompt_length
+
+
+def check_context(
+    processor: Any, samples: Sequence[VQASample], context_length: int | None, new_tokens: int = 0,
+    with_answer: bool = False,
+) -> None:
+    """Build every sample's input once and check it fits the model's context (``new_tokens`` more for generation),
+    so that an over-long input is named before any compute instead of running for minutes."""
+    if context_length is None:
+        return
+    for sample in samples:
+        inputs, _ = model_inputs(processor, sample, with_answer=with_answer)
+        length = int(inputs["input_ids"].shape[1])
+        if length + new_tokens > context_length:
+            generated = f" + {new_tokens} new tokens" if new_tokens else ""
+            raise sample.error(
+                f"the input is {length} tokens{generated}, longer than the model's context of {context_length} tokens "
+                "(max_position_embeddings); shorten the prompt or use fewer/smaller images"
+            )
 
 
 class CalibrationSamples(Sequence):

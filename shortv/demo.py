@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .bench import BenchInputs, benchmark
+from .benchmark import BenchInputs, benchmark
 from .calibrate import calibrate
 from .config import ShortVConfig
 from .data import VQASample, read_jsonl, subsample
@@ -189,7 +189,7 @@ def run_demo(
 
     ``ns`` defaults to :func:`default_ns`; ``operating_only`` runs only the N closest to 55% of the FLOPs.
     """
-    from .bench import machine_info
+    from .benchmark import machine_info
     from .plots import plot_accuracy_vs_flops
     from .tiny import embedded_split_path, load_embedded
 

@@ -2,11 +2,14 @@
 
 Both runs use the same model object (ShortV switched off with `disable_shortv` for the baseline), left padding and
 greedy decoding, so the only difference is the frozen layers. Predictions are appended per batch to a JSONL file;
-an interrupted run resumes from it.
+an interrupted run resumes from it, after checking that it had the same model, layers, samples and generation
+settings (``eval_run.json``). `evaluate_files` is ``shortv eval`` as a library call: paths in, every check before
+the model loads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import string
@@ -22,15 +25,21 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ShortVConfig
-from .data import VQASample, load_images, prompt_text, visual_token_count
+from .data import VQASample, check_context, file_sha256, load_images, prompt_text, read_jsonl, subsample, visual_token_count
+from .files import atomic_write_text, exclusive_output
 from .flops import LayerDims, flops_ratio
-from .loading import inputs_for
+from .loading import context_length, inputs_for, load_model, model_id_of, resolve_model
 from .patch import apply_shortv, disable_shortv, get_shortv_state
-from .records import append_records, read_records
+from .processes import is_main_process, main_holds, on_main, process_device_map, process_index, share
+from .records import append_records, check_fresh, merge_shards, shard_path, start_run
+from .registry import find_decoder_layers, visual_token_ids
+from .selection import check_matches_model, select_layers
 
 PREDICTIONS_FILE = "predictions.jsonl"
+RUN_FILE = "eval_run.json"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MARKDOWN = "summary.md"
+FINAL_FILES = (SUMMARY_JSON, SUMMARY_MARKDOWN)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -70,21 +79,25 @@ def is_correct(prediction: str, sample: VQASample) -> bool:
 
 
 def batch_inputs(processor: Any, samples: Sequence[VQASample]) -> dict[str, Any]:
-    """Processor outputs for a batch of prompts, left-padded for generation."""
+    """Processor outputs for a batch of prompts, left-padded for generation.
+
+    Images go in as one list per prompt: processors that check each prompt's image count (Gemma 3, SmolVLM) need
+    that nesting, and all others accept it."""
     tokenizer = processor.tokenizer
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        images = [image for sample in samples for image in load_images(sample)]
+        images = [load_images(sample) for sample in samples]
         texts = [prompt_text(processor, sample) for sample in samples]
         return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
     finally:
         tokenizer.padding_side = previous_side
 
 
-def token_counts(processor: Any, batch: dict[str, Any]) -> list[dict[str, int]]:
-    """Per sample: visual and text (non-padding) tokens, for the FLOPs model."""
-    visual = [visual_token_count(processor, row) for row in batch["input_ids"]]
+def token_counts(processor: Any, batch: dict[str, Any], token_ids: Sequence[int] = ()) -> list[dict[str, int]]:
+    """Per sample: visual and text (non-padding) tokens, for the FLOPs model (``token_ids``: the model's visual
+    token ids; marker tokens such as image start/end or row breaks are text)."""
+    visual = [visual_token_count(processor, row, token_ids) for row in batch["input_ids"]]
     real = batch["attention_mask"].sum(dim=1).tolist()
     return [{"visual_tokens": v, "text_tokens": int(r) - v} for v, r in zip(visual, real)]
 
@@ -101,7 +114,7 @@ def generate_answers(
                             pad_token_id=tokenizer.pad_token_id)
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     answers = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return answers, token_counts(processor, batch)
+    return answers, token_counts(processor, batch, visual_token_ids(model))
 
 
 @dataclass
@@ -150,6 +163,25 @@ def _scores(records: list[dict[str, Any]], key: str) -> ModelScores:
     return ModelScores(sum(r[f"{key}_correct"] for r in records) / len(records), per_type, seconds)
 
 
+def _run_settings(model: Any, config: ShortVConfig, samples: Sequence[VQASample], max_new_tokens: int,
+                  model_id: str | None, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """What must not change between an interrupted evaluation and its resumption (batch size may: it changes no
+    answer)."""
+    ids = "\n".join(sample.id for sample in samples).encode()
+    return {
+        "model_id": model_id or model_id_of(model) or type(model).__name__,
+        "num_layers": len(find_decoder_layers(model)),
+        "dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""),
+        "shortv_layers": sorted(config.frozen_layers),
+        "mode": config.mode,
+        "frozen_tokens": config.frozen_tokens,
+        "max_new_tokens": max_new_tokens,
+        "num_samples": len(samples),
+        "sample_ids_sha256": hashlib.sha256(ids).hexdigest(),
+        **(metadata or {}),
+    }
+
+
 def evaluate(
     model: Any,
     processor: Any,
@@ -160,8 +192,17 @@ def evaluate(
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    model_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> EvalSummary:
-    """Baseline vs ShortV on ``samples``. With ``config`` ShortV is applied first; otherwise the model must have it."""
+    """Baseline vs ShortV on ``samples``. With ``config`` ShortV is applied first; otherwise the model must have it.
+
+    With ``out_dir``: the folder is locked for this run; ``resume=True`` continues from its predictions after
+    checking the interrupted run had the same settings (model, layers, samples, ``max_new_tokens``, ``metadata``).
+    Every input's length is checked against the model's context before generating. Under a distributed launcher
+    each process generates its share of the samples (`shortv.processes`); every process returns the whole summary,
+    and the main process writes the files.
+    """
     if not samples:
         raise ValueError("no samples to evaluate")
     missing = [sample for sample in samples if sample.answer is None]
@@ -170,53 +211,78 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if config is not None:
-        apply_shortv(model, config)
+        apply_shortv(model, ShortVConfig.coerce(config))
     state = get_shortv_state(model)
     if state is None:
         raise ValueError("give a ShortV config (or apply_shortv first) to compare against the baseline")
+    check_context(processor, samples, context_length(model.config), new_tokens=max_new_tokens)
+    if out_dir is None:
+        return _summarize(model, _predict(model, processor, samples, batch_size, max_new_tokens, None, {}, progress))
+    with main_holds(exclusive_output, out_dir) as out_dir:  # several processes: the main one writes the results
+        settings = _run_settings(model, state.config, samples, max_new_tokens, model_id, metadata)
+        done = on_main(start_run, out_dir, PREDICTIONS_FILE, RUN_FILE, settings, resume, FINAL_FILES)
+        predictions_path = shard_path(out_dir, PREDICTIONS_FILE, process_index())
+        records = _predict(model, processor, samples, batch_size, max_new_tokens, predictions_path, done, progress)
+        summary = _summarize(model, records)
+        if is_main_process():
+            merge_shards(out_dir, PREDICTIONS_FILE, records)
+            atomic_write_text(out_dir / SUMMARY_JSON, json.dumps(summary.to_dict(), indent=1) + "\n")
+            atomic_write_text(out_dir / SUMMARY_MARKDOWN, summary.markdown())
+    return summary
 
-    done: dict[str, dict[str, Any]] = {}
-    predictions_path = None
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        predictions_path = out_dir / PREDICTIONS_FILE
-        if predictions_path.exists() and not resume:
-            raise FileExistsError(f"{predictions_path} exists; pass resume=True (--resume) or another folder")
-        done = read_records(predictions_path) if resume else {}
 
+def _predict(
+    model: Any, processor: Any, samples: Sequence[VQASample], batch_size: int, max_new_tokens: int,
+    predictions_path: Path | None, done: dict[str, dict[str, Any]], progress: bool,
+) -> list[dict[str, Any]]:
+    """Every sample's record (answers of both models, correctness, tokens, seconds), in sample order: those in
+    ``done``, and the others generated now, batch by batch, each batch appended to ``predictions_path``. Several
+    processes: each generates its part (`shortv.processes.share`) and all get every record."""
     todo = [sample for sample in samples if sample.id not in done]
-    with tqdm(total=len(samples), initial=len(samples) - len(todo), desc="evaluating", unit="sample",
-              disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
+    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="evaluating", unit="sample",
+               disable=not progress or not is_main_process())
+
+    def predict_part(part: Sequence[VQASample]) -> list[dict[str, Any]]:
+        lines = []
+        for start in range(0, len(part), batch_size):
+            batch = part[start : start + batch_size]
             answers, seconds = {}, {}
             for key in ("baseline", "shortv"):
                 with disable_shortv(model) if key == "baseline" else nullcontext():
                     began = time.perf_counter()
                     answers[key], tokens = generate_answers(model, processor, batch, max_new_tokens)
                     seconds[key] = (time.perf_counter() - began) / len(batch)
-            lines = []
+            batch_lines = []
             for index, sample in enumerate(batch):
                 record = {"id": sample.id, "type": sample.type, "answer": sample.answer, **tokens[index]}
                 for key in ("baseline", "shortv"):
                     record[key] = answers[key][index]
                     record[f"{key}_correct"] = is_correct(answers[key][index], sample)
                     record[f"{key}_seconds"] = seconds[key]
-                done[sample.id] = record
-                lines.append(record)
+                batch_lines.append(record)
             if predictions_path is not None:
-                append_records(predictions_path, lines)
+                append_records(predictions_path, batch_lines)
+            lines += batch_lines
             bar.update(len(batch))
+        return lines
 
-    records = [done[sample.id] for sample in samples]
+    with bar:
+        predicted = share(todo, predict_part)
+        bar.update(len(samples) - bar.n)  # the other processes' samples
+    records = {**done, **{record["id"]: record for record in predicted}}
+    return [records[sample.id] for sample in samples]
+
+
+def _summarize(model: Any, records: list[dict[str, Any]]) -> EvalSummary:
+    """Accuracy per model and type, agreement and the FLOPs ratio of the model's ShortV layers, over ``records``."""
+    state = get_shortv_state(model)
     dims = LayerDims.from_config(model.config)
     text_tokens = max(1, round(sum(r["text_tokens"] for r in records) / len(records)))
     visual_tokens = round(sum(r["visual_tokens"] for r in records) / len(records))
     per_type_counts: dict[str, int] = defaultdict(int)
     for record in records:
         per_type_counts[record["type"] or "all"] += 1
-    summary = EvalSummary(
+    return EvalSummary(
         num_samples=len(records),
         baseline=_scores(records, "baseline"),
         shortv=_scores(records, "shortv"),
@@ -225,7 +291,60 @@ def evaluate(
         layers=list(state.config.layers),
         per_type_counts=dict(per_type_counts),
     )
-    if out_dir is not None:
-        (out_dir / SUMMARY_JSON).write_text(json.dumps(summary.to_dict(), indent=1) + "\n")
-        (out_dir / SUMMARY_MARKDOWN).write_text(summary.markdown())
-    return summary
+
+
+def evaluate_files(
+    model: str | Path | None = None,
+    data: str | Path | None = None,
+    config: str | Path | None = None,
+    lc: str | Path | None = None,
+    n: int | None = None,
+    num_samples: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    out_dir: str | Path = "shortv_eval",
+    resume: bool = False,
+    seed: int = 0,
+    dtype: str | None = None,
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    allow_other_model: bool = False,
+    progress: bool = True,
+) -> EvalSummary:
+    """``shortv eval``: the model (path, hub id, None for the embedded one) with ``config`` or the first ``n`` layers
+    of ``lc``'s order, on ``data`` (default: the embedded test split).
+
+    Checked before the model loads: the flags agree, the config or LC file was made for this model (layer count,
+    model id unless ``allow_other_model``), every data line parses and every image opens, the output folder is free.
+    """
+    from .contribution import LCResult
+
+    if config is not None and lc is not None:
+        raise ValueError("give either --config FILE or --lc FILE with --n N, not both")
+    if config is not None and n is not None:
+        raise ValueError("--n goes with --lc (the first N layers of its order); --config FILE already lists its layers")
+    if config is None and (lc is None or n is None):
+        raise ValueError("give either --config FILE or --lc FILE with --n N")
+    source = resolve_model(model, trust_remote_code)
+    if config is not None:
+        shortv_config = ShortVConfig.load(config)
+        check_matches_model(shortv_config, source.num_layers, source.model_id, str(config), allow_other_model)
+    else:
+        lc_result = LCResult.load(lc)
+        check_matches_model(lc_result, source.num_layers, source.model_id, str(lc), allow_other_model)
+        shortv_config = select_layers(lc_result, n=n)
+        shortv_config.provenance["lc"] = str(lc)
+    if data is None:
+        from .tiny import embedded_split_path
+
+        data = embedded_split_path("test")
+    samples = subsample(read_jsonl(data, require_answer=True), num_samples, seed)
+    with main_holds(exclusive_output, out_dir) as out_dir:
+        if not resume:
+            on_main(check_fresh, out_dir, (PREDICTIONS_FILE, *FINAL_FILES))
+        loaded, processor, model_id = load_model(source, dtype=dtype, device_map=process_device_map(device_map))
+        metadata = {"data": str(Path(data).resolve()), "data_sha256": file_sha256(data), "seed": seed,
+                    "num_samples_requested": num_samples}
+        return evaluate(loaded, processor, samples, shortv_config, batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, out_dir=out_dir, resume=resume, progress=progress,
+                        model_id=model_id, metadata=metadata)

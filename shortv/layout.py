@@ -19,6 +19,10 @@ class TokenLayout:
     visual: torch.Tensor
     text_positions: torch.Tensor
     text_slots: torch.Tensor
+    #: Flat indices (into batch * seq) of the text tokens, in ``x[text]`` order.
+    text_index: torch.Tensor
+    #: Flat indices (into batch * width) of the real slots of the text grid, in the same order.
+    slot_index: torch.Tensor
     _per_device: dict[torch.device, TokenLayout] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -32,7 +36,8 @@ class TokenLayout:
         order = torch.sort(visual.to(torch.int8), dim=1, stable=True).indices
         text_positions = order[:, :width]
         text_slots = torch.arange(width, device=visual.device)[None, :] < counts[:, None]
-        return cls(visual=visual, text_positions=text_positions, text_slots=text_slots)
+        return cls(visual=visual, text_positions=text_positions, text_slots=text_slots,
+                   text_index=text.flatten().nonzero().squeeze(1), slot_index=text_slots.flatten().nonzero().squeeze(1))
 
     @property
     def text(self) -> torch.Tensor:
@@ -46,6 +51,26 @@ class TokenLayout:
     def num_visual(self) -> int:
         return int(self.visual.sum().item())
 
+    # Gathers and scatters by precomputed indices: the same copies as boolean-mask indexing, but with shapes known
+    # before the layer runs, so torch.compile traces them without a graph break.
+    def take_text(self, x: torch.Tensor) -> torch.Tensor:
+        """The text rows of ``x`` (batch, seq, ...) as (n_text, ...)."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.text_index)
+
+    def put_text(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A copy of ``x`` (batch, seq, ...) with its text rows replaced by ``rows`` (n_text, ...)."""
+        return x.reshape(-1, *x.shape[2:]).index_copy(0, self.text_index, rows.to(x.dtype)).view(x.shape)
+
+    def to_grid(self, rows: torch.Tensor) -> torch.Tensor:
+        """Text rows (n_text, ...) -> a zero-padded (batch, width, ...) grid."""
+        batch, width = self.text_positions.shape
+        grid = rows.new_zeros(batch * width, *rows.shape[1:]).index_copy(0, self.slot_index, rows)
+        return grid.view(batch, width, *rows.shape[1:])
+
+    def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """The real slots of a (batch, width, ...) grid as (n_text, ...)."""
+        return grid.reshape(-1, *grid.shape[2:]).index_select(0, self.slot_index)
+
     def to(self, device: torch.device) -> TokenLayout:
         """The same layout on ``device`` (memoized: layers spread over devices by ``device_map`` each get one copy)."""
         if self.visual.device == device:
@@ -55,5 +80,7 @@ class TokenLayout:
                 visual=self.visual.to(device),
                 text_positions=self.text_positions.to(device),
                 text_slots=self.text_slots.to(device),
+                text_index=self.text_index.to(device),
+                slot_index=self.slot_index.to(device),
             )
         return self._per_device[device]

@@ -1,19 +1,20 @@
 """Apply ShortV to a loaded model *instance* (never to transformers classes), remove it, switch it off for a while.
 
-How it works: a forward pre-hook on the top-level model derives the visual mask once per forward (from
-``input_ids`` and the model's visual token ids, or from an explicit ``visual_mask``) and stores it in the model's
-ShortV state; each chosen decoder layer's ``forward`` is replaced, on that layer instance only, by a frozen forward
-that reads the state. Removing restores the exact original attributes, so outputs become bit-identical again.
+How it works: forward pre-hooks on the modules where inputs enter (``shortv.entry``) decide, once per forward,
+which positions are visual and store that in the model's `ShortVState`; each chosen decoder layer's ``forward`` is
+replaced, on that layer instance only, by a `FrozenForward` that reads the state. Removing restores the exact
+original attributes, so outputs become bit-identical again.
+
+Everything attached is plain data or a module-level callable class holding references (no closures), so a patched
+model deep-copies into an independent patched model, pickles (``torch.save(model)``), moves with ``.to()`` and
+compiles with ``torch.compile``.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,11 +22,12 @@ from torch import nn
 
 from . import _compat
 from .config import ShortVConfig
-from .frozen import llama as llama_fast
+from .entry import ShortVState, entry_modules, install_entry_hooks, remove_entry_hooks
+from .frozen import FastLayer
 from .frozen.reference import reference_frozen_forward
-from .layout import TokenLayout
 from .registry import (
     architecture_for,
+    fast_layer_for,
     find_decoder_layers,
     model_type_of,
     supported_fast_model_types,
@@ -33,41 +35,16 @@ from .registry import (
 )
 
 STATE_ATTRIBUTE = "_shortv_state"
-_MISSING = object()
-_FAST_LAYERS = {"llama": llama_fast}
 
 
-@dataclass
-class _PatchedLayer:
-    module: nn.Module
-    attribute: str  # "forward", or "_old_forward" when accelerate's hooks own "forward"
-    previous: Any  # the instance attribute we replaced, or _MISSING when it was the class method
-
-
-@dataclass
-class ShortVState:
-    """Everything apply_shortv attached to a model; enough to undo it exactly."""
-
-    config: ShortVConfig
-    num_layers: int
-    token_ids: tuple[int, ...]
-    patched: list[_PatchedLayer] = field(default_factory=list)
-    hooks: list[Any] = field(default_factory=list)
-    enabled: bool = True
-    #: Explicit mask set by `using_visual_mask`, covering absolute positions [0, width).
-    context_visual_mask: torch.Tensor | None = None
-    #: Layout of the forward in flight (None: nothing to freeze).
-    layout: TokenLayout | None = None
-
-
-def _coerce_config(config_or_layers: ShortVConfig | list[int] | tuple[int, ...]) -> ShortVConfig:
+def _coerce_config(config_or_layers: ShortVConfig | Sequence[int]) -> ShortVConfig:
     if isinstance(config_or_layers, ShortVConfig):
         return config_or_layers
-    if isinstance(config_or_layers, (list, tuple, range)):
-        return ShortVConfig(layers=list(config_or_layers))
-    raise TypeError(
-        f"apply_shortv expects a ShortVConfig or a list of layer indices, got {type(config_or_layers).__name__}"
-    )
+    if isinstance(config_or_layers, (str, bytes, dict)) or not hasattr(config_or_layers, "__iter__"):
+        raise TypeError(
+            f"apply_shortv expects a ShortVConfig or a list of layer indices, got {type(config_or_layers).__name__}"
+        )
+    return ShortVConfig(layers=list(config_or_layers))
 
 
 def _check_applicable(model: nn.Module, config: ShortVConfig, layers: nn.ModuleList) -> None:
@@ -82,7 +59,7 @@ def _check_applicable(model: nn.Module, config: ShortVConfig, layers: nn.ModuleL
         return
     arch = architecture_for(model)
     model_type = model_type_of(model)
-    if arch.fast_layer is None:
+    if not arch.fast_text_model_types:
         raise ValueError(
             f"mode='fast' does not support model_type={model_type!r}; supported: "
             f"{', '.join(supported_fast_model_types())}. mode='reference' works with any decoder."
@@ -93,7 +70,7 @@ def _check_applicable(model: nn.Module, config: ShortVConfig, layers: nn.ModuleL
             f"mode='fast' for {model_type!r} was verified with language models "
             f"{', '.join(arch.fast_text_model_types)}, not {text_type!r}; use mode='reference'"
         )
-    fast_module = _FAST_LAYERS[arch.fast_layer]
+    fast_module = fast_layer_for(model)
     for index in config.frozen_layers:
         reason = fast_module.unsupported_reason(layers[index])
         if reason is not None:
@@ -106,32 +83,58 @@ def _forward_attribute(module: nn.Module) -> str:
     return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
 
 
-def _call_with_bound_arguments(original: Callable[..., Any]) -> Callable[..., tuple[torch.Tensor, dict[str, Any]]]:
-    """Turn (hidden_states, *args, **kwargs) into (hidden_states, kwargs) using the original forward's signature."""
-    signature = inspect.signature(original)
+class _InstanceOverride:
+    """A callable set as an instance attribute in place of ``attribute`` (``previous``: the value it hides, or None
+    for the class's method). Holds only references, so deep copies and pickles follow the model."""
 
-    def bind(hidden_states: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    attribute = "forward"
+
+    def __init__(self, module: nn.Module, previous: Any):
+        self.module, self.previous = module, previous
+
+    def original(self) -> Any:
+        if self.previous is not None:
+            return self.previous
+        return getattr(type(self.module), self.attribute).__get__(self.module)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # what inspect.signature(module.forward) reports
+        return inspect.signature(self.original())
+
+
+class FrozenForward(_InstanceOverride):
+    """The ``forward`` of a ShortV layer: the original while nothing is frozen, else the fast or reference freeze."""
+
+    def __init__(self, state: ShortVState, layer: nn.Module, previous: Any, fast: FastLayer | None, attribute: str):
+        super().__init__(layer, previous)
+        self.state, self.fast, self.attribute = state, fast, attribute
+
+    def _bind(self, original: Any, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """(hidden_states, *args, **kwargs) -> keyword arguments, by the original forward's signature."""
         if not args:
             return dict(kwargs)
-        bound = signature.bind_partial(hidden_states, *args, **kwargs)
-        arguments = dict(bound.arguments)
+        signature = inspect.signature(original)
+        arguments = dict(signature.bind_partial(hidden_states, *args, **kwargs).arguments)
         arguments.pop(next(iter(signature.parameters)))
-        extra = {name: arguments.pop(name) for name, param in signature.parameters.items()
-                 if param.kind is inspect.Parameter.VAR_KEYWORD and name in arguments}
-        for values in extra.values():
-            arguments.update(values)
+        for name, parameter in signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+                arguments.update(arguments.pop(name))
         return arguments
 
-    return bind
-
-
-def _make_frozen_forward(state: ShortVState, layer: nn.Module, original: Callable[..., Any], fast: Any) -> Callable:
-    bind = _call_with_bound_arguments(original)
-
-    @functools.wraps(original)
-    def frozen_forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        state, original = self.state, self.original()
+        if not state.enabled:
+            return original(hidden_states, *args, **kwargs)
+        if not state.decided:
+            raise RuntimeError(
+                "ShortV cannot tell which positions of this forward are visual: a frozen decoder layer ran with only "
+                "`inputs_embeds` and no `visual_mask`, or outside a forward of the model or one of its entry modules "
+                f"({', '.join(type(module).__name__ for module in state.entries)}). Pass `visual_mask=` (bool, batch x "
+                "seq), use "
+                "`using_visual_mask(model, mask)`, or `disable_shortv(model)` to run unfrozen."
+            )
         layout = state.layout
-        if not state.enabled or layout is None:
+        if layout is None:
             return original(hidden_states, *args, **kwargs)
         if tuple(hidden_states.shape[:2]) != layout.shape:
             raise ValueError(
@@ -139,132 +142,80 @@ def _make_frozen_forward(state: ShortVState, layer: nn.Module, original: Callabl
                 f"{tuple(hidden_states.shape[:2])}; pass a `visual_mask` (batch x seq) that matches the decoder input"
             )
         layout = layout.to(hidden_states.device)
-        if fast is None:
+        if self.fast is None:
             frozen = layout.visual if state.config.frozen_tokens == "visual" else layout.text
             return reference_frozen_forward(original, frozen, hidden_states, *args, **kwargs)
-        return fast.fast_frozen_forward(layer, layout, hidden_states, **bind(hidden_states, args, kwargs))
-
-    return frozen_forward
-
-
-def _explicit_layout(mask: Any, shape: tuple[int, int], past_length: int) -> TokenLayout | None:
-    """Layout of the current chunk from a mask covering absolute positions [0, width) of every sample."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"visual_mask must be a torch.Tensor (bool, batch x seq), got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
-            raise TypeError(f"visual_mask must be boolean (or integer 0/1), got dtype {mask.dtype}")
-        mask = mask.bool()
-    batch, seq = shape
-    if mask.dim() != 2 or mask.shape[0] != batch or (past_length == 0 and mask.shape[1] != seq):
-        raise ValueError(
-            f"visual_mask has shape {tuple(mask.shape)} but the input has shape ({batch}, {seq}); "
-            "it must be a bool tensor of shape (batch, seq) marking visual positions"
-        )
-    chunk = mask[:, past_length : past_length + seq]
-    if chunk.shape[1] < seq:  # positions past the mask (generated tokens) are text
-        chunk = torch.cat([chunk, chunk.new_zeros(batch, seq - chunk.shape[1])], dim=1)
-    return TokenLayout.from_visual_mask(chunk) if bool(chunk.any()) else None
+        kwargs = self._bind(original, hidden_states, args, kwargs)
+        return self.fast.fast_frozen_forward(self.module, layout, hidden_states, **kwargs)
 
 
-def _input_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[int, int] | None, torch.Tensor | None]:
-    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-    if input_ids is not None:
-        return tuple(input_ids.shape[:2]), input_ids  # type: ignore[return-value]
-    embeds = kwargs.get("inputs_embeds")
-    if embeds is not None:
-        return tuple(embeds.shape[:2]), None  # type: ignore[return-value]
-    return None, None
-
-
-def _make_pre_hook(state: ShortVState) -> Callable:
-    def before_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-        explicit = kwargs.pop("visual_mask", None)
-        if explicit is None:
-            explicit = state.context_visual_mask
-        state.layout = None
-        if not state.enabled or not state.config.layers:
-            return args, kwargs
-        shape, input_ids = _input_shape(args, kwargs)
-        if shape is None:
-            return args, kwargs
-        past_length = _compat.cached_length(_compat.cache_from_kwargs(kwargs))
-        if explicit is not None:
-            state.layout = _explicit_layout(explicit, shape, past_length)
-        elif input_ids is not None and state.token_ids:
-            ids = torch.tensor(state.token_ids, device=input_ids.device)
-            visual = torch.isin(input_ids, ids)
-            state.layout = TokenLayout.from_visual_mask(visual) if bool(visual.any()) else None
-        elif input_ids is None and past_length == 0:
-            warnings.warn(
-                "ShortV cannot see which positions are visual when only `inputs_embeds` is given; pass "
-                "`visual_mask=` (bool, batch x seq). Running this forward without freezing.",
-                stacklevel=2,
-            )
-        return args, kwargs
-
-    return before_forward
-
-
-def _make_post_hook(state: ShortVState) -> Callable:
-    def after_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        state.layout = None
-
-    return after_forward
-
-
-def _make_generate(state: ShortVState, original: Callable[..., Any]) -> Callable[..., Any]:
+class ShortVGenerate(_InstanceOverride):
     """``generate(..., visual_mask=m)``: generate() rejects unknown kwargs, so the mask goes through the state."""
 
-    @functools.wraps(original)
-    def generate(*args: Any, visual_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        if visual_mask is None:
-            return original(*args, **kwargs)
-        previous = state.context_visual_mask
-        state.context_visual_mask = visual_mask
-        try:
-            return original(*args, **kwargs)
-        finally:
-            state.context_visual_mask = previous
+    attribute = "generate"
 
-    return generate
+    def __init__(self, state: ShortVState, model: nn.Module, previous: Any):
+        super().__init__(model, previous)
+        self.state = state
+
+    def __call__(self, *args: Any, visual_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if visual_mask is None:
+            return self.original()(*args, **kwargs)
+        previous = self.state.context_visual_mask
+        self.state.context_visual_mask = visual_mask
+        try:
+            return self.original()(*args, **kwargs)
+        finally:
+            self.state.context_visual_mask = previous
 
 
 def get_shortv_state(model: nn.Module) -> ShortVState | None:
-    return getattr(model, STATE_ATTRIBUTE, None)
+    return getattr(_unwrap(model), STATE_ATTRIBUTE, None)
 
 
-def apply_shortv(model: nn.Module, config_or_layers: ShortVConfig | list[int] | tuple[int, ...]) -> nn.Module:
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module itself, not a ``torch.compile`` wrapper (patching the wrapper would miss the compiled code)."""
+    return getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+
+
+def _decoder_layers_path(model: nn.Module, layers: nn.ModuleList) -> str:
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise ValueError(f"the decoder layers of {type(model).__name__} are not a submodule of it")
+
+
+def _override(state: ShortVState, module: nn.Module, override: _InstanceOverride) -> None:
+    object.__setattr__(module, override.attribute, override)
+    state.patched.append((module, override.attribute, override.previous))
+
+
+def apply_shortv(model: nn.Module, config_or_layers: ShortVConfig | Sequence[int]) -> nn.Module:
     """Freeze visual tokens in the configured decoder layers of ``model``, in place; returns ``model``.
 
     Applying again replaces the previous configuration. Every check runs before the model is touched, so an error
     leaves the model exactly as it was.
     """
     _compat.check_transformers_version()
+    wrapper, model = model, _unwrap(model)
     config = _coerce_config(config_or_layers)
     layers = find_decoder_layers(model)
     _check_applicable(model, config, layers)
+    entries = entry_modules(model, _decoder_layers_path(model, layers))
 
     if get_shortv_state(model) is not None:
         remove_shortv(model)
-    arch = architecture_for(model)
-    fast = _FAST_LAYERS[arch.fast_layer] if config.mode == "fast" and arch.fast_layer else None
+    fast = fast_layer_for(model) if config.mode == "fast" else None
     state = ShortVState(config=config, num_layers=len(layers), token_ids=visual_token_ids(model))
     for index in sorted(config.frozen_layers):
         layer = layers[index]
         attribute = _forward_attribute(layer)
-        previous = layer.__dict__.get(attribute, _MISSING)
-        original = getattr(layer, attribute)
-        object.__setattr__(layer, attribute, _make_frozen_forward(state, layer, original, fast))
-        state.patched.append(_PatchedLayer(layer, attribute, previous))
+        _override(state, layer, FrozenForward(state, layer, layer.__dict__.get(attribute), fast, attribute))
     if callable(getattr(model, "generate", None)):
-        previous = model.__dict__.get("generate", _MISSING)
-        object.__setattr__(model, "generate", _make_generate(state, model.generate))
-        state.patched.append(_PatchedLayer(model, "generate", previous))
-    state.hooks.append(model.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True, prepend=True))
-    state.hooks.append(model.register_forward_hook(_make_post_hook(state), with_kwargs=True, always_call=True))
+        _override(state, model, ShortVGenerate(state, model, model.__dict__.get("generate")))
+    install_entry_hooks(state, entries)
     object.__setattr__(model, STATE_ATTRIBUTE, state)
-    return model
+    return wrapper
 
 
 def remove_shortv(model: nn.Module) -> nn.Module:
@@ -272,14 +223,13 @@ def remove_shortv(model: nn.Module) -> nn.Module:
     state = get_shortv_state(model)
     if state is None:
         return model
-    for patched in state.patched:
-        if patched.previous is _MISSING:
-            object.__delattr__(patched.module, patched.attribute)
+    for module, attribute, previous in state.patched:
+        if previous is None:
+            object.__delattr__(module, attribute)
         else:
-            object.__setattr__(patched.module, patched.attribute, patched.previous)
-    for handle in state.hooks:
-        handle.remove()
-    object.__delattr__(model, STATE_ATTRIBUTE)
+            object.__setattr__(module, attribute, previous)
+    remove_entry_hooks(state)
+    object.__delattr__(_unwrap(model), STATE_ATTRIBUTE)
     return model
 
 
@@ -307,7 +257,8 @@ def using_visual_mask(model: nn.Module, visual_mask: torch.Tensor) -> Iterator[n
     """Mark visual positions explicitly for every forward in the block, ``generate()`` included.
 
     For custom MLLMs, bare ``*ForCausalLM`` models and ``inputs_embeds`` callers. ``visual_mask`` (bool, batch x
-    seq) covers the prompt; tokens generated after it are text.
+    seq) covers the prompt's positions; tokens after it (generated ones) are text; generate's beam copies are
+    expanded automatically.
     """
     state = _require_state(model)
     previous = state.context_visual_mask

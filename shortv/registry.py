@@ -1,7 +1,9 @@
 """Per-architecture facts, as data, keyed by ``config.model_type`` of the top-level model.
 
-Adding a family means adding a row here (and, only if its decoder layer is not Llama-shaped, a module under
-``shortv/frozen/``). Nothing outside this file knows model names.
+Two tables: `ARCHITECTURES` (per multimodal family: where the decoder layers live, which input ids are visual, which
+language models its fast path was verified with) and `LANGUAGE_MODELS` (per language model: the anatomy of its
+decoder layer, `shortv.frozen.anatomy.LayerAnatomy`). Adding a family means adding rows here, and a module under
+``shortv/frozen/`` only for a new residual structure. Nothing outside this file knows model names.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+
+from .frozen import FastLayer, LayerAnatomy, fast_layer_module
 
 
 @dataclass(frozen=True)
@@ -24,20 +28,59 @@ class Architecture:
     #: ``"1d"``: cos/sin per position. ``"mrope"``: 3-D multimodal positions; transformers' rotary module composes
     #: the sections into per-token cos/sin before the decoder layers, so the frozen layer treats both alike.
     rope: str = "1d"
-    #: Module under ``shortv.frozen`` with the compute-skipping layer, or None (reference mode only).
-    fast_layer: str | None = "llama"
-    #: ``model_type`` of the language model (``config.get_text_config()``) the fast layer was verified with.
+    #: Language models (``config.get_text_config().model_type``) the fast layer was verified with in this family;
+    #: each needs a row in `LANGUAGE_MODELS`. Empty: reference mode only.
     fast_text_model_types: tuple[str, ...] = ("llama", "mistral", "qwen2")
+    #: Dotted path to a method the decoder calls on the hidden states *between* two layers, outside them, as
+    #: ``method(hidden_states, *args)`` (Qwen3-VL's DeepStack adds vision features at the visual positions after
+    #: the first layers). Frozen layers need nothing for it; LC calibration replays those calls.
+    inter_layer_update: str = ""
 
+
+# Layer anatomies (see shortv.frozen.anatomy). Pre-norm: norm, attention, residual, norm, MLP, residual.
+_PRE_NORM = LayerAnatomy()
+_PRE_NORM_QK_NORM = LayerAnatomy(qk_norm=True)
+
+#: Decoder-layer anatomy of each language model with a fast frozen layer, by ``model_type`` of its text config.
+LANGUAGE_MODELS: dict[str, LayerAnatomy] = {
+    "llama": _PRE_NORM,
+    "mistral": _PRE_NORM,
+    "qwen2": _PRE_NORM,
+    "qwen2_vl_text": _PRE_NORM,
+    "qwen2_5_vl_text": _PRE_NORM,
+    "qwen3": _PRE_NORM_QK_NORM,
+    "qwen3_vl_text": _PRE_NORM_QK_NORM,
+    "qwen3_vl_moe_text": _PRE_NORM_QK_NORM,  # the sparse MoE block sits in the MLP slot
+    # Ministral 3: queries scaled by position after RoPE (Llama-4 attention temperature).
+    "ministral3": LayerAnatomy(query_scale="llama4"),
+    # Gemma 3: sandwich norms, QK-norm; sliding and global layers differ only in the mask and RoPE they are given.
+    "gemma3_text": LayerAnatomy(
+        module="sandwich",
+        attention_output_norm="post_attention_layernorm",
+        mlp_norm="pre_feedforward_layernorm",
+        mlp_output_norm="post_feedforward_layernorm",
+        qk_norm=True,
+    ),
+    # GLM-4.1V: sandwich norms, partial RoPE on interleaved pairs.
+    "glm4v_text": LayerAnatomy(
+        module="sandwich",
+        attention_output_norm="post_self_attn_layernorm",
+        mlp_norm="post_attention_layernorm",
+        mlp_output_norm="post_mlp_layernorm",
+        rope="interleaved",
+    ),
+}
 
 _MULTIMODAL = dict(decoder_layers="model.language_model.layers", final_norm="model.language_model.norm")
 _CAUSAL_LM = dict(decoder_layers="model.layers", final_norm="model.norm")
 _LLAVA_STYLE = dict(**_MULTIMODAL, visual_token_id_attributes=("image_token_id",))
-_QWEN_VL = dict(
-    **_MULTIMODAL,
-    visual_token_id_attributes=("image_token_id", "video_token_id"),
-    rope="mrope",
+_IMAGE_AND_VIDEO = ("image_token_id", "video_token_id")
+_QWEN_VL = dict(**_MULTIMODAL, visual_token_id_attributes=_IMAGE_AND_VIDEO, rope="mrope")
+_TEXT_MODEL = dict(  # SmolVLM / Idefics3 keep their language model under `model.text_model`
+    decoder_layers="model.text_model.layers", final_norm="model.text_model.norm",
+    visual_token_id_attributes=("image_token_id",), fast_text_model_types=("llama",),
 )
+_DEEPSTACK = "model.language_model._deepstack_process"
 
 ARCHITECTURES: dict[str, Architecture] = {
     # LLaVA-1.5 (Vicuna/Llama or Mistral LM)
@@ -45,22 +88,33 @@ ARCHITECTURES: dict[str, Architecture] = {
     # LLaVA-NeXT (anyres tiles; still one input id per visual feature)
     "llava_next": Architecture(**_LLAVA_STYLE),
     # LLaVA-OneVision (Qwen2 LM; images and video)
-    "llava_onevision": Architecture(
-        **_MULTIMODAL,
-        visual_token_id_attributes=("image_token_id", "video_token_id"),
-    ),
+    "llava_onevision": Architecture(**_MULTIMODAL, visual_token_id_attributes=_IMAGE_AND_VIDEO),
     "qwen2_vl": Architecture(**_QWEN_VL, fast_text_model_types=("qwen2_vl_text",)),
     "qwen2_5_vl": Architecture(**_QWEN_VL, fast_text_model_types=("qwen2_5_vl_text",)),
+    # Qwen3-VL, dense and MoE: QK-norm, interleaved M-RoPE, DeepStack between the first layers.
+    "qwen3_vl": Architecture(**_QWEN_VL, fast_text_model_types=("qwen3_vl_text",), inter_layer_update=_DEEPSTACK),
+    "qwen3_vl_moe": Architecture(
+        **_QWEN_VL, fast_text_model_types=("qwen3_vl_moe_text",), inter_layer_update=_DEEPSTACK
+    ),
+    # InternVL 3 / 3.5 (Qwen2, Qwen3 or Llama LM); video frames use the image token.
+    "internvl": Architecture(**_LLAVA_STYLE, fast_text_model_types=("qwen2", "qwen3", "llama")),
+    "smolvlm": Architecture(**_TEXT_MODEL),
+    "idefics3": Architecture(**_TEXT_MODEL),
+    # Mistral 3.1 / Ministral 3 (Pixtral vision). [IMG_BREAK] / [IMG_END] are text ids: not frozen.
+    "mistral3": Architecture(**_LLAVA_STYLE, fast_text_model_types=("mistral", "ministral3")),
+    "gemma3": Architecture(**_LLAVA_STYLE, fast_text_model_types=("gemma3_text",)),
+    # GLM-4.1V: video frames use the image token too.
+    "glm4v": Architecture(**_QWEN_VL, fast_text_model_types=("glm4v_text",)),
     # Bare causal LMs: the caller says which positions are visual with an explicit mask.
     "llama": Architecture(**_CAUSAL_LM),
     "mistral": Architecture(**_CAUSAL_LM),
     "qwen2": Architecture(**_CAUSAL_LM),
+    "qwen3": Architecture(**_CAUSAL_LM, fast_text_model_types=("qwen3",)),
+    "gemma3_text": Architecture(**_CAUSAL_LM, fast_text_model_types=("gemma3_text",)),
 }
 
 #: Used for model types not in the table: reference mode only, layers found through ``get_decoder()``.
-GENERIC = Architecture(
-    decoder_layers="", visual_token_id_attributes=("image_token_id", "video_token_id"), fast_layer=None
-)
+GENERIC = Architecture(decoder_layers="", visual_token_id_attributes=_IMAGE_AND_VIDEO, fast_text_model_types=())
 
 
 def model_type_of(model: nn.Module) -> str | None:
@@ -72,7 +126,34 @@ def architecture_for(model: nn.Module) -> Architecture:
 
 
 def supported_fast_model_types() -> list[str]:
-    return sorted(name for name, arch in ARCHITECTURES.items() if arch.fast_layer is not None)
+    return sorted(name for name, arch in ARCHITECTURES.items() if arch.fast_text_model_types)
+
+
+def text_model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "model_type", None)
+
+
+def fast_layer_for(model: nn.Module) -> FastLayer | None:
+    """The fast frozen layer for ``model``'s decoder layers, or None where only reference mode is verified."""
+    arch = architecture_for(model)
+    text_type = text_model_type(model)
+    if text_type not in arch.fast_text_model_types or text_type not in LANGUAGE_MODELS:
+        return None
+    return fast_layer_module(LANGUAGE_MODELS[text_type])
+
+
+def find_inter_layer_update(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """(module, method name) of the family's between-layer update (`Architecture.inter_layer_update`), if any."""
+    path = architecture_for(model).inter_layer_update
+    if not path:
+        return None
+    owner_path, _, name = path.rpartition(".")
+    owner = _resolve(model, owner_path)
+    if not isinstance(owner, nn.Module) or not callable(getattr(owner, name, None)):
+        raise ValueError(f"{type(model).__name__} has no `{path}` (its registry entry's inter_layer_update)")
+    return owner, name
 
 
 def _resolve(root: nn.Module, dotted: str) -> object | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,21 +13,24 @@ from typer.testing import CliRunner
 
 import tiny_models
 from shortv import ShortVConfig, apply_shortv, get_shortv_state
-from shortv import bench as bench_lib
-from shortv.bench import (
+from shortv import benchmark as bench_lib
+from shortv.benchmark import (
     BenchInputs,
+    BenchResult,
     PeakMemory,
     Stats,
     benchmark,
     default_shortv_config,
     ideal_prefill_speedup,
     shape_shortv_config,
+    time_prefill,
     to_markdown,
 )
+from shortv.benchmark.timing import interleaved
 from shortv.cli import app
 from shortv.config import PRESET_LAYER_ORDERS
 from shortv.flops import LayerDims, model_flops
-from shortv.shapes import make_token_layout
+from shortv.benchmark.shapes import make_token_layout
 
 FAST = dict(new_tokens=3, repeats=2, warmup=1)
 
@@ -138,9 +143,9 @@ def test_default_config_for_models_without_one() -> None:
 
 def test_bench_shape_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
     # Real shapes are too big for CI: swap in a tiny builder, keep the layer selection and inputs of shape mode.
-    import shortv.shapes
+    from shortv.benchmark import shapes
 
-    monkeypatch.setattr(shortv.shapes, "build_shape_model", lambda name, num_layers, dtype, seed: _tiny_llama(num_layers))
+    monkeypatch.setattr(shapes, "build_shape_model", lambda name, num_layers, **options: _tiny_llama(num_layers))
     result = bench_lib.bench_shape(
         "llava-1.5-7b", num_layers=4, visual_tokens=12, text_tokens=4, dtype="fp32", **FAST
     )
@@ -159,6 +164,65 @@ def test_peak_memory_sees_a_large_allocation() -> None:
     peak = meter.stop()
     assert peak is not None and peak >= 48 * 2**20
     assert meter.peak_total_bytes is not None and meter.peak_total_bytes >= peak
+
+
+def test_peak_memory_sampling_thread_where_the_kernel_peak_cannot_be_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shortv.benchmark import memory
+
+    monkeypatch.setattr(memory, "_reset_hwm", lambda: False)
+    meter = PeakMemory("cpu", sample_interval_s=0.0005)
+    assert "sampling thread" in meter.method
+    meter.start()
+    block = torch.ones(16 * 2**20, dtype=torch.float32)  # 64 MiB, touched, held long enough to be sampled
+    time.sleep(0.05)
+    del block
+    peak = meter.stop()
+    assert peak is not None and peak >= 48 * 2**20
+
+
+def test_interleaving_alternates_the_order_after_warm_up() -> None:
+    calls: list[str] = []
+    runs = interleaved(lambda variant: calls.append(variant) or len(calls), repeats=3, warmup=1, describe=str)
+    assert calls == ["baseline", "shortv", "baseline", "shortv", "shortv", "baseline", "baseline", "shortv"]
+    assert runs == {"baseline": [3, 6, 7], "shortv": [4, 5, 8]}  # warm-up runs are not returned
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        interleaved(lambda variant: 0, repeats=0, warmup=0, describe=str)
+
+
+def test_prefill_timing_runs_each_variant_on_its_rows() -> None:
+    model = _tiny_llama()
+    ids, mask = make_token_layout(2, n_text=5, n_visual=11, vocab_size=200)
+    rows: list[int] = []
+    handle = model.model.layers[2].self_attn.q_proj.register_forward_hook(
+        lambda module, args, output: rows.append(args[0].shape[:-1].numel())
+    )
+    timing = time_prefill(model, BenchInputs.for_causal_lm(ids, mask), [1, 2], repeats=2, warmup=1)
+    handle.remove()
+    # Warm-up B S, then B S, S B: the baseline's q_proj sees all 2 x 16 tokens, ShortV's the 2 x 5 text tokens.
+    assert rows == [32, 10, 32, 10, 10, 32]
+    assert len(timing.baseline_s.values) == len(timing.shortv_s.values) == 2 and timing.shortv_s.min > 0
+    assert timing.speedup == pytest.approx(timing.baseline_s.median / timing.shortv_s.median)
+    assert not timing.compiled and timing.compile_s is None
+    assert get_shortv_state(model) is None
+    with pytest.raises(ValueError, match="warmup >= 1"):
+        time_prefill(model, BenchInputs.for_causal_lm(ids, mask), [1], compile=True, warmup=0)
+
+
+RECORDED = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*_cpu_*.json"))
+
+
+@pytest.mark.parametrize("path", RECORDED, ids=lambda path: path.stem)
+def test_recorded_results_still_load(path: Path) -> None:
+    record = json.loads(path.read_text())
+    for key in ("result", "memory_pass"):
+        if record.get(key) is not None:
+            assert BenchResult.from_dict(record[key]).to_dict() == record[key]
+
+
+def test_result_from_an_unknown_writer_is_refused() -> None:
+    record = json.loads(RECORDED[0].read_text())["result"]
+    with pytest.raises(ValueError, match="unknown fields"):
+        BenchResult.from_dict({**record, "speedup_v2": 1.0})
 
 
 def test_stats() -> None:

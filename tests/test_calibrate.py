@@ -1,6 +1,7 @@
 """JSONL data, selection and the calibrate pipeline on the (untrained) tiny LLaVA architecture with its processor."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -118,7 +119,7 @@ def test_select_layers_by_n_and_flops_budget(tmp_path):
         select_layers(lc, flops_ratio=0.01, dims=dims, text_tokens=8, visual_tokens=64)
 
 
-def test_calibrate_writes_lc_config_plot_and_resumes(tiny_llava, calib_file, tmp_path):
+def test_calibrate_writes_lc_config_plot_and_resumes(tiny_llava, calib_file, tmp_path, monkeypatch):
     folder, _, _ = tiny_llava
     out = tmp_path / "out"
     result = calibrate(str(folder), data=calib_file, out_dir=out, num_samples=3, n=5, progress=False)
@@ -129,6 +130,51 @@ def test_calibrate_writes_lc_config_plot_and_resumes(tiny_llava, calib_file, tmp
     rows = result.table()
     assert [row[3] for row in sorted(rows, key=lambda row: row[3])] == list(range(1, 13))
     assert rows[-1][1] == 0.0  # last layer, visual
-    again = calibrate(str(folder), data=calib_file, out_dir=out, num_samples=3, n=5, progress=False, resume=True)
+    # The same model and data given by relative paths are the same run.
+    monkeypatch.chdir(tmp_path)
+    relative_data, relative_model = os.path.relpath(calib_file), os.path.relpath(folder)
+    assert not os.path.isabs(relative_data) and not os.path.isabs(relative_model)
+    again = calibrate(relative_model, data=relative_data, out_dir="out", num_samples=3, n=5, progress=False,
+                      resume=True)
     assert again.lc.per_sample == result.lc.per_sample
     assert again.lc.metadata["layer_evaluations_this_run"] == 0
+    with pytest.raises(ValueError, match=r"other settings \(num_samples_requested: 3 before, 2 now\)"):
+        calibrate(relative_model, data=relative_data, out_dir="out", num_samples=2, n=5, progress=False, resume=True)
+
+
+def fail_if_loaded(*args, **kwargs):
+    pytest.fail("the model was loaded before the inputs were checked")
+
+
+def test_everything_is_checked_before_the_model_loads(tiny_llava, calib_file, tmp_path, monkeypatch):
+    import shortv.calibrate as calibration
+
+    folder, _, _ = tiny_llava
+    monkeypatch.setattr(calibration, "load_model", fail_if_loaded)
+    with pytest.raises(ValueError, match=r"n must be in 0..12 \(the model's decoder layers\), got 13"):
+        calibrate(str(folder), data=calib_file, out_dir=tmp_path / "a", n=13, progress=False)
+    bad_data = calib_file.parent / "bad.jsonl"  # beside the images the other lines name
+    bad_data.write_text(calib_file.read_text() + json.dumps({"image": "nowhere.png", "prompt": "q"}) + "\n")
+    with pytest.raises(SampleError, match=r"bad.jsonl:7: cannot read image .*nowhere.png"):
+        calibrate(str(folder), data=bad_data, out_dir=tmp_path / "b", progress=False)
+    for name in ("lc.json", "shortv_config.json", "lc_samples.jsonl"):  # any earlier result, records or not
+        out = tmp_path / name.replace(".", "_")
+        out.mkdir()
+        (out / name).write_text("{}")
+        with pytest.raises(FileExistsError, match=rf"already holds results \({name}\); pass --resume"):
+            calibrate(str(folder), data=calib_file, out_dir=out, progress=False)
+        assert (out / name).read_text() == "{}"
+
+
+def test_over_long_input_is_refused_before_any_compute(tiny_llava, calib_file, tmp_path, monkeypatch):
+    import shortv.calibrate as calibration
+
+    _, model, processor = tiny_llava
+    monkeypatch.setattr(calibration, "layer_contribution", fail_if_loaded)
+    record = json.loads(calib_file.read_text().splitlines()[0])
+    record.update(id="long", prompt=" ".join(["what color is the circle"] * 80))
+    data = calib_file.parent / "long.jsonl"
+    data.write_text(calib_file.read_text() + json.dumps(record) + "\n")
+    with pytest.raises(SampleError, match=r"long.jsonl:7: the input is \d+ tokens, longer than the model's context "
+                                          r"of 512 tokens"):
+        calibrate(model, processor=processor, data=data, out_dir=tmp_path / "out", progress=False)

@@ -44,7 +44,7 @@ def test_load_rejects_unknown_fields_and_bad_json(tmp_path):
     with pytest.raises(ValueError, match="unknown ShortV config field"):
         ShortVConfig.load(bad)
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="is not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.json:1: not valid JSON"):
         ShortVConfig.load(bad)
 
 
@@ -75,3 +75,19 @@ def test_text_frozen_ablation_is_reference_only_and_round_trips(tmp_path):
         ShortVConfig(layers=[2], frozen_tokens="text")
     with pytest.raises(ValueError, match="frozen_tokens must be one of"):
         ShortVConfig(layers=[2], mode="reference", frozen_tokens="image")
+
+
+def test_numpy_layer_lists_are_accepted_as_python_ints(tmp_path):
+    import numpy as np
+
+    from shortv import LCResult, select_layers
+
+    for layers in (np.array([3, 1, 2]), [np.int64(3), np.int32(1), 2], (np.uint8(3), 1, np.int16(2))):
+        config = ShortVConfig(layers)
+        assert config.layers == [3, 1, 2] and all(type(index) is int for index in config.layers)
+        assert ShortVConfig.load(config.save(tmp_path / "c.json")) == config  # and JSON-serialisable
+    assert ShortVConfig.coerce(np.arange(2)).layers == [0, 1]
+    with pytest.raises(TypeError, match=r"must contain integers, got np.True_"):
+        ShortVConfig(np.array([True, False]))
+    lc = LCResult(num_layers=3, token_types=("visual",), sample_ids=["a"], per_sample={"visual": [[0.3, 0.1, 0.2]]})
+    assert select_layers(lc, n=np.int64(2)).layers == [1, 2]

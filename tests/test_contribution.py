@@ -104,9 +104,9 @@ def test_resume_after_interruption_gives_identical_result(tmp_path, monkeypatch)
         layer_contribution(model, samples, out_dir=tmp_path, progress=False)
     monkeypatch.setattr(contribution, "sample_contribution", real_sample_contribution)
     assert len((tmp_path / "lc_samples.jsonl").read_text().splitlines()) == 2
-    with pytest.raises(FileExistsError, match="pass resume=True"):
+    with pytest.raises(FileExistsError, match=r"already holds results \(lc_samples.jsonl\); pass --resume"):
         layer_contribution(model, samples, out_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match=r"cannot resume .* settings differ .*divergence"):
+    with pytest.raises(ValueError, match=r"cannot resume .*: the interrupted run had other settings \(divergence: .kl. before, .js. now\)"):
         layer_contribution(model, samples, out_dir=tmp_path, resume=True, divergence="js", progress=False)
     resumed = layer_contribution(model, samples, out_dir=tmp_path, resume=True, progress=False)
     assert resumed.per_sample == uninterrupted.per_sample
@@ -137,3 +137,44 @@ def test_half_precision_model_scores_in_fp32():
     assert lc["visual"][-1] == 0.0 and all(value >= 0 and value == value for value in lc["visual"] + lc["text"])
     # bf16 weights move the numbers, not the picture: the layer ranking by text LC agrees with fp32.
     assert sorted(range(4), key=lc["text"].__getitem__) == sorted(range(4), key=lc32["text"].__getitem__)
+
+
+def test_non_finite_lc_names_the_sample_and_stops_before_recording_it(tmp_path):
+    model = build_model("llava", init_std=0.2)
+    samples = calibration_samples(model, "llava", count=3)
+    samples[1].inputs["pixel_values"] = torch.full_like(samples[1].inputs["pixel_values"], float("nan"))
+    with pytest.raises(ValueError, match=r"sample 'llava-1': Layer Contribution is not finite \(visual LC of layer"):
+        layer_contribution(model, samples, out_dir=tmp_path, progress=False)
+    lines = (tmp_path / "lc_samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["llava-0"]  # the good sample is kept, no NaN written
+    assert "NaN" not in (tmp_path / "lc_samples.jsonl").read_text()
+
+
+def test_non_finite_lc_is_never_saved_loaded_or_ranked(tmp_path):
+    with pytest.raises(ValueError, match=r"sample 'b': visual LC is not finite"):
+        LCResult(num_layers=2, token_types=("visual",), sample_ids=["a", "b"],
+                 per_sample={"visual": [[0.1, 0.2], [float("nan"), 0.2]]})
+    path = tmp_path / "lc.json"
+    good = LCResult(num_layers=2, token_types=("visual",), sample_ids=["a"], per_sample={"visual": [[0.1, 0.2]]})
+    path.write_text(json.dumps(good.to_dict()).replace("0.2", "NaN"))  # e.g. written by an older version
+    with pytest.raises(ValueError, match=r"lc.json: not an LC file from shortv calibrate: sample 'a': visual LC"):
+        LCResult.load(path)
+
+
+def test_rounding_never_gives_a_negative_lc():
+    from shortv.contribution import divergence_between
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 32000) * 3
+    original = torch.log_softmax(logits, dim=-1)
+    variant = torch.log_softmax(logits + 1e-6 * torch.randn_like(logits), dim=-1)
+    unclamped = (variant.exp() * (variant - original)).sum(-1)
+    assert (unclamped < 0).any()  # fp32 rounding: the formula alone gives about -3e-7 on some rows
+    for kind in ("kl", "kl_reversed", "js"):
+        assert (divergence_between(variant, original, kind) >= 0).all()
+
+
+def test_ties_in_the_order_go_to_the_lower_layer():
+    lc = LCResult(num_layers=5, token_types=("visual",), sample_ids=["a", "b"],
+                  per_sample={"visual": [[0.2, 0.0, 0.1, 0.0, 0.1], [0.2, 0.0, 0.1, 0.0, 0.1]]})
+    assert lc.order == [1, 3, 2, 4, 0]

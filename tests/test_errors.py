@@ -90,8 +90,10 @@ def test_inputs_embeds_need_explicit_mask(llama):
         with torch.no_grad():
             by_embeds = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], visual_mask=inputs.visual_mask)
         torch.testing.assert_close(by_embeds.logits, by_ids, rtol=0, atol=1e-6)
-        with pytest.warns(UserWarning, match="cannot see which positions are visual"), torch.no_grad():
+        with pytest.raises(RuntimeError, match="cannot tell which positions of this forward are visual"), torch.no_grad():
             model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+        # the failed forward left nothing behind
+        torch.testing.assert_close(logits(model, inputs, visual_mask=inputs.visual_mask), by_ids, rtol=0, atol=0)
     finally:
         remove_shortv(model)
 

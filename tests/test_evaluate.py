@@ -68,6 +68,22 @@ def test_empty_config_predictions_identical_to_baseline(tiny, test_samples):
     assert summary.baseline.accuracy == summary.shortv.accuracy
 
 
+def interrupt_generation(monkeypatch, on_call):
+    """Like Ctrl-C: the ``on_call``-th call of generate_answers (two per batch: baseline, ShortV) raises."""
+    import shortv.evaluation as evaluation
+
+    real_generate, calls = evaluation.generate_answers, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == on_call:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate_answers", interrupted)
+    return real_generate
+
+
 def test_resume_after_interruption_gives_same_summary(tiny, test_samples, tmp_path, monkeypatch):
     import shortv.evaluation as evaluation
 
@@ -76,20 +92,12 @@ def test_resume_after_interruption_gives_same_summary(tiny, test_samples, tmp_pa
     full = evaluate(model, processor, test_samples, config, batch_size=2, out_dir=tmp_path / "full", progress=False)
     assert full.flops_ratio < 1.0 and full.layers == list(range(2, 12))
 
-    real_generate, calls = evaluation.generate_answers, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:  # third batch's baseline
-            raise KeyboardInterrupt
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(evaluation, "generate_answers", interrupted)
+    real_generate = interrupt_generation(monkeypatch, on_call=5)  # third batch's baseline
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, processor, test_samples, config, batch_size=2, out_dir=tmp_path / "cut", progress=False)
     monkeypatch.setattr(evaluation, "generate_answers", real_generate)
     assert len((tmp_path / "cut" / "predictions.jsonl").read_text().splitlines()) == 4
-    with pytest.raises(FileExistsError, match="pass resume=True"):
+    with pytest.raises(FileExistsError, match=r"already holds results \(predictions.jsonl\); pass --resume"):
         evaluate(model, processor, test_samples, config, out_dir=tmp_path / "cut", progress=False)
     resumed = evaluate(model, processor, test_samples, config, batch_size=2, out_dir=tmp_path / "cut", resume=True,
                        progress=False)
@@ -119,4 +127,100 @@ def test_bad_input(tiny, test_samples, tmp_path):
         evaluate(model, processor, test_samples[:2] + [broken], ShortVConfig([1]), batch_size=2,
                  out_dir=tmp_path / "partial", progress=False)
     remove_shortv(model)
-    assert len((tmp_path / "partial" / "predictions.jsonl").read_text().splitlines()) == 2  # kept
+    assert not (tmp_path / "partial" / "predictions.jsonl").exists()  # refused before any generation
+
+
+def test_resume_refuses_a_different_setup_naming_what_differs(tiny, test_samples, tmp_path, monkeypatch):
+    import shortv.evaluation as evaluation
+
+    model, processor = tiny
+    config = ShortVConfig([2, 3])
+    interrupt_generation(monkeypatch, on_call=3)  # second batch's baseline
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, processor, test_samples[:2], config, batch_size=1, max_new_tokens=2, out_dir=tmp_path,
+                 progress=False, metadata={"data": "/data/test.jsonl"})
+    monkeypatch.setattr(evaluation, "generate_answers", lambda *a, **k: pytest.fail("resumed a different setup"))
+    before = (tmp_path / "predictions.jsonl").read_text()
+    cases = [
+        (dict(config=ShortVConfig([2, 4])), r"shortv_layers: \[2, 3\] before, \[2, 4\] now"),
+        (dict(max_new_tokens=3), r"max_new_tokens: 2 before, 3 now"),
+        (dict(samples=test_samples[:3]), r"num_samples: 2 before, 3 now; sample_ids_sha256: "),
+        (dict(metadata={"data": "/data/other.jsonl"}), r"data: '/data/test.jsonl' before, '/data/other.jsonl' now"),
+        (dict(model_id="other/model"), r"model_id: .* before, 'other/model' now"),
+    ]
+    for change, message in cases:
+        arguments = {**dict(samples=test_samples[:2], config=config, max_new_tokens=2,
+                            metadata={"data": "/data/test.jsonl"}), **change}
+        with pytest.raises(ValueError, match=rf"cannot resume .*: the interrupted run had other settings \(.*{message}"):
+            evaluate(model, processor, batch_size=1, out_dir=tmp_path, resume=True, progress=False, **arguments)
+    remove_shortv(model)
+    assert (tmp_path / "predictions.jsonl").read_text() == before
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A 12-layer tiny LLaVA checkpoint folder as evaluate_files sees it before loading: its config."""
+    folder = tmp_path_factory.mktemp("model")
+    build.build_model(seed=0).config.save_pretrained(folder)
+    return folder
+
+
+def test_config_and_lc_files_are_checked_against_the_model_before_it_loads(model_folder, tmp_path, monkeypatch):
+    import shortv.evaluation as evaluation
+    from shortv.contribution import LCResult
+
+    class Loaded(Exception):
+        pass
+
+    def stop_at_loading(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(evaluation, "load_model", stop_at_loading)
+    data = synthetic.write_split("test", tmp_path / "data", n=2)
+
+    def run(**kwargs):
+        return evaluation.evaluate_files(str(model_folder), data=data, out_dir=tmp_path / "out", progress=False,
+                                         **kwargs)
+
+    def lc_file(num_layers, model_id, name):
+        lc = LCResult(num_layers=num_layers, token_types=("visual",), sample_ids=["a"],
+                      per_sample={"visual": [[0.1 * layer for layer in range(num_layers)]]}, model_id=model_id)
+        return lc.save(tmp_path / name)
+
+    with pytest.raises(ValueError, match=r"lc6.json was made for a model with 6 decoder layers \(tiny/six\), but "
+                                         r".*model\d* has 12"):
+        run(lc=lc_file(6, "tiny/six", "lc6.json"), n=3)
+    other = lc_file(12, "someone/other-model", "other.json")
+    with pytest.raises(ValueError, match=r"other.json was made for someone/other-model, not .*model\d*; .* "
+                                         r"--allow-other-model"):
+        run(lc=other, n=3)
+    with pytest.raises(Loaded):
+        run(lc=other, n=3, allow_other_model=True)
+    with pytest.raises(Loaded):  # the same model under another path (hub id vs local download)
+        run(lc=lc_file(12, f"owner/{model_folder.name}", "same.json"), n=3)
+    with pytest.raises(ValueError, match=r"n must be in 0..12"):
+        run(lc=lc_file(12, None, "no_id.json"), n=13)
+
+    deep = ShortVConfig([3, 14]).save(tmp_path / "deep.json")
+    with pytest.raises(ValueError, match=r"deep.json: layer\(s\) \[14\] do not exist in .*model\d* \(12 decoder layers"):
+        run(config=deep)
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"empty.json: not a ShortV config: a ShortV config needs \"layers\""):
+        run(config=tmp_path / "empty.json")
+    with pytest.raises(ValueError, match=r"--n goes with --lc .*; --config FILE already lists its layers"):
+        run(config=deep, n=3)
+    assert [path.name for path in (tmp_path / "out").iterdir() if path.name != ".shortv.lock"] == []  # no result
+
+
+def test_over_long_input_is_named_before_generating(tiny, test_samples, tmp_path, monkeypatch):
+    import shortv.evaluation as evaluation
+
+    model, processor = tiny
+    long = VQASample(id="long", images=test_samples[0].images, prompt=" ".join(["what color is the circle"] * 80),
+                     answer="red", source="data.jsonl:9")
+    monkeypatch.setattr(evaluation, "generate_answers", lambda *a, **k: pytest.fail("generated anyway"))
+    with pytest.raises(ValueError, match=r"data.jsonl:9: the input is \d+ tokens \+ 8 new tokens, longer than the "
+                                         r"model's context of 512 tokens"):
+        evaluate(model, processor, [*test_samples[:2], long], ShortVConfig([1]), out_dir=tmp_path, progress=False)
+    remove_shortv(model)
+    assert not (tmp_path / "predictions.jsonl").exists()

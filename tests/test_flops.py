@@ -18,7 +18,7 @@ from shortv.flops import (
     model_flops,
     shape_names,
 )
-from shortv.shapes import ShapeInputs, build_shape_model, make_token_layout, shape_config
+from shortv.benchmark.shapes import ShapeInputs, build_shape_model, make_token_layout, shape_config
 
 TFLOPS = 1e12
 TEXT_TOKENS = 64  # the paper's FLOPs table assumes 64 text tokens
@@ -54,7 +54,7 @@ def test_paper_totals_reproduced(name: str, n_frozen: int, vanilla: float, short
 
 def test_paper_shapes_catalogue() -> None:
     assert shape_names() == sorted(PAPER_SHAPES)
-    expected = {"llava-1.5-7b", "llava-1.5-13b", "next-7b", "next-13b", "qwen2-vl-7b"}
+    expected = {"llava-1.5-7b", "llava-1.5-13b", "next-7b", "next-13b", "qwen2-vl-7b", "qwen3-vl-8b", "gemma3-12b"}
     assert set(shape_names()) == expected
     assert get_shape("next-7b").dims == get_shape("llava-1.5-7b").dims
     assert get_shape("next-13b").visual_tokens == 2880
@@ -170,6 +170,65 @@ def test_layer_dims_from_causal_and_multimodal_configs() -> None:
     # Qwen2 configs carry no head_dim attribute: it is derived from hidden // heads.
     qwen_prefix = shape_config("qwen2-vl-7b", num_layers=3)
     assert LayerDims.from_config(qwen_prefix) == _layers(get_shape("qwen2-vl-7b").dims, 3)
+
+
+def test_qk_norm_is_counted_per_normed_query_and_key() -> None:
+    dims = get_shape("qwen3-vl-8b").dims
+    plain = dataclasses.replace(dims, qk_norm=False)
+    t, v, d = 64, 576, dims.head_dim
+    for frozen, queries in ((False, t + v), (True, t)):
+        extra = layer_flops(dims, t, v, frozen, "exact") - layer_flops(plain, t, v, frozen, "exact")
+        assert extra == 4 * (queries * 32 + (t + v) * 8) * d  # q_norm on the updated tokens, k_norm on all
+    assert layer_flops(dims, t, v, False, "paper") == layer_flops(plain, t, v, False, "paper")
+
+
+def _moe_dims(**overrides) -> LayerDims:
+    base = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
+                head_dim=128, num_layers=4, vocab_size=1000, num_experts=128, experts_per_token=8,
+                moe_intermediate_size=768, dense_layers=(3,))
+    return LayerDims(**{**base, **overrides})
+
+
+def test_moe_layers_count_router_and_active_experts_per_routed_token() -> None:
+    dims = _moe_dims()
+    h, e, k, m = 2048, 128, 8, 768
+    attention_only = dataclasses.replace(dims, num_experts=0, experts_per_token=0, moe_intermediate_size=0,
+                                         intermediate_size=1)  # dense MLP of width 1: 6 FLOPs per token and h
+    t, v = 64, 576
+    for frozen, routed in ((False, t + v), (True, t)):
+        ffn = layer_flops(dims, t, v, frozen, "exact", layer=0)
+        rest = layer_flops(attention_only, t, v, frozen, "exact") - 2 * routed * 3 * h
+        assert ffn - rest == 2 * routed * (h * e + 3 * k * m * h)  # router + k gated experts
+    # Layer 3 keeps the dense MLP; the model sums its layers one by one.
+    dense_layer = layer_flops(dims, t, v, False, "exact", layer=3)
+    assert dense_layer == layer_flops(dataclasses.replace(dims, num_experts=0), t, v, False, "exact")
+    assert model_flops(dims, t, v, [0, 3], "exact") == (
+        layer_flops(dims, t, v, True, "exact", 0) + 2 * layer_flops(dims, t, v, False, "exact", 1)
+        + layer_flops(dims, t, v, True, "exact", 3)
+    )
+    # Freezing skips the visual tokens' experts and their routing: here the 8 active experts are as wide as the
+    # dense MLP (8 x 768 = 6144), so a sparse layer saves exactly the router's work on top.
+    saved = [layer_flops(dims, t, v, False, "exact", i) - layer_flops(dims, t, v, True, "exact", i) for i in (0, 3)]
+    assert saved[0] - saved[1] == 2 * v * h * e
+    assert layer_flops(dims, t, v, False, "paper", 0) == 2 * 640 * (4 * h + 3 * k * m) * h + 4 * 640**2 * h
+    with pytest.raises(ValueError, match="experts_per_token <= num_experts"):
+        _moe_dims(experts_per_token=129)
+
+
+def test_layer_dims_from_moe_and_qk_norm_configs() -> None:
+    from transformers import Gemma3Config, Qwen3VLMoeConfig
+
+    moe = Qwen3VLMoeConfig(text_config=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=6,
+                                            num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                            num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                                            decoder_sparse_step=2, mlp_only_layers=[1], vocab_size=1000))
+    dims = LayerDims.from_config(moe)
+    assert (dims.num_experts, dims.experts_per_token, dims.moe_intermediate_size) == (128, 8, 768)
+    assert dims.dense_layers == (0, 1, 2, 4) and dims.qk_norm  # odd-numbered steps are sparse, but 1 is listed
+    assert [dims.is_moe(i) for i in range(6)] == [False, False, False, True, False, True]
+    gemma = Gemma3Config(text_config=shape_config("gemma3-12b").to_dict())
+    assert LayerDims.from_config(gemma) == get_shape("gemma3-12b").dims
+    assert not LayerDims.from_config(shape_config("llava-1.5-7b")).qk_norm
 
 
 def test_shape_config_layer_range() -> None:

@@ -27,15 +27,7 @@ from shortv.tiny import build, synthetic  # noqa: E402
 TASK, SPLIT = "tiny_vqa", "test"
 LAYERS = [1, 3, 5, 7]
 GREEDY = {"max_new_tokens": 6, "temperature": 0, "do_sample": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and on a shared, loaded CPU they make it ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +208,18 @@ def test_config_resolution_and_generation_settings():
     assert settings.until == ("\n",) and not settings.do_sample and settings.top_p is None and ignored == ["foo"]
     assert GenerationSettings.from_kwargs({"temperature": 0.2})[0].do_sample
     assert truncate_at_stops("a b. c\nd", ["\n", "."]) == "a b"
+
+
+def test_lc_of_another_model_is_refused_and_16_bit_task_images_are_scaled(model_path, tmp_path):
+    import numpy as np
+
+    from shortv import LCResult
+    from shortv.integrations.lmms_eval import _as_images
+
+    lc = LCResult(num_layers=6, token_types=("visual",), sample_ids=["a"],
+                  per_sample={"visual": [[0.1 * layer for layer in range(6)]]}, model_id="tiny/six").save(tmp_path / "lc6.json")
+    with pytest.raises(ValueError, match=r"lc6.json was made for a model with 6 decoder layers \(tiny/six\), but "):
+        ShortV.create_from_arg_string(f"pretrained={model_path},n=2,lc={lc}")
+    gradient = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)
+    [image] = _as_images([Image.fromarray(gradient)])
+    assert image.mode == "RGB" and len(np.unique(np.asarray(image))) == 256  # not clipped to white

@@ -32,8 +32,8 @@ def family(request):
 
 
 @pytest.fixture(scope="module")
-def tiny(family):
-    model = build_model(family, attn_implementation="sdpa", init_std=0.2)
+def tiny(family, device):
+    model = build_model(family, attn_implementation="sdpa", init_std=0.2).to(device)
     inputs = build_inputs(model, family, batch_layouts=default_layouts(family), padding_side="left")
     return model, inputs
 
@@ -68,29 +68,35 @@ def test_derived_visual_mask_is_the_ground_truth(tiny, family):
     assert get_shortv_state(model) is None
 
 
-def test_visual_states_leave_frozen_layer_unchanged(tiny):
-    model, inputs = tiny
+def frozen_layer_input_output(model, inputs, config):
+    """Hidden states entering and leaving the first frozen layer in one forward with ``config`` applied."""
     captured = {}
 
     def capture(module, args, kwargs, output):
         captured["in"] = args[0] if args else kwargs["hidden_states"]
         captured["out"] = output[0] if isinstance(output, tuple) else output
 
-    apply_shortv(model, FROZEN)
-    handle = decoder_layers(model)[FROZEN[0]].register_forward_hook(capture, with_kwargs=True)
+    apply_shortv(model, config)
+    handle = decoder_layers(model)[config.layers[0]].register_forward_hook(capture, with_kwargs=True)
     try:
         run(model, inputs)
     finally:
         handle.remove()
         remove_shortv(model)
+    return captured["in"], captured["out"]
+
+
+def test_visual_states_leave_frozen_layer_unchanged(tiny):
+    model, inputs = tiny
+    entering, leaving = frozen_layer_input_output(model, inputs, ShortVConfig(FROZEN))
     visual, text = inputs.visual_mask, real(inputs) & ~inputs.visual_mask
-    assert torch.equal(captured["out"][visual], captured["in"][visual])
-    assert not torch.equal(captured["out"][text], captured["in"][text])
+    assert torch.equal(leaving[visual], entering[visual])
+    assert not torch.equal(leaving[text], entering[text])
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_each_sample_in_batch_equals_sample_alone(family, padding_side):
-    model = build_model(family, attn_implementation="sdpa", init_std=0.2)
+def test_each_sample_in_batch_equals_sample_alone(family, padding_side, device):
+    model = build_model(family, attn_implementation="sdpa", init_std=0.2).to(device)
     inputs = build_inputs(model, family, batch_layouts=default_layouts(family), padding_side=padding_side)
     # Batched matmuls and left-padding-shifted RoPE positions round differently; with init_std=0.2 the unpatched
     # model itself agrees with the unpadded run only to ~1e-5 (2e-7 at the default init).
@@ -102,8 +108,8 @@ def test_each_sample_in_batch_equals_sample_alone(family, padding_side):
         torch.testing.assert_close(batched[i, inputs.positions(i)], run(model, alone)[0], rtol=0, atol=atol)
 
 
-def test_right_padding_and_eager_attention(family):
-    model = build_model(family, attn_implementation="eager", init_std=0.2)
+def test_right_padding_and_eager_attention(family, device):
+    model = build_model(family, attn_implementation="eager", init_std=0.2).to(device)
     inputs = build_inputs(model, family, batch_layouts=default_layouts(family), padding_side="right", seed=3)
     apply_shortv(model, ShortVConfig(FROZEN, mode="reference"))
     reference = run(model, inputs)
@@ -184,7 +190,7 @@ def test_rope_rounds_exactly_like_transformers(x_dtype, angle_dtype):
     """The frozen layer's buffer-writing RoPE must be bit-identical to transformers' own formula."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from shortv.frozen.llama import _apply_rope
+    from shortv.frozen.rope import apply_rope as _apply_rope
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 7, 16, generator=generator).to(x_dtype) * 5
@@ -204,19 +210,26 @@ def test_rope_rounds_exactly_like_transformers(x_dtype, angle_dtype):
 
 def test_text_frozen_ablation_restores_text_states_and_moves_visual_ones(tiny):
     model, inputs = tiny
-    captured = {}
-
-    def capture(module, args, kwargs, output):
-        captured["in"] = args[0] if args else kwargs["hidden_states"]
-        captured["out"] = output[0] if isinstance(output, tuple) else output
-
-    apply_shortv(model, ShortVConfig(FROZEN, mode="reference", frozen_tokens="text"))
-    handle = decoder_layers(model)[FROZEN[0]].register_forward_hook(capture, with_kwargs=True)
-    try:
-        run(model, inputs)
-    finally:
-        handle.remove()
-        remove_shortv(model)
+    config = ShortVConfig(FROZEN, mode="reference", frozen_tokens="text")
+    entering, leaving = frozen_layer_input_output(model, inputs, config)
     text = ~inputs.visual_mask  # padding counts as text
-    assert torch.equal(captured["out"][text], captured["in"][text])
-    assert not torch.equal(captured["out"][inputs.visual_mask], captured["in"][inputs.visual_mask])
+    assert torch.equal(leaving[text], entering[text])
+    assert not torch.equal(leaving[inputs.visual_mask], entering[inputs.visual_mask])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partial_interleaved_rope_rounds_exactly_like_glm4v(dtype):
+    """GLM-4.1V ropes the first half of each head on interleaved pairs; the rest passes through."""
+    from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
+
+    from shortv.frozen.rope import apply_rope
+
+    generator = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 3, 7, 16, generator=generator) * 5).to(dtype)
+    angles = torch.randn(2, 7, 4, generator=generator) * 3
+    angles = angles.repeat_interleave(2, dim=-1)  # 8 of 16 dims rotate, pairwise, as GLM's rotary module gives them
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    got = apply_rope(x, cos, sin, "interleaved")
+    assert torch.equal(got, expected)
+    assert torch.equal(got[..., 8:], x[..., 8:]) and not torch.equal(got[..., :8], x[..., :8])

@@ -1,4 +1,4 @@
-"""Fast checks of the tiny model factories themselves (tests/tiny_models.py)."""
+"""Fast checks of the tiny model factories themselves (tests/tiny_models/)."""
 
 from __future__ import annotations
 
@@ -100,6 +100,12 @@ def test_visual_token_counts():
         "llava_onevision": {(12, 12): 21, (12, 24): 30, (24, 12): 33, (24, 24): 51},
         "qwen2_vl": {(16, 16): 4, (16, 24): 6, (24, 24): 9},
         "qwen2_5_vl": {(24, 16): 6, (24, 24): 9},
+        "qwen3_vl": {(16, 24): 6, (24, 24): 9},
+        "glm4v": {(16, 16): 4, (24, 16): 6},
+        "internvl": {1: 4, 3: 12},
+        "smolvlm": {2: 8, 1: 4},
+        "mistral3": {(16, 24): 6, (8, 16): 2, (24, 16): 6},
+        "gemma3": {(16, 16): 16},
     }
     for family, table in expected.items():
         model = _model(family)
@@ -112,6 +118,18 @@ def test_visual_token_counts():
     qv = tm.build_inputs(_model("qwen2_vl"), "qwen2_vl", batch_layouts=[dict(videos=1, video_sizes=[(4, 16, 24)])])
     assert qv.visual_items[0][0][2] == 12 and qv["video_grid_thw"].tolist() == [[2, 4, 6]]
     assert (qv["mm_token_type_ids"] == 2).sum() == 12
+    # Qwen3-VL: one timestamp + VISION_START ... VISION_END group per temporal step of a video.
+    q3 = tm.build_inputs(_model("qwen3_vl"), "qwen3_vl", batch_layouts=[dict(videos=1, video_sizes=[(4, 16, 24)])])
+    assert q3.visual_items[0][0][2] == 12 and (q3["input_ids"] == tm.VISION_START_ID).sum() == 2
+    # GLM-4.1V: video features sit on IMAGE_TOKEN_ID placeholders, marked as video by mm_token_type_ids.
+    glm = tm.build_inputs(_model("glm4v"), "glm4v", batch_layouts=[dict(videos=1, video_sizes=[(4, 16, 16)])])
+    assert glm.video_mask.sum() == 8 and (glm["input_ids"][glm.video_mask] == tm.IMAGE_TOKEN_ID).all()
+    # Mistral 3: a row break after each row of image tokens, the last one an end token.
+    m3 = tm.build_inputs(_model("mistral3"), "mistral3", batch_layouts=[dict(images=1, image_sizes=[(16, 24)])])
+    ids = m3["input_ids"][0].tolist()
+    start = ids.index(tm.IMAGE_TOKEN_ID)
+    assert ids[start : start + 8] == [tm.IMAGE_TOKEN_ID] * 3 + [tm.ROW_BREAK_ID] + [tm.IMAGE_TOKEN_ID] * 3 + [
+        tm.VISION_END_ID]
 
 
 def test_layout_options():

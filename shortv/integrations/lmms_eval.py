@@ -20,6 +20,10 @@ Model arguments (``--model_args key=value,...``):
 ``shortv_mode``
     ``fast`` (skip the frozen tokens' compute) or ``reference`` (run the layer, restore the frozen tokens); overrides
     the config's mode.
+``trust_remote_code``
+    ``true`` lets the model folder or hub repo run its own Python code (off by default; only for trusted sources).
+``allow_other_model``
+    ``true`` accepts an ``lc``/``shortv_config`` file recorded for another model id (the layer count must match).
 ``dtype`` (``float16``, ``bfloat16``, ``float32``; default: the checkpoint's), ``device`` (default: ``cuda`` when
 available), ``device_map`` (e.g. ``auto`` to shard one model over the visible GPUs), ``attn_implementation``
 (default ``sdpa``), ``max_new_tokens`` (default when a task does not set it: 1024), ``chat_template`` (a Jinja
@@ -31,19 +35,22 @@ unless a task's ``temperature`` is > 0. ``until`` stop strings cut the answer at
 generating that answer early). Only ``generate_until`` is implemented: likelihood-scored multiple-choice tasks
 (``loglikelihood``) and multi-round tasks raise `NotImplementedError`.
 
-Data-parallel runs (``accelerate launch -m lmms_eval ...`` or ``torchrun``) put one copy of the model on each
-process's ``cuda:LOCAL_RANK``; lmms-eval splits the requests between processes.
+Data-parallel runs (``accelerate launch --multi_gpu -m lmms_eval ...``, or ``torchrun --nproc_per_node N -m
+lmms_eval ...``, also on CPU) work as with lmms-eval's own models: the model's ``accelerator`` joins the process group
+(gloo when the device is the CPU), each process puts a whole copy of the model on its own device (``cuda:LOCAL_RANK``,
+or the CPU) and lmms-eval gives each its share of the requests by ``rank`` and ``world_size``, then gathers the
+answers. ``device_map`` is for a single process.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 try:
     from lmms_eval.api.model import lmms
@@ -56,8 +63,10 @@ except ImportError as _error:  # pragma: no cover - exercised only without the e
     ) from _error
 
 from ..config import MODES, PRESET_ALIASES, PRESET_LAYER_ORDERS, ShortVConfig
-from ..loading import inputs_for, load_model
+from ..data import to_rgb
+from ..loading import inputs_for, load_model, resolve_model
 from ..patch import apply_shortv, get_shortv_state
+from ..selection import check_matches_model
 
 __all__ = ["ShortV", "ShortVChat", "GenerationSettings", "resolve_shortv_config"]
 
@@ -227,7 +236,10 @@ def _as_images(visuals: Any) -> list[Any]:
         if isinstance(item, (list, tuple)):
             pending[:0] = list(item)
         elif isinstance(item, Image.Image):
-            flat.append(item if item.mode == "RGB" else item.convert("RGB"))
+            try:
+                flat.append(to_rgb(item))  # 16-bit grayscale scaled to 8 bits, not clipped to white
+            except ValueError as error:
+                raise ValueError(f"a task image cannot be used: {error}") from None
         elif item is not None:
             kind = "a video (path)" if isinstance(item, str) else "audio" if isinstance(item, dict) else type(item).__name__
             raise NotImplementedError(f"the shortv lmms-eval model takes images only; this task gives {kind}")
@@ -258,6 +270,8 @@ class _ShortVModel(lmms):
         system_prompt: str | None = None,
         max_batch_size: int | None = None,  # passed by lmms-eval; only used with batch_size=auto, which we refuse
         torch_dtype: str | None = None,
+        trust_remote_code: bool = False,
+        allow_other_model: bool = False,
         **unknown: Any,
     ) -> None:
         super().__init__()
@@ -265,8 +279,11 @@ class _ShortVModel(lmms):
             raise TypeError(
                 f"unknown model argument(s) for the shortv lmms-eval model: {', '.join(sorted(unknown))}. Known: "
                 "pretrained, shortv_config, n, lc, preset, shortv_mode, dtype, device, device_map, "
-                "attn_implementation, batch_size, max_new_tokens, chat_template, system_prompt"
+                "attn_implementation, batch_size, max_new_tokens, chat_template, system_prompt, trust_remote_code, "
+                "allow_other_model"
             )
+        if not isinstance(trust_remote_code, bool) or not isinstance(allow_other_model, bool):
+            raise ValueError("trust_remote_code and allow_other_model take true or false")
         pretrained = None if _is_none(pretrained) else str(pretrained)
         self.shortv_config = resolve_shortv_config(pretrained, shortv_config, n, lc, preset, shortv_mode)
         try:
@@ -279,15 +296,29 @@ class _ShortVModel(lmms):
         if torch_dtype is not None and dtype is None:
             dtype = torch_dtype
 
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if world_size > 1:
-            self._rank, self._world_size = int(os.environ.get("RANK", 0)), world_size
+        device = self._pick_device(device)
+        # As lmms-eval's own models: an Accelerator, whose process group lmms-eval uses too (gloo for CPU processes).
+        # Each process holds a whole copy of the model and answers its share of the requests (rank of world_size).
+        self.accelerator = Accelerator(cpu=device.type == "cpu")
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        if self._world_size > 1 and not _is_none(device_map):
+            raise ValueError(
+                f"device_map={device_map} spreads one model over all the devices a process sees, but this launch has "
+                f"{self._world_size} processes, each with its own copy; drop device_map, or run one process"
+            )
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", self.accelerator.local_process_index if self._world_size > 1
+                                  else torch.cuda.current_device())
+        source = resolve_model(pretrained, trust_remote_code)
+        if self.shortv_config is not None:  # a file made for another model would freeze the wrong layers
+            where = next((str(v) for v in (shortv_config, lc) if not _is_none(v)), "the ShortV preset")
+            check_matches_model(self.shortv_config, source.num_layers, source.model_id, where, allow_other_model)
         model, processor, self.model_id = load_model(
-            pretrained, dtype=None if _is_none(dtype) else dtype, device_map=None if _is_none(device_map) else device_map,
+            source, dtype=None if _is_none(dtype) else dtype, device_map=None if _is_none(device_map) else device_map,
             attn_implementation=attn_implementation,
         )
         if _is_none(device_map):
-            model.to(self._pick_device(device))
+            model.to(device)
         self._device = model.get_input_embeddings().weight.device
         if self.shortv_config is not None:
             apply_shortv(model, self.shortv_config)
@@ -313,13 +344,10 @@ class _ShortVModel(lmms):
 
     @staticmethod
     def _pick_device(device: str | None) -> torch.device:
+        """``device``, or the GPU when there is one (which GPU: see ``__init__``), else the CPU."""
         if _is_none(device):
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        chosen = torch.device(device)
-        if chosen.type == "cuda" and chosen.index is None:
-            local_rank = int(os.environ.get("LOCAL_RANK", 0)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
-            chosen = torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
-        return chosen
+        return torch.device(device)
 
     # lmms-eval reads these ------------------------------------------------------------------------------------
     @property
@@ -416,8 +444,9 @@ class _ShortVModel(lmms):
         for request in requests:
             messages, request_images = self._messages(request)
             prompts.append(self._render(messages))
-            images.extend(request_images)
-        batch = self._processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
+            images.append(request_images)  # one list per prompt: Gemma 3 and SmolVLM check each prompt's count
+        batch = self._processor(images=images if any(images) else None, text=prompts, padding=True,
+                                return_tensors="pt")
         inputs = inputs_for(self._model, dict(batch))
         prompt_length = inputs["input_ids"].shape[1]
         kwargs = settings.generate_kwargs()

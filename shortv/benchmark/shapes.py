@@ -1,4 +1,4 @@
-"""Random-weight causal LMs with the real dimensions of the paper's models.
+"""Random-weight causal LMs with the real dimensions of the paper's models, and their token layouts.
 
 Timing and memory depend on tensor shapes, not weight values, so benchmarks
 can run at full scale without downloading checkpoints. The visual encoder is
@@ -12,21 +12,53 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from accelerate import init_empty_weights
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
-from shortv.flops import get_shape
+from ..flops import PaperShape, get_shape
 
-# Non-shape settings of the original checkpoints' language models.
-_FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
+
+class _Family(NamedTuple):
+    """How to build the language model of a `shortv.flops.PaperShape` family: its config and model classes, and
+    the settings of the original checkpoints that are not dimensions."""
+
+    config_class: type[PretrainedConfig]
+    model_class: type[PreTrainedModel]
+    settings: dict[str, Any]
+    #: Whether the config takes ``head_dim`` (Qwen2 derives it from hidden size and heads).
+    takes_head_dim: bool = True
+
+
+#: One row per ``PaperShape.family``; a new family is one row here plus its shape in `shortv.flops`.
+FAMILIES: dict[str, _Family] = {
     # Vicuna-v1.5 (LLaVA-1.5 / LLaVA-NeXT vicuna).
-    "llama": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
+    "llama": _Family(LlamaConfig, LlamaForCausalLM, dict(
+        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+    )),
     # Qwen2-VL's LM; its multimodal RoPE is replaced by 1-D RoPE, which costs the same.
-    "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0},
+    "qwen2": _Family(Qwen2Config, Qwen2ForCausalLM, dict(
+        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ), takes_head_dim=False),
+    # Qwen3-VL's LM (QK-norm), likewise with 1-D RoPE.
+    "qwen3": _Family(Qwen3Config, Qwen3ForCausalLM, dict(
+        max_position_embeddings=262144, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5e6},
+    )),
+    # Gemma 3's LM: sandwich norms, QK-norm, 5 sliding (1024) : 1 global layers, global RoPE linearly scaled by 8.
+    "gemma3": _Family(Gemma3TextConfig, Gemma3ForCausalLM, dict(
+        max_position_embeddings=131072, rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=1024,
+        tie_word_embeddings=True,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+    )),
 }
 
 
@@ -37,9 +69,14 @@ class ShapeInputs(NamedTuple):
     visual_mask: torch.Tensor
 
 
-def shape_config(name: str, num_layers: int | None = None) -> LlamaConfig | Qwen2Config:
+def as_shape(shape: str | PaperShape) -> PaperShape:
+    """A registered paper shape by name (`shortv.flops.get_shape`), or a `PaperShape` built by the caller."""
+    return shape if isinstance(shape, PaperShape) else get_shape(shape)
+
+
+def shape_config(name: str | PaperShape, num_layers: int | None = None) -> PretrainedConfig:
     """The HF config of a paper shape, optionally truncated to its first layers."""
-    shape = get_shape(name)
+    shape = as_shape(name)
     dims = shape.dims
     if num_layers is None:
         num_layers = dims.num_layers
@@ -47,30 +84,24 @@ def shape_config(name: str, num_layers: int | None = None) -> LlamaConfig | Qwen
         raise ValueError(
             f"num_layers for {name!r} must be in 1..{dims.num_layers}, got {num_layers}"
         )
-    settings = _FAMILY_SETTINGS[shape.family]
-    common = dict(
+    family = FAMILIES[shape.family]
+    extra = {"head_dim": dims.head_dim} if family.takes_head_dim else {}
+    return family.config_class(
         vocab_size=dims.vocab_size,
         hidden_size=dims.hidden_size,
         intermediate_size=dims.intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=dims.num_attention_heads,
         num_key_value_heads=dims.num_key_value_heads,
-        max_position_embeddings=settings["max_position_embeddings"],
-        rms_norm_eps=settings["rms_norm_eps"],
-        rope_parameters={"rope_type": "default", "rope_theta": settings["rope_theta"]},
-        tie_word_embeddings=False,
+        **{"tie_word_embeddings": False, **extra, **family.settings},
     )
-    if shape.family == "llama":
-        return LlamaConfig(head_dim=dims.head_dim, **common)
-    # Qwen2 derives head_dim as hidden_size // num_attention_heads.
-    return Qwen2Config(**common)
 
 
 def _random_parameter(
     name: str, like: torch.Tensor, std: float, generator: torch.Generator
 ) -> torch.nn.Parameter:
     """Matrices ~ N(0, std); norm scales 1 and biases 0 so activations stay O(1)."""
-    data = torch.empty(like.shape, dtype=like.dtype, device="cpu")
+    data = torch.empty(like.shape, dtype=like.dtype, device=generator.device)
     if data.ndim >= 2:
         data.normal_(0.0, std, generator=generator)
     elif name == "bias":
@@ -84,9 +115,9 @@ def _random_parameter(
     return torch.nn.Parameter(data, requires_grad=True)
 
 
-def _materialize(model: torch.nn.Module, std: float, seed: int) -> None:
-    """Replace meta parameters in place, one tensor at a time, keeping ties shared."""
-    generator = torch.Generator().manual_seed(seed)
+def _materialize(model: torch.nn.Module, std: float, seed: int, device: torch.device) -> None:
+    """Replace meta parameters in place, one tensor at a time on ``device``, keeping ties shared."""
+    generator = torch.Generator(device=device).manual_seed(seed)
     done: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
@@ -96,28 +127,30 @@ def _materialize(model: torch.nn.Module, std: float, seed: int) -> None:
 
 
 def build_shape_model(
-    name: str,
+    name: str | PaperShape,
     num_layers: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> PreTrainedModel:
-    """A CPU, eval-mode causal LM with random weights and ``name``'s real dimensions.
+    """An eval-mode causal LM with random weights and ``name``'s real dimensions, on ``device``.
 
     Parameters are created on the meta device (no init cost) and then filled
-    one tensor at a time directly in ``dtype``, so peak memory is the model
-    itself: about 14 GB for a full 7B model in bf16. ``num_layers`` keeps only
-    the first layers to fit smaller machines. Use ``.to(device)`` afterwards.
+    one tensor at a time directly on ``device`` in ``dtype``, so peak memory is
+    the model itself: about 14 GB for a full 7B model in bf16. ``num_layers``
+    keeps only the first layers to fit smaller machines. The values depend on
+    the device's random generator: the same seed gives other weights on CUDA.
     """
     config = shape_config(name, num_layers)
-    model_class = LlamaForCausalLM if isinstance(config, LlamaConfig) else Qwen2ForCausalLM
+    model_class = FAMILIES[as_shape(name).family].model_class
     # Buffers (RoPE inverse frequencies) stay real and in float32, as from_pretrained leaves them.
     with init_empty_weights(include_buffers=False):
         model = model_class._from_config(
             config, dtype=dtype, attn_implementation=attn_implementation
         )
-    _materialize(model, std=config.initializer_range, seed=seed)
-    return model.eval()
+    _materialize(model, std=config.initializer_range, seed=seed, device=torch.device(device))
+    return model.to(device).eval()
 
 
 def make_token_layout(

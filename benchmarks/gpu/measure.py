@@ -1,0 +1,220 @@
+"""The measurements of the GPU check: ``run.sh`` runs this, then ``report.py``.
+
+First the device's bf16 GEMM rate and copy bandwidth (`shortv.benchmark.measure_rates`), for the roofline ideal.
+Then, for every shape of ``GPU_SHAPES`` registered in `shortv.flops` (random weights with the real dims, bf16, sdpa,
+the paper's N ShortV layers; `shortv.benchmark.shape_shortv_config`), at each batch size:
+
+* ``generate`` cell: `shortv.benchmark.benchmark`, greedy ``generate`` runs, baseline and ShortV interleaved:
+  TTFT, decode tokens/s and peak ``torch.cuda.max_memory_allocated`` (a `BenchResult`);
+* ``prefill`` cell, eager: `shortv.benchmark.time_prefill`, the prompt forward alone timed with CUDA events,
+  median of 10 after 3 warm-up rounds, next to the FLOPs-ideal and the roofline speedups.
+
+Then, in the time left, the same prefill cells through ``torch.compile`` (shape by shape; a cell is skipped when
+the deadline is too close). Every finished, failed or skipped cell is appended to ``OUTDIR/cells.jsonl`` at once,
+so a run stopped by its time limit keeps what it measured.
+
+``--smoke`` runs the same on CPU with miniatures of the shapes (same family and attention layout, hidden size 64,
+4 layers, 1/24 of the visual tokens) and 1-2 repetitions; compile cells are skipped there (inductor compiles for
+minutes on a small CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shortv.benchmark import (
+    BenchInputs,
+    DeviceRates,
+    benchmark,
+    causal_lm_inputs,
+    ideal_prefill_speedup,
+    machine_info,
+    measure_rates,
+    roofline_prefill_seconds,
+    roofline_prefill_speedup,
+    shape_shortv_config,
+    time_prefill,
+)
+from shortv.benchmark.shapes import build_shape_model
+from shortv.config import ShortVConfig
+from shortv.flops import PAPER_SHAPES, LayerDims, PaperShape
+
+#: The shapes the check runs, in order. A name not (yet) in `shortv.flops.PAPER_SHAPES` is reported as missing:
+#: Qwen3-VL-8B runs as soon as its shape (and its family in `shortv.benchmark.shapes.FAMILIES`) is registered.
+GPU_SHAPES = ("llava-1.5-7b", "next-7b", "qwen2-vl-7b", "qwen3-vl-8b")
+CELLS = "cells.jsonl"
+
+
+@dataclass(frozen=True)
+class Settings:
+    batches: tuple[int, ...] = (1, 8)
+    text_tokens: int = 64
+    new_tokens: int = 16
+    generate_repeats: int = 5
+    generate_warmup: int = 1
+    prefill_repeats: int = 10
+    prefill_warmup: int = 3
+    #: Seconds kept free for a compile cell before its first one has been timed.
+    compile_reserve_s: float = 90.0
+    rates: dict[str, Any] = field(default_factory=lambda: {"gemm_size": 8192, "copy_bytes": 2**30, "min_run_time": 1.0})
+
+
+SMOKE = Settings(batches=(1, 2), text_tokens=8, new_tokens=3, generate_repeats=1, generate_warmup=0,
+                 prefill_repeats=2, prefill_warmup=1,
+                 rates={"gemm_size": 256, "copy_bytes": 2**24, "min_run_time": 0.05})
+
+
+def miniature(shape: PaperShape) -> PaperShape:
+    """A few-MB model of the same family and attention layout (multi-head or grouped-query) as ``shape``."""
+    dims = shape.dims
+    grouped = dims.num_key_value_heads < dims.num_attention_heads
+    small = LayerDims(hidden_size=64, intermediate_size=64 * dims.intermediate_size // dims.hidden_size,
+                      num_attention_heads=4, num_key_value_heads=1 if grouped else 4, head_dim=16, num_layers=4,
+                      vocab_size=512)
+    return replace(shape, dims=small, visual_tokens=shape.visual_tokens // 24)
+
+
+class Cells:
+    """``OUTDIR/cells.jsonl``: one JSON object per finished, failed or skipped cell, flushed as it is written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last_seconds: dict[str, float] = {}
+
+    def write(self, kind: str, **fields: Any) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"kind": kind, **fields}) + "\n")
+
+    def attempt(self, kind: str, label: dict[str, Any], work: Callable[[], dict[str, Any]], reserve_s: float,
+                deadline: float) -> None:
+        """Run one cell unless fewer than ``reserve_s`` (or its last duration) seconds are left before ``deadline``;
+        a failure is recorded with its traceback and the run goes on."""
+        needed = max(reserve_s, self.last_seconds.get(kind, 0.0))
+        if time.time() + needed > deadline:
+            self.write("skipped", cell=kind, **label, reason=f"time budget: {needed:.0f} s needed, "
+                       f"{max(deadline - time.time(), 0):.0f} s left")
+            return
+        print(f"== {kind} {label}", flush=True)
+        started = time.perf_counter()
+        try:
+            record = work()
+        except Exception as error:  # noqa: BLE001 - every failure is a result of the check, recorded, not fatal
+            self.write("error", cell=kind, **label, error=f"{type(error).__name__}: {error}"[:2000],
+                       traceback=traceback.format_exc()[-6000:])
+            print(f"   failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return
+        self.last_seconds[kind] = time.perf_counter() - started
+        self.write(kind, **label, seconds=self.last_seconds[kind], **record)
+
+
+def prefill_cell(model: torch.nn.Module, inputs: BenchInputs, config: ShortVConfig, rates: DeviceRates,
+                 settings: Settings, compiled: bool) -> dict[str, Any]:
+    timing = time_prefill(
+        model, inputs, config, repeats=settings.prefill_repeats, warmup=settings.prefill_warmup, compile=compiled,
+        compile_options={"dynamic": False} if compiled else None,
+        progress=lambda message: print(f"   {message}", flush=True),
+    )
+    dims, counts, layers = LayerDims.from_config(model.config), inputs.token_counts(), config.layers
+    weight_bytes = torch.finfo(next(model.parameters()).dtype).bits / 8
+    flops_ideal = ideal_prefill_speedup(dims, counts, layers)
+    roofline = roofline_prefill_speedup(dims, counts, layers, rates, weight_bytes)
+    return {
+        "timing": timing.to_dict(),
+        "flops_ideal": flops_ideal,
+        "roofline_ideal": roofline,
+        "realized_of_flops_ideal": timing.speedup / flops_ideal,
+        "realized_of_roofline": timing.speedup / roofline,
+        "roofline_seconds": {"baseline": roofline_prefill_seconds(dims, counts, [], rates, weight_bytes),
+                             "shortv": roofline_prefill_seconds(dims, counts, layers, rates, weight_bytes)},
+        "text_tokens": [t for t, _ in counts],
+        "visual_tokens": [v for _, v in counts],
+        "shortv_layers": list(layers),
+    }
+
+
+def measure(out: Path, device: torch.device, smoke: bool, deadline: float, shape_names: list[str],
+            compile_cells: bool) -> None:
+    started = time.time()
+    settings = SMOKE if smoke else Settings()
+    cells = Cells(out / CELLS)
+    missing = [name for name in shape_names if name not in PAPER_SHAPES]
+    shapes = {name: miniature(PAPER_SHAPES[name]) if smoke else PAPER_SHAPES[name]
+              for name in shape_names if name in PAPER_SHAPES}
+    cells.write("setup", machine=machine_info(device), device=str(device), smoke=smoke, settings=asdict(settings),
+                shapes=list(shapes), missing_shapes=missing, dtype="bf16", attention="sdpa")
+    rates = measure_rates(device, torch.bfloat16, **settings.rates)
+    cells.write("rates", flops_per_s=rates.flops_per_s, bytes_per_s=rates.bytes_per_s, **settings.rates)
+    print(f"device rates: {rates.flops_per_s / 1e12:.3g} TFLOP/s bf16 GEMM, {rates.bytes_per_s / 1e12:.3g} TB/s",
+          flush=True)
+
+    def run_shape(name: str, shape: PaperShape, compiled: bool) -> None:
+        config, note = (shape_shortv_config(name, num_layers=shape.dims.num_layers, proportional=True) if smoke
+                        else shape_shortv_config(name))
+        model = build_shape_model(shape, dtype=torch.bfloat16, device=device)
+        try:
+            for batch in settings.batches:
+                inputs = causal_lm_inputs(batch, settings.text_tokens, shape.visual_tokens, shape.dims.vocab_size)
+                label = {"shape": name, "batch": batch}
+                if compiled:
+                    cells.attempt("prefill_compiled", label,
+                                  lambda: prefill_cell(model, inputs, config, rates, settings, compiled=True),
+                                  reserve_s=settings.compile_reserve_s, deadline=deadline)
+                    continue
+                cells.attempt("generate", label, lambda: {"result": benchmark(
+                    model, inputs, config, new_tokens=settings.new_tokens, repeats=settings.generate_repeats,
+                    warmup=settings.generate_warmup, name=name, source="shape", layer_selection=note,
+                ).to_dict()}, reserve_s=5.0, deadline=deadline)
+                cells.attempt("prefill", label, lambda: prefill_cell(model, inputs, config, rates, settings, False),
+                              reserve_s=5.0, deadline=deadline)
+        finally:
+            del model
+            gc.collect()
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    for name, shape in shapes.items():  # every eager cell first: they matter most and take the least time
+        run_shape(name, shape, compiled=False)
+    if compile_cells and smoke:
+        cells.write("skipped", cell="prefill_compiled", reason="--smoke: inductor compiles for minutes on a CPU")
+    elif compile_cells:
+        for name, shape in shapes.items():
+            run_shape(name, shape, compiled=True)
+    cells.write("done", wall_s=time.time() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="output folder (cells.jsonl is appended to)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, miniature shapes, 1-2 repetitions, no compile")
+    parser.add_argument("--device", default=None, help="default: cuda, or cpu with --smoke")
+    parser.add_argument("--deadline", type=float, default=float("inf"), help="Unix time by which to stop starting cells")
+    parser.add_argument("--shapes", nargs="+", default=list(GPU_SHAPES))
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile cells")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 with --smoke, which CI runs on a shared 2-core machine)")
+    args = parser.parse_args()
+    if args.threads or args.smoke:
+        torch.set_num_threads(args.threads or 1)
+    device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: run with --smoke on a machine without a GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    measure(args.out, device, args.smoke, args.deadline, args.shapes, compile_cells=not args.no_compile)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""Pieces every compute-skipping frozen layer shares: text-row gathers, the text-query mask, attention.
+
+In a frozen layer every token gets its keys and values (text queries attend to the image, and the KV cache is
+filled as usual), while only text tokens get queries, attention output, ``o_proj``, the MLP and residual updates;
+visual hidden states leave the layer untouched. `text_attention` is that attention half for any softmax-attention
+layer described by a `LayerAnatomy`; the fast layer modules add their residual structure around it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .._compat import cache_from_kwargs
+from ..layout import TokenLayout
+from .anatomy import LayerAnatomy
+from .hooks import call_attention_hooks, has_forward_hooks
+from .rope import apply_rope
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_ATTENTION_ATTRIBUTES = ("head_dim", "scaling", "layer_idx")
+
+
+def attention_implementation(attention: nn.Module) -> str | None:
+    return getattr(getattr(attention, "config", None), "_attn_implementation", None)
+
+
+def unsupported_reason(layer: nn.Module, anatomy: LayerAnatomy, output_norms: bool) -> str | None:
+    """Why ``layer`` does not have ``anatomy`` or runs on an unsupported attention backend; None when it is fine.
+
+    ``output_norms``: whether the calling fast layer norms each branch's output (sandwich) or not (pre-norm)."""
+    if (bool(anatomy.attention_output_norm), bool(anatomy.mlp_output_norm)) != (output_norms, output_norms):
+        kind = "needs" if output_norms else "has no"
+        return f"the {anatomy.module} layer {kind} branch-output norms (attention_output_norm, mlp_output_norm)"
+    attention = getattr(layer, anatomy.attention, None)
+    parts = _PROJECTIONS + (("q_norm", "k_norm") if anatomy.qk_norm else ())
+    missing = [name for name in (anatomy.attention, anatomy.mlp, *anatomy.norms) if not hasattr(layer, name)]
+    missing += [f"{anatomy.attention}.{name}" for name in parts + _ATTENTION_ATTRIBUTES
+                if not hasattr(attention, name)]
+    supported = (f"the fast {anatomy.module} layer supports {anatomy.attention}({', '.join(parts)}), "
+                 f"{', '.join(anatomy.norms)}, {anatomy.mlp}; mode='reference' works with any layer")
+    name = type(layer).__name__
+    if missing:
+        return f"{name} does not have the expected layer anatomy (missing {', '.join(missing)}); {supported}"
+    if not anatomy.qk_norm and (hasattr(attention, "q_norm") or hasattr(attention, "k_norm")):
+        return f"{name} norms its queries/keys, which its registered anatomy does not describe; {supported}"
+    return _backend_reason(attention)
+
+
+def _backend_reason(attention: nn.Module) -> str | None:
+    implementation = attention_implementation(attention)
+    if implementation in SUPPORTED_ATTENTION:
+        return None
+    return (
+        f"attn_implementation={implementation!r} is not supported by the fast ShortV layer (supported: "
+        f"{', '.join(SUPPORTED_ATTENTION)}); load the model with attn_implementation='sdpa' or use mode='reference'"
+    )
+
+
+# ---- rows -------------------------------------------------------------------------------------------------------
+def gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``x[b, positions[b, j]]`` for x of shape (batch or 1, seq, dim)."""
+    x = x.expand(positions.shape[0], *x.shape[1:])
+    return torch.gather(x, 1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def run_on_rows(module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """A token-wise block (MLP or MoE) on flat rows, passed as one sequence: MoE blocks expect (batch, seq, dim)."""
+    output = module(rows.unsqueeze(0))
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} returned {type(output).__name__}, expected a tensor")
+    return output.squeeze(0)
+
+
+# ---- masks ------------------------------------------------------------------------------------------------------
+def text_query_mask(
+    attention_mask: torch.Tensor | None,
+    layout: TokenLayout,
+    past_length: int,
+    kv_length: int,
+    implementation: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The rows of the layer's 4-D attention mask that belong to the text queries.
+
+    Whatever the layer's mask encodes (causal, sliding window, bidirectional image blocks, padding) is kept for the
+    text queries. When transformers passed no mask (sdpa's causal fast case), the causal mask is built explicitly:
+    the text queries are a subset, so sdpa's ``is_causal`` alignment no longer applies.
+    """
+    positions = layout.text_positions
+    batch, width = positions.shape
+    if attention_mask is None:
+        query_index = (positions + past_length).unsqueeze(-1)
+        key_index = torch.arange(kv_length, device=positions.device)
+        allowed = (key_index <= query_index).unsqueeze(1)
+        if implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        raise TypeError(
+            f"the fast ShortV layer expects a 4-D attention mask tensor, got {type(attention_mask).__name__}"
+        )
+    mask = attention_mask.expand(batch, attention_mask.shape[1], attention_mask.shape[2], attention_mask.shape[3])
+    index = positions[:, None, :, None].expand(batch, mask.shape[1], width, mask.shape[3])
+    return torch.gather(mask, 2, index)
+
+
+# ---- attention --------------------------------------------------------------------------------------------------
+def _llama4_query_scale(attention: nn.Module, position_ids: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
+    """Per-text-query scale ``1 + beta * log(1 + floor(pos / L))`` (batch, 1, width, 1) at the queries' positions."""
+    if position_ids is None:
+        raise RuntimeError("this layer scales queries by position and needs `position_ids` from the decoder")
+    parameters = attention.config.rope_parameters
+    beta, length = parameters.get("llama_4_scaling_beta"), parameters.get("original_max_position_embeddings")
+    positions = torch.gather(position_ids.expand(layout.text_positions.shape[0], -1), 1, layout.text_positions)
+    return (1 + beta * torch.log(1 + torch.floor(positions / length)))[:, None, :, None]
+
+
+def attention_function(attention: nn.Module) -> Callable[..., Any]:
+    reason = _backend_reason(attention)
+    if reason is not None:
+        raise RuntimeError(reason)
+    # The family's own eager kernel lives next to its attention class in transformers.
+    eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward")
+    return ALL_ATTENTION_FUNCTIONS.get_interface(attention_implementation(attention), eager)
+
+
+def _heads(attention: nn.Module, projected: torch.Tensor, norm: str | None) -> torch.Tensor:
+    """(..., heads * head_dim) -> (..., heads, head_dim), normed per head when the anatomy says so."""
+    heads = projected.view(*projected.shape[:-1], projected.shape[-1] // attention.head_dim, attention.head_dim)
+    return getattr(attention, norm)(heads) if norm else heads
+
+
+def attention_branch(
+    layer: nn.Module, anatomy: LayerAnatomy, layout: TokenLayout, hidden_states: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """The attention branch of a frozen layer for the text rows: input norm, then `text_attention`.
+
+    ``kwargs`` are the decoder layer's call arguments (mask, positions, RoPE, KV cache ...)."""
+    kwargs = dict(kwargs)
+    attention_mask = kwargs.pop("attention_mask", None)
+    position_ids = kwargs.pop("position_ids", None)
+    position_embeddings = kwargs.pop("position_embeddings", None)
+    normed = getattr(layer, anatomy.input_norm)(hidden_states)
+    return text_attention(getattr(layer, anatomy.attention), anatomy, layout, normed, attention_mask,
+                          position_embeddings, position_ids, kwargs)
+
+
+def text_attention(
+    attention: nn.Module,
+    anatomy: LayerAnatomy,
+    layout: TokenLayout,
+    normed: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    position_ids: torch.Tensor | None,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """Attention output after ``o_proj`` for the text rows (n_text, hidden); keys/values for every token.
+
+    ``normed`` is the attention input (batch, seq, hidden); ``kwargs`` the rest of the layer's call arguments
+    (the KV cache among them: it is updated with every token's keys and values, exactly as unpatched).
+    """
+    cache = cache_from_kwargs(kwargs)
+    kwargs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values", "use_cache")}
+    if position_embeddings is None:
+        raise RuntimeError("the fast ShortV layer needs `position_embeddings` (cos, sin) from the decoder")
+    cos, sin = position_embeddings
+    if cos.dim() != 3:
+        raise RuntimeError(f"expected per-token cos/sin of shape (batch, seq, dim), got {tuple(cos.shape)}")
+    batch = normed.shape[0]
+    positions = layout.text_positions
+    width = positions.shape[1]
+    q_norm, k_norm = ("q_norm", "k_norm") if anatomy.qk_norm else (None, None)
+
+    # Keys and values for every token, from the (frozen) current states.
+    keys = _heads(attention, attention.k_proj(normed), k_norm).transpose(1, 2)
+    values = _heads(attention, attention.v_proj(normed), None).transpose(1, 2)
+    keys = apply_rope(keys, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), anatomy.rope)
+    past_length = cache.get_seq_length(attention.layer_idx) if cache is not None else 0
+    if cache is not None:
+        keys, values = cache.update(keys, values, attention.layer_idx, kwargs=kwargs)
+
+    if width == 0:  # no text token in this chunk (all visual): the cache update above is all there is to do
+        output = normed.new_zeros(0, normed.shape[-1])
+        if has_forward_hooks(attention):
+            call_attention_hooks(attention, layout, output, None, {"hidden_states": normed, **kwargs})
+        return output
+
+    # Queries for text tokens only: flat rows through q_proj, then into a (batch, width) grid for attention.
+    queries = layout.to_grid(_heads(attention, attention.q_proj(layout.take_text(normed)), q_norm)).transpose(1, 2)
+    queries = apply_rope(queries, gather_rows(cos, positions), gather_rows(sin, positions), anatomy.rope)
+    if anatomy.query_scale == "llama4":
+        queries = queries * _llama4_query_scale(attention, position_ids, layout).to(queries.dtype)
+
+    implementation = attention_implementation(attention)
+    mask = text_query_mask(attention_mask, layout, past_length, keys.shape[2], implementation, queries.dtype)
+    output, weights = attention_function(attention)(
+        attention,
+        queries,
+        keys,
+        values,
+        mask,
+        dropout=0.0 if not attention.training else attention.attention_dropout,
+        scaling=attention.scaling,
+        sliding_window=getattr(attention, "sliding_window", None),
+        position_ids=position_ids,
+        **kwargs,
+    )
+    output = attention.o_proj(layout.from_grid(output.reshape(batch, width, -1)))
+    if has_forward_hooks(attention):  # output_attentions and user hooks on the attention module
+        call_attention_hooks(attention, layout, output, weights, {"hidden_states": normed, **kwargs})
+    return output

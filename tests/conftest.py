@@ -1,0 +1,52 @@
+"""Fixtures every test file can use.
+
+``device``: where device-aware tests (the parity tests) put their models, from the environment variable
+``SHORTV_TEST_DEVICE`` (default ``cpu``), so the same tests run on a GPU::
+
+    SHORTV_TEST_DEVICE=cuda python -m pytest tests/test_parity.py
+
+``tiny_llava_dir``: an untrained tiny LLaVA checkpoint folder (weights and processor), as a user's model folder is.
+
+``one_thread``: torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE_ENV = "SHORTV_TEST_DEVICE"
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    requested = torch.device(os.environ.get(DEVICE_ENV, "cpu"))
+    if requested.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.fail(f"{DEVICE_ENV}={requested} but torch sees no CUDA device", pytrace=False)
+        # fp32 tolerances (1e-5) assume true fp32 products: no TF32 in matmuls or in the vision towers' convolutions.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return requested
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    from shortv.tiny import build
+
+    folder = tmp_path_factory.mktemp("tiny_llava")
+    torch.manual_seed(0)
+    build.build_model(seed=0).save_pretrained(folder)
+    build.build_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models gain nothing from threads, and on a shared, loaded CPU they make them ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -1,0 +1,124 @@
+"""lmms-eval's own command line with ``--model shortv``, end to end, on a local task made from the embedded test split,
+run as lmms-eval runs data-parallel: two processes (``torchrun``; on CPU the model's accelerator joins them as a gloo
+group), each answering its share of the questions.
+
+lmms-eval exits 0 even when a model crashes mid-evaluation, so the test reads the results it wrote: every question
+answered once, each answer the one `shortv eval`'s generation gives in one process with the same ShortV layers, and
+the metric agreeing. Needs the CLI's install (README, "lmms-eval": ``.[lmms-eval-cpu]`` and ``--no-deps
+lmms-eval==0.7.3``). The single-process model is tested in ``test_lmms_eval.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import shortv
+
+pytest.importorskip("lmms_eval")
+
+from shortv import ShortVConfig, apply_shortv  # noqa: E402
+from shortv.data import read_jsonl  # noqa: E402
+from shortv.evaluation import generate_answers  # noqa: E402
+from shortv.tiny import embedded_split_path, load_embedded  # noqa: E402
+
+QUESTIONS = 8
+LAYERS = [6, 7, 8, 9, 10, 11]
+TASK = "shortv_tiny_vqa"
+REPO = Path(shortv.__file__).resolve().parents[1]
+
+TASK_YAML = """\
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function {task}_utils.doc_to_visual
+doc_to_text: !function {task}_utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 8
+  temperature: 0
+  do_sample: false
+process_results: !function {task}_utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  - version: 0.0
+"""
+
+TASK_UTILS = """\
+from PIL import Image
+
+
+def doc_to_visual(doc):
+    with Image.open(doc["image"]) as image:
+        return [image.convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact_match": float(results[0].strip().lower() == doc["answer"].lower())}
+"""
+
+
+def write_task(folder: Path, samples) -> Path:
+    rows = [{"question": s.prompt, "answer": s.answer, "image": str(s.images[0].resolve())} for s in samples]
+    data = folder / "questions.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data))
+    (folder / f"{TASK}_utils.py").write_text(TASK_UTILS)
+    return folder
+
+
+def expected_answers(samples) -> list[str]:
+    model, processor = load_embedded()
+    apply_shortv(model, ShortVConfig(LAYERS))
+    return generate_answers(model, processor, samples, max_new_tokens=8)[0]
+
+
+def test_lmms_eval_cli_runs_shortv_in_two_processes_on_a_local_task(tmp_path):
+    samples = read_jsonl(embedded_split_path("test"), require_answer=True)[:QUESTIONS]
+    (tmp_path / "task").mkdir()
+    task_dir = write_task(tmp_path / "task", samples)
+    config = ShortVConfig(LAYERS).save(tmp_path / "shortv_config.json")
+    out = tmp_path / "results"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf"),
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmms_eval",
+               "--model", "shortv", "--model_args", f"shortv_config={config},device=cpu",
+               "--tasks", TASK, "--include_path", str(task_dir), "--batch_size", "4",
+               "--output_path", str(out), "--log_samples"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    log = textwrap.shorten(run.stdout + run.stderr, 4000, placeholder=" ... ")
+    assert run.returncode == 0, log
+
+    [results_file] = out.rglob("*_results.json")
+    results = json.loads(results_file.read_text())
+    assert results["n-samples"][TASK] == {"original": QUESTIONS, "effective": QUESTIONS}, log
+    [samples_file] = out.rglob(f"*_samples_{TASK}.jsonl")
+    logged = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda r: r["doc_id"])
+    assert [record["doc_id"] for record in logged] == list(range(QUESTIONS)), log  # every question answered once
+    assert "Running on rank 1" in run.stdout + run.stderr  # by two processes
+
+    expected = expected_answers(samples)
+    answers = [record["filtered_resps"] for record in logged]
+    answers = [answer[0] if isinstance(answer, list) else answer for answer in answers]
+    assert answers == expected  # the same ShortV model, through lmms-eval's prompts and batching
+    accuracy = sum(a.strip().lower() == s.answer.lower() for a, s in zip(answers, samples)) / QUESTIONS
+    assert results["results"][TASK]["exact_match,none"] == pytest.approx(accuracy)
+    assert accuracy >= 0.5  # the trained tiny model answers most of them (93.7% on the whole test split)

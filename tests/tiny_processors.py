@@ -1,0 +1,156 @@
+"""Each family's own processor class, built offline for the tiny models of tests/tiny_models.
+
+A word-level tokenizer made in code (the words of the synthetic VQA data and of the chat templates, at ids
+3..179) whose special tokens sit at the ids the tiny models expect (image placeholder 190, marker tokens 192..),
+the family's PIL image processor at tiny sizes (torchvision is not needed), and a short chat template in the
+family's style. The processors expand image placeholders exactly as for the real checkpoints, so what they
+produce is what the data path (shortv.data, shortv.evaluation, the lmms-eval model) feeds real models.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+from tiny_models.base import (
+    BOS_ID,
+    EOS_ID,
+    IMAGE_TOKEN_ID,
+    PAD_ID,
+    ROW_BREAK_ID,
+    TEXT_ID_RANGE,
+    VIDEO_END_ID,
+    VIDEO_START_ID,
+    VIDEO_TOKEN_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+)
+
+from shortv.tiny import synthetic
+
+_WORDS = ("user", "assistant", "system", ":", ".", ",", "!", "'", "?", "answer", "with", "single", "word", "image",
+          "picture", "in", "this", "please", "and", "an", "\n")
+_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ BEGIN }}{{ message['role'] }}{{ ':' }}"
+    "{%- if message['content'] is string -%}{{ ' ' + message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ ' ' + IMAGE }}{%- else -%}{{ ' ' + part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{{ END }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ BEGIN }}{{ 'assistant:' }}{%- endif -%}"
+)
+
+
+def _template(image: str, begin: str = " ", end: str = " ") -> str:
+    return _TEMPLATE.replace("IMAGE", repr(image)).replace("BEGIN", repr(begin)).replace("END", repr(end))
+
+
+def _tokenizer(specials: dict[str, int], named: dict[str, str], chat_template: str, words: tuple = ()) -> Any:
+    """Word-level fast tokenizer: ``specials`` token -> id, ``named`` e.g. {"image_token": "<image>"}; ``words``
+    are extra text tokens (kept whole)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
+    common = sorted(set(synthetic.vocabulary()) | set(_WORDS) | {"<unk>"} | {str(i) for i in range(10)})
+    vocab = {word: TEXT_ID_RANGE[0] + i for i, word in enumerate([*common, *words])}
+    assert max(vocab.values()) < TEXT_ID_RANGE[1]
+    vocab.update(base)
+    vocab.update(specials)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in [*base, *specials]])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in words])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        padding_side="left", model_max_length=512, chat_template=chat_template, extra_special_tokens=named,
+    )
+
+
+class _FrameSettings:
+    """Stands in for a video processor where a processor reads its frame settings even for images (SmolVLM)."""
+
+    num_frames, fps = 8, 1
+
+
+@contextmanager
+def _no_video_processor():
+    """Let a processor be built without a real video processor: video processors need torchvision, which this
+    environment lacks, and transformers checks every processor attribute's class, None included. Image-only use
+    (all that shortv's data path does) never runs the video processor."""
+    from transformers import ProcessorMixin
+
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def lenient(self, name, argument):
+        return None if name == "video_processor" else check(self, name, argument)
+
+    ProcessorMixin.check_argument_for_proper_class = lenient
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
+def build_processor(family: str) -> Any:
+    """The processor of ``family`` (a key of tiny_models.FAMILIES, multimodal) for its tiny model."""
+    import transformers as tf
+
+    if family.startswith("qwen3_vl") or family == "glm4v":  # patch grids: 4 px patches, 2 x 2 merge
+        qwen = family != "glm4v"
+        image, start, end = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>") if qwen else (
+            "<|image|>", "<|begin_of_image|>", "<|end_of_image|>")
+        specials = {image: IMAGE_TOKEN_ID, start: VISION_START_ID, end: VISION_END_ID,
+                    "<|video_pad|>" if qwen else "<|video|>": VIDEO_TOKEN_ID}
+        if not qwen:
+            specials.update({"<|begin_of_video|>": VIDEO_START_ID, "<|end_of_video|>": VIDEO_END_ID})
+        template = _template(start + image + end)
+        image_processor = tf.Qwen2VLImageProcessorPil if qwen else tf.Glm4vImageProcessorPil
+        processor = tf.Qwen3VLProcessor if qwen else tf.Glm4vProcessor
+        images = image_processor(patch_size=4, temporal_patch_size=2, merge_size=2,
+                                 size={"shortest_edge": 16 * 16, "longest_edge": 24 * 24})
+        with _no_video_processor():
+            return processor(image_processor=images, tokenizer=_tokenizer(specials, {}, template),
+                             video_processor=None, chat_template=template)
+    if family == "gemma3":
+        specials = {"<image_soft_token>": IMAGE_TOKEN_ID, "<start_of_image>": VISION_START_ID,
+                    "<end_of_image>": VISION_END_ID}
+        named = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+        template = _template("<start_of_image>")
+        images = tf.Gemma3ImageProcessorPil(size={"height": 16, "width": 16})
+        return tf.Gemma3Processor(image_processor=images, tokenizer=_tokenizer(specials, named, template),
+                                  image_seq_length=16, chat_template=template)
+    if family.startswith("mistral3"):
+        specials = {"[IMG]": IMAGE_TOKEN_ID, "[IMG_BREAK]": ROW_BREAK_ID, "[IMG_END]": VISION_END_ID}
+        template = _template("[IMG]")
+        images = tf.PixtralImageProcessorPil(size={"longest_edge": 24}, patch_size={"height": 8, "width": 8})
+        return tf.PixtralProcessor(image_processor=images, tokenizer=_tokenizer(specials, {}, template),
+                                   patch_size=4, spatial_merge_size=2, chat_template=template)
+    if family.startswith("internvl"):
+        specials = {"<IMG_CONTEXT>": IMAGE_TOKEN_ID, "<img>": VISION_START_ID, "</img>": VISION_END_ID,
+                    "<video>": VIDEO_TOKEN_ID}
+        named = {"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>", "end_image_token": "</img>",
+                 "video_token": "<video>"}
+        template = _template("<IMG_CONTEXT>")
+        images = tf.GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1,
+                                             max_patches=2)
+        with _no_video_processor():
+            return tf.InternVLProcessor(image_processor=images, tokenizer=_tokenizer(specials, named, template),
+                                        video_processor=None, image_seq_length=4, chat_template=template)
+    if family in ("smolvlm", "idefics3"):
+        specials = {"<image>": IMAGE_TOKEN_ID, "<fake_token_around_image>": VISION_START_ID,
+                    "<global-img>": VISION_END_ID, "<end_of_utterance>": VIDEO_END_ID}
+        rows_cols = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))
+        template = _template("<image>")
+        kwargs = dict(do_image_splitting=True, size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
+        tokenizer = _tokenizer(specials, {}, template, words=rows_cols)
+        if family == "idefics3":
+            return tf.Idefics3Processor(image_processor=tf.Idefics3ImageProcessorPil(**kwargs), tokenizer=tokenizer,
+                                        image_seq_len=4, chat_template=template)
+        with _no_video_processor():
+            return tf.SmolVLMProcessor(image_processor=tf.SmolVLMImageProcessorPil(**kwargs), tokenizer=tokenizer,
+                                       video_processor=_FrameSettings(), image_seq_len=4, chat_template=template)
+    raise ValueError(f"no tiny processor for {family!r}")
