@@ -96,16 +96,9 @@ def test_answers_vocabulary_and_balance():
         assert majority[t] == pytest.approx(1 / len(answers), abs=0.02)
 
 
-def scene_at(objs, row, col):
-    (o,) = [o for o in objs if (o.row, o.col) == (row, col)]
-    return o
-
-
 def test_questions_are_true():
-    seen = set()
-    for s in synthetic.generate("calib", 120):
+    for s in synthetic.generate("calib", 100):
         objs = s["scene"].objects
-        seen.add(s["type"])
         q, a = s["prompt"].lower(), s["answer"]
         if s["type"] == "count":
             color = q.split()[2]
@@ -117,32 +110,6 @@ def test_questions_are_true():
             shape = q.rstrip("?").split()[-1]
             (o,) = [o for o in objs if o.shape == shape]
             assert o.color == a
-        elif s["type"] == "neighbor":
-            words = q.rstrip("?").split()
-            color, shape = words[-2:]
-            (anchor,) = [o for o in objs if (o.color, o.shape) == (color, shape)]
-            dr, dc = synthetic.NEIGHBORS[" ".join(words[3:-3])]
-            assert scene_at(objs, anchor.row + dr, anchor.col + dc).shape == a
-        elif s["type"] == "shape":
-            where = q.rstrip("?").split(" at the ")[1]
-            (cell,) = [rc for rc, name in synthetic.POSITIONS.items() if name == where]
-            assert scene_at(objs, *cell).shape == a
-        elif s["type"] == "position":
-            words = q.rstrip("?").split()
-            (first,) = [o for o in objs if (o.color, o.shape) == tuple(words[2:4])]
-            (second,) = [o for o in objs if (o.color, o.shape) == tuple(words[-2:])]
-            assert first.col != second.col and (first.col < second.col) == (a == "left")
-    assert seen == set(synthetic.QUESTION_TYPES)
-
-
-def test_description_names_every_cell():
-    scene = synthetic.make_sample("test", 0)["scene"]
-    parts = synthetic.describe(scene).split(" , ")
-    assert [p.rsplit(" ", 2)[0] if not p.endswith(synthetic.EMPTY) else p[: -len(synthetic.EMPTY) - 1]
-            for p in parts] == list(synthetic.POSITIONS.values())
-    for (row, col), part in zip(synthetic.POSITIONS, parts):
-        o = scene.at(row, col)
-        assert part.endswith(synthetic.EMPTY if o is None else f"{o.color} {o.shape}")
 
 
 # --------------------------------------------------------------------------- processor
@@ -224,33 +191,21 @@ def test_checkpoint_answers_fixed_questions(monkeypatch):
     assert correct - correct_blind >= 6, (correct, correct_blind)
 
 
-def test_split_depth_copies_every_layer_with_scaled_outputs():
-    """Growing by splitting: layer j of the deep model is layer j // k of the shallow one with its output
-    projections divided by k (so k copies make about the original update), everything else copied."""
-    from shortv.tiny.train import split_depth
+def test_grow_depth_keeps_the_function():
+    """Progressive stacking: the deepened model computes exactly what the shallow one did, and can still learn."""
+    from shortv.tiny.train import grow_depth
 
     shallow = build_model(seed=0, text_layers=2).eval()
-    deep = split_depth(shallow, 3).eval()
-    assert len(deep.model.language_model.layers) == deep.config.text_config.num_hidden_layers == 6
-    old, new = shallow.model.language_model.layers, deep.model.language_model.layers
-    for j, layer in enumerate(new):
-        for name, value in layer.state_dict().items():
-            expected = old[j // 3].state_dict()[name]
-            if name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-                expected = expected / 3
-            torch.testing.assert_close(value, expected, rtol=0, atol=0)
-    for name, value in shallow.state_dict().items():
-        if ".language_model.layers." not in name:
-            torch.testing.assert_close(deep.state_dict()[name], value, rtol=0, atol=0)
-    # First-order function preservation: far closer to the shallow model than undivided copies are.
-    undivided = split_depth(shallow, 3).eval()
-    with torch.no_grad():
-        for layer in undivided.model.language_model.layers:
-            layer.self_attn.o_proj.weight.mul_(3)
-            layer.mlp.down_proj.weight.mul_(3)
+    with torch.no_grad():  # trained-looking weights, so that the copy matters
+        for p in shallow.model.language_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    deep = grow_depth(shallow, 12, seed=0).eval()
+    assert len(deep.model.language_model.layers) == deep.config.text_config.num_hidden_layers == 12
     sample = synthetic.make_sample("test", 3)
     enc = build_processor()(images=synthetic.render(sample["scene"]), text=format_prompt(sample["prompt"]),
                             return_tensors="pt")
     with torch.no_grad():
-        a, b, c = (m(**enc).logits for m in (shallow, deep, undivided))
-    assert (b - a).norm() < 0.7 * (c - a).norm()
+        a, b = shallow(**enc).logits, deep(**enc).logits
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    new_layer = deep.model.language_model.layers[1]
+    assert new_layer.self_attn.o_proj.weight.abs().max() == 0 and new_layer.self_attn.q_proj.weight.abs().max() > 0

@@ -56,15 +56,10 @@ MODEL_DIMS: dict[str, Any] = {
     "text_layers": 12,
     "text_heads": 4,
     "text_intermediate": 384,
-    "rope_theta": 10000.0,
     "vision_hidden": 192,
-    "vision_layers": 1,
+    "vision_layers": 4,
     "vision_heads": 4,
     "vision_intermediate": 768,
-    # Which vision-tower hidden state feeds the projector (LLaVA-1.5 takes the penultimate, -2). With one
-    # layer that is the patch embedding: every visual token sees only its own 8x8 patch (and its position), so
-    # relating patches to each other is left to the language model.
-    "vision_feature_layer": -2,
     # Larger than Llama's 0.02 (tuned for hidden sizes in the thousands): at hidden 128 the
     # smaller init leaves the LM on a long plateau where it ignores the image.
     "text_init_std": 0.06,
@@ -185,7 +180,6 @@ def build_config(**dims):
         eos_token_id=EOS_ID,
         tie_word_embeddings=False,
         initializer_range=d["text_init_std"],
-        rope_parameters={"rope_type": "default", "rope_theta": d["rope_theta"]},
     )
     return LlavaConfig(
         vision_config=vision,
@@ -194,47 +188,18 @@ def build_config(**dims):
         image_seq_length=IMAGE_TOKENS,
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
-        vision_feature_layer=d["vision_feature_layer"],
+        vision_feature_layer=-1,
         tie_word_embeddings=False,
     )
 
 
-def sincos_positions(grid: int, dim: int):
-    """Fixed 2-D sine-cosine position codes ``(1 + grid**2, dim)``, CLS row zero (as in MAE's ViT): half the
-    channels encode the patch row, half its column, at geometrically spaced frequencies; RMS 1."""
-    import torch
-
-    quarter = dim // 4
-    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
-    coords = torch.arange(grid, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    parts = []
-    for axis in (rows.reshape(-1), cols.reshape(-1)):
-        angles = axis[:, None] * freqs[None, :]
-        parts += [angles.sin(), angles.cos()]
-    codes = torch.cat(parts, dim=1)
-    codes = torch.cat([codes, torch.zeros(grid * grid, dim - codes.shape[1], dtype=torch.float64)], dim=1)
-    codes = torch.cat([torch.zeros(1, dim, dtype=torch.float64), codes])
-    return (codes / codes[1:].pow(2).mean().sqrt()).float()
-
-
 def build_model(seed: int = 0, **dims):
-    """A freshly initialised :class:`~transformers.LlavaForConditionalGeneration` (fp32).
-
-    The vision tower's (learned) position embeddings start from 2-D sine-cosine codes scaled to the patch
-    embeddings' size, instead of noise 20 times smaller than them: with a patch-embedding-only vision tower
-    they are the visual tokens' only sense of where they are, and from noise the model takes long to learn it.
-    """
+    """A freshly initialised :class:`~transformers.LlavaForConditionalGeneration` (fp32)."""
     import torch
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(build_config(**dims))
-    embeddings = model.model.vision_tower.embeddings
-    patch = embeddings.patch_embedding.weight
-    with torch.no_grad():  # the RMS a patch embedding has for unit-RMS pixels
-        scale = patch.std() * patch[0].numel() ** 0.5
-        embeddings.position_embedding.weight.copy_(scale * sincos_positions(IMAGE_SIZE // PATCH_SIZE, patch.shape[0]))
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,

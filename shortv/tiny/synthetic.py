@@ -71,10 +71,8 @@ __all__ = [
 IMAGE_SIZE = 96
 GRID = 3
 CELL = IMAGE_SIZE // GRID  # 32 px = 4x4 patches of 8 px
-import os as _os  # EXPERIMENT
-SHAPE_SIZE = int(_os.environ.get("SHORTV_SHAPE", 20))  # bounding box of a shape; placed anywhere inside its cell (not aligned with the patches)
-MAX_OFFSET = CELL - SHAPE_SIZE
-_JITTER = int(_os.environ.get("SHORTV_JITTER", 1))
+SHAPE_SIZE = 24  # bounding box of a shape, centred in its cell
+SHAPE_OFFSET = (CELL - SHAPE_SIZE) // 2
 
 BACKGROUND = (24, 24, 24)
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -95,17 +93,14 @@ POSITIONS: dict[tuple[int, int], str] = {
 }
 COUNT_WORDS = ("one", "two", "three")
 
-QUESTION_TYPES = ("color", "shape", "count", "position", "exists", "neighbor")
+QUESTION_TYPES = ("color", "shape", "count", "position", "exists")
 ANSWERS: dict[str, tuple[str, ...]] = {
     "color": tuple(COLORS),
     "shape": SHAPES,
     "count": COUNT_WORDS,
     "position": ("left", "right"),
     "exists": ("yes", "no"),
-    "neighbor": SHAPES,
 }
-# The cell next to an object, by the words that name it: (row step, column step).
-NEIGHBORS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
 
 SPLITS = ("train", "calib", "test")
 _N_BUCKETS = 16
@@ -121,8 +116,6 @@ class Obj:
     color: str
     row: int
     col: int
-    dx: int = MAX_OFFSET // 2  # offset of the shape's box inside its cell, pixels
-    dy: int = MAX_OFFSET // 2
 
     @property
     def name(self) -> str:
@@ -148,8 +141,7 @@ class Scene:
         return None
 
     def to_json(self) -> list[dict]:
-        return [{"shape": o.shape, "color": o.color, "row": o.row, "col": o.col, "dx": o.dx, "dy": o.dy}
-                for o in self.objects]
+        return [{"shape": o.shape, "color": o.color, "row": o.row, "col": o.col} for o in self.objects]
 
 
 N_OBJECTS = (3, 6)  # objects per scene (test and calib)
@@ -163,10 +155,7 @@ def _random_scene(rng: random.Random, n_objects: tuple[int, int] = N_OBJECTS) ->
     combos = [(s, c) for c in palette for s in SHAPES]
     chosen = rng.sample(combos, n)
     cells = rng.sample(range(GRID * GRID), n)
-    return Scene(tuple(
-        Obj(s, c, cell // GRID, cell % GRID, rng.randint(0, MAX_OFFSET) if _JITTER else MAX_OFFSET // 2, rng.randint(0, MAX_OFFSET) if _JITTER else MAX_OFFSET // 2)
-        for (s, c), cell in zip(chosen, cells)
-    ))
+    return Scene(tuple(Obj(s, c, cell // GRID, cell % GRID) for (s, c), cell in zip(chosen, cells)))
 
 
 # --------------------------------------------------------------------------- questions
@@ -226,26 +215,12 @@ def _ask_exists(scene: Scene, rng: random.Random, target: str):
     return f"Is there a {c} {s}?", target
 
 
-def _ask_neighbor(scene: Scene, rng: random.Random, target: str):
-    cands = []
-    for anchor in scene.objects:
-        for words, (dr, dc) in NEIGHBORS.items():
-            other = scene.at(anchor.row + dr, anchor.col + dc)
-            if other is not None and other.shape == target:
-                cands.append((anchor, words))
-    if not cands:
-        return None
-    anchor, words = rng.choice(cands)
-    return f"What shape is {words} the {anchor.name}?", target
-
-
 _ASKERS = {
     "color": _ask_color,
     "shape": _ask_shape,
     "count": _ask_count,
     "position": _ask_position,
     "exists": _ask_exists,
-    "neighbor": _ask_neighbor,
 }
 
 # --------------------------------------------------------------------------- rendering
@@ -271,8 +246,8 @@ def render(scene: Scene) -> Image.Image:
     arr = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     arr[:] = BACKGROUND
     for o in scene.objects:
-        y0 = o.row * CELL + o.dy
-        x0 = o.col * CELL + o.dx
+        y0 = o.row * CELL + SHAPE_OFFSET
+        x0 = o.col * CELL + SHAPE_OFFSET
         box = arr[y0 : y0 + SHAPE_SIZE, x0 : x0 + SHAPE_SIZE]
         box[_MASKS[o.shape]] = COLORS[o.color]
     return Image.fromarray(arr, mode="RGB")
@@ -340,23 +315,11 @@ def generate(split: str, n: int, seed: int | None = None) -> Iterator[dict]:
 
 
 DESCRIBE_PROMPT = "Describe the image."
-EMPTY = "empty"
 
 
 def describe(scene: Scene) -> str:
-    """Every cell in reading order, e.g. ``"top left red circle , top middle empty , ..."`` (nine entries)."""
-    parts = []
-    for (row, col), name in POSITIONS.items():
-        o = scene.at(row, col)
-        parts.append(f"{name} {o.color} {o.shape}" if o is not None else f"{name} {EMPTY}")
-    return " , ".join(parts)
-
-
-def list_objects(scene: Scene, rng: random.Random) -> str:
-    """The scene as text, objects in random order, e.g. ``"center blue square , top left red circle"``: what a
-    text-only language model reads in place of the image during text pre-training."""
-    objs = list(scene.objects)
-    rng.shuffle(objs)
+    """Every object in reading order, e.g. ``"top left red circle , center blue square"``."""
+    objs = sorted(scene.objects, key=lambda o: (o.row, o.col))
     return " , ".join(f"{POSITIONS[(o.row, o.col)]} {o.color} {o.shape}" for o in objs)
 
 
@@ -464,12 +427,10 @@ def vocabulary() -> list[str]:
         "How many shapes are there?",
         "Is the left or right of the ?",
         "Is there a ?",
-        "What shape is the ?",
         DESCRIBE_PROMPT,
-        EMPTY,
         " , ",
     ]
-    texts += list(COLORS) + list(SHAPES) + list(POSITIONS.values()) + list(NEIGHBORS)
+    texts += list(COLORS) + list(SHAPES) + list(POSITIONS.values())
     for answers in ANSWERS.values():
         texts += list(answers)
     for t in texts:
