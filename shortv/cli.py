@@ -261,11 +261,11 @@ def demo(
     num_test: Annotated[int, typer.Option(help="Test questions.", min=1)] = 300,
     n: Annotated[Optional[list[int]], typer.Option("--n", help="ShortV layer counts to try (repeatable).")] = None,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.", min=1)] = 50,
-    speed_repeats: Annotated[int, typer.Option(help="Repetitions of the prefill timing (0: skip).", min=0)] = 10,
+    speed_repeats: Annotated[int, typer.Option(help="Repetitions of the prefill timing (0: skip).", min=0)] = 5,
     seed: Annotated[int, typer.Option(help="Seed of subsamples and random layer choices.")] = 0,
 ) -> None:
     """The method and the paper's ablation on the embedded tiny LLaVA: LC, layer selections, FLOPs, speed, report."""
-    from shortv.demo import run_demo
+    from shortv.demo import SPEED_CAVEAT, run_demo
     from shortv.loading import resolve_model
 
     try:
@@ -283,9 +283,10 @@ def demo(
     typer.echo(report.markdown())
     if report.speed:
         typer.echo(report.speed_markdown())
+        typer.echo(SPEED_CAVEAT + "\n")
     typer.echo(f"demo took {report.timing['wall_s']} s wall, {report.timing['cpu_s']} s CPU")
-    typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'accuracy_vs_flops.png'}, "
-               f"{out / 'calibration' / 'lc.png'}")
+    typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'metrics.json'}, "
+               f"{out / 'accuracy_vs_flops.png'}, {out / 'calibration'}/ (lc.json, shortv_config.json, lc.png)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -66,7 +66,8 @@ def plot_accuracy_vs_flops(report, path: str | Path) -> Path:  # noqa: ANN001 - 
     draws = [[100 * r.accuracy for r in report.random_rows(n)] for n in ns]
     axes.fill_between(xs, [min(d) for d in draws], [max(d) for d in draws], color="tab:gray", alpha=0.25, lw=0,
                       label=f"{LABELS['random']}, min-max of {len(draws[0])} draws")
-    axes.plot(xs, [sum(d) / len(d) for d in draws], color="tab:gray", ls="-", marker="x", ms=6, label="random layers, mean")
+    axes.plot(xs, [sum(d) / len(d) for d in draws], color="tab:gray", ls="-", marker="x", ms=6,
+              label="random layers, mean")
     styles = {  # (color, marker, size): larger hollow markers behind smaller ones
         "last": ("tab:purple", "s", 11),
         "first": ("tab:red", "v", 9),
@@ -75,7 +76,8 @@ def plot_accuracy_vs_flops(report, path: str | Path) -> Path:  # noqa: ANN001 - 
     }
     for key, (color, marker, size) in styles.items():
         axes.plot(xs, [100 * report.row(key, n).accuracy for n in ns], color=color, marker=marker, ms=size,
-                  mfc="none", mew=1.6, lw=1.2, label=LABELS[key] + (" (x: same N)" if key == "lc_text" else ""))
+                  mfc="none", mew=1.6, lw=1.2,
+                  label=LABELS[key] + (" (at its N; saves no FLOPs)" if key == "lc_text" else ""))
     base = report.row("unpatched")
     axes.plot([100], [100 * base.accuracy], marker="*", color="black", ms=13, ls="none", label=LABELS["unpatched"])
     blind = report.row("blind")

@@ -189,6 +189,9 @@ def test_checkpoint_answers_fixed_questions(monkeypatch):
     correct_blind = sum(a == t for a, t in zip(blind, truth))
     assert correct >= 17, list(zip(seen, truth))
     assert correct - correct_blind >= 6, (correct, correct_blind)
+    # One question of each type, answered correctly and only with the image (the blind answer differs).
+    for i in (1, 3, 4, 5, 12):
+        assert seen[i] == truth[i] != blind[i], (i, samples[i]["prompt"], seen[i], truth[i], blind[i])
 
 
 def test_grow_depth_keeps_the_function():
