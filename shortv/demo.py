@@ -154,8 +154,8 @@ def operating_n(num_layers: int, ratio_of) -> int:
 
 
 def default_ns(num_layers: int, ratio_of) -> tuple[int, ...]:
-    """A quarter, ~45% and three quarters of the layers, plus the operating point (:func:`operating_n`)."""
-    quarters = {round(num_layers * 0.25), round(num_layers * 0.45), round(num_layers * 0.75)}
+    """A quarter and three quarters of the layers, and the operating point (:func:`operating_n`) between them."""
+    quarters = {round(num_layers * 0.25), round(num_layers * 0.75)}
     return tuple(sorted(quarters | {operating_n(num_layers, ratio_of)}))
 
 
