@@ -256,17 +256,25 @@ def evaluate_command(
 # ------------------------------------------------------------------------------------------------------------------
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Output folder: report.md, results.json, plots.")] = Path("shortv_demo"),
+    out: Annotated[Path, typer.Option(help="Output folder: report.md, results.json, metrics.json, plots.")] = Path(
+        "shortv_demo"),
     num_calib: Annotated[int, typer.Option(help="Calibration samples.", min=1)] = 32,
     num_test: Annotated[int, typer.Option(help="Test questions.", min=1)] = 300,
     n: Annotated[Optional[list[int]], typer.Option("--n", help="ShortV layer counts to try (repeatable).")] = None,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.", min=1)] = 50,
     speed_repeats: Annotated[int, typer.Option(help="Repetitions of the prefill timing (0: skip).", min=0)] = 5,
     seed: Annotated[int, typer.Option(help="Seed of subsamples and random layer choices.")] = 0,
+    threads: Annotated[Optional[int], typer.Option(
+        help="torch CPU threads (default: torch's choice); on a shared machine, the free cores.", min=1)] = None,
 ) -> None:
     """The method and the paper's ablation on the embedded tiny LLaVA: LC, layer selections, FLOPs, speed, report."""
     from shortv.demo import SPEED_CAVEAT, run_demo
     from shortv.loading import resolve_model
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     try:
         num_layers = resolve_model(None).num_layers if n else 0

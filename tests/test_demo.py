@@ -87,7 +87,7 @@ def test_demo_command_on_the_shipped_checkpoint(tmp_path, shipped, monkeypatch):
     monkeypatch.setenv("SHORTV_CACHE", str(tmp_path / "cache"))  # the splits regenerate offline
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--num-calib", "4", "--num-test", "20", "--n", "6",
-                                      "--speed-repeats", "1"])
+                                      "--speed-repeats", "1", "--threads", str(torch.get_num_threads())])
     assert result.exit_code == 0, result.output
     table = [line for line in result.output.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 2 + 5 + 2 + 1  # header, unpatched, blind, 5 selections at N = 6; speed header + 1 row
@@ -116,7 +116,6 @@ def test_shipped_model_text_frozen_layers_lose_accuracy(tmp_path, shipped):
     from shortv.demo import _accuracy
     from shortv.tiny import embedded_split_path, load_embedded
 
-    torch.set_num_threads(1)
     model, processor = load_embedded()
     lc = calibrate(model, processor=processor, data=embedded_split_path("calib"), out_dir=tmp_path / "cal",
                    num_samples=8, progress=False, plot=False).lc
