@@ -77,7 +77,7 @@ def plot_accuracy_vs_flops(report, path: str | Path) -> Path:  # noqa: ANN001 - 
     for key, (color, marker, size) in styles.items():
         axes.plot(xs, [100 * report.row(key, n).accuracy for n in ns], color=color, marker=marker, ms=size,
                   mfc="none", mew=1.6, lw=1.2,
-                  label=LABELS[key] + (" (at its N; saves no FLOPs)" if key == "lc_text" else ""))
+                  label=LABELS[key] + ("\n(at its N; saves no FLOPs)" if key == "lc_text" else ""))
     base = report.row("unpatched")
     axes.plot([100], [100 * base.accuracy], marker="*", color="black", ms=13, ls="none", label=LABELS["unpatched"])
     blind = report.row("blind")
