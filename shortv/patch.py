@@ -12,6 +12,7 @@ compiles with ``torch.compile``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -95,7 +96,9 @@ class _InstanceOverride:
     def original(self) -> Any:
         if self.previous is not None:
             return self.previous
-        return getattr(type(self.module), self.attribute).__get__(self.module)
+        # A partial rather than ``function.__get__``: torch.compile (torch 2.11) cannot trace ``__get__`` and breaks
+        # the graph there, in every ShortV layer, then recompiles the shared resume frame per layer until it gives up.
+        return functools.partial(getattr(type(self.module), self.attribute), self.module)
 
     @property
     def __signature__(self) -> inspect.Signature:  # what inspect.signature(module.forward) reports

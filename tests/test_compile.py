@@ -74,3 +74,17 @@ def test_new_layouts_do_not_recompile_every_prompt():
     remove_shortv(model)
     # the second layout makes dynamo mark the sizes dynamic; from then on every new layout reuses the graphs
     assert graphs[2:] == [graphs[1]] * (len(graphs) - 2)
+
+
+def test_graph_breaks_do_not_grow_with_the_frozen_layers():
+    """One break (the entry hook) however many layers are frozen. On the GPU machine's torch 2.11 the frozen forward
+    once broke the graph in every frozen layer (``function.__get__``) and then hit dynamo's recompile limit (8);
+    more frozen layers than that limit are frozen here."""
+    model = build_model("llama", init_std=0.2, text_overrides={"num_hidden_layers": 12})
+    inputs = build_inputs(model, "llama", batch_layouts=default_layouts("llama", batch_size=2))
+    apply_shortv(model, list(range(1, 11)))
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(**inputs, visual_mask=inputs.visual_mask)
+    remove_shortv(model)
+    assert explained.graph_break_count == 1, [reason.reason for reason in explained.break_reasons]
+    assert explained.graph_count == 2
