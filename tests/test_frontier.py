@@ -287,3 +287,28 @@ def test_gemma4_without_optional_branches():
     fast, reference, baseline = fast_reference_baseline(model, inputs, [1, 2])
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
     assert (fast - baseline).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("version", ["4_6", "4_7"])
+def test_minicpmv_runs_the_qwen35_text_model_fast(version):
+    """MiniCPM-V 4.6 / 4.7 use Qwen3.5's text model: registry rows only. Checked on the decoder path with image
+    placeholder ids (the NaViT vision tower is not exercised here)."""
+    import transformers as tf
+
+    from tiny_models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+
+    config_class = getattr(tf, f"MiniCPMV{version}Config")
+    text = build_model("qwen3_5").config.text_config.to_dict()
+    config = config_class(text_config=text, image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID,
+                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2))
+    torch.manual_seed(0)
+    model = getattr(tf, f"MiniCPMV{version}ForConditionalGeneration")._from_config(
+        config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    ids = torch.randint(3, 180, (2, 20), generator=torch.Generator().manual_seed(0))
+    ids[0, 4:10], ids[1, 8:15] = IMAGE_TOKEN_ID, IMAGE_TOKEN_ID
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert fast_layer_for(model) is not None
+    fast, reference, baseline = fast_reference_baseline(model, inputs, [1, 2])
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
+    assert (fast - baseline).abs().max() > 1e-3
