@@ -179,6 +179,14 @@ def text_model_type(model: nn.Module) -> str | None:
     return getattr(text_config, "model_type", None)
 
 
+def layer_types(model: nn.Module) -> list[str] | None:
+    """The kind of every decoder layer (``config.layer_types`` of the text config, e.g. linear/full attention)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(text_config, "layer_types", None)
+    return list(types) if types else None
+
+
 def fast_layer_for(model: nn.Module) -> FastLayer | None:
     """The fast frozen layer for ``model``'s decoder layers, or None where only reference mode is verified."""
     arch = architecture_for(model)

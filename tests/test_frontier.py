@@ -312,3 +312,34 @@ def test_minicpmv_runs_the_qwen35_text_model_fast(version):
     fast, reference, baseline = fast_reference_baseline(model, inputs, [1, 2])
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
     assert (fast - baseline).abs().max() > 1e-3
+
+
+def test_lc_plot_marks_the_layer_kinds(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from shortv.contribution import LCResult
+    from shortv.plots import plot_layer_contribution
+    from shortv.registry import layer_types
+
+    model = build_model("qwen3_5")
+    kinds = layer_types(model)
+    assert kinds == ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+    lc = LCResult(num_layers=4, token_types=("visual",), sample_ids=["a"], per_sample={"visual": [[0.3, 0.1, 0.2, 0]]})
+    written = []
+    real_savefig = plt.Figure.savefig
+
+    def savefig(figure, *args, **kwargs):  # read the x axis as the figure is written
+        axes = figure.axes[0]
+        written.append(([tick.get_text() for tick in axes.get_xticklabels()], axes.get_xlabel()))
+        return real_savefig(figure, *args, **kwargs)
+
+    plt.Figure.savefig = savefig
+    try:
+        assert plot_layer_contribution(lc, tmp_path / "lc.png", chosen=[3], layer_types=kinds).stat().st_size > 0
+        plot_layer_contribution(lc, tmp_path / "plain.png", layer_types=["full_attention"] * 4)
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert written[0] == (["0\nL", "1\nF", "2\nL", "3\nF"],
+                          "decoder layer and kind (F = full_attention, L = linear_attention)")
+    assert written[1] == (["0", "1", "2", "3"], "decoder layer")  # one kind: nothing to mark
