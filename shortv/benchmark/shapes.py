@@ -63,8 +63,10 @@ FAMILIES: dict[str, _Family] = {
     )),
     # Qwen3.5 / 3.6's LM: hybrid Gated DeltaNet / full attention (layer kinds and linear-attention dims from the
     # shape's per-layer dims), output-gated QK-normed attention with partial (1/4) interleaved M-RoPE, 1-D positions.
+    # The checkpoints' embeddings are untied; tied here, which saves 5 GB of RAM (fp32) and costs the same: prefill
+    # computes the LM head for one position per sample either way.
     "qwen3_5": _Family(Qwen3_5TextConfig, Qwen3_5ForCausalLM, dict(
-        max_position_embeddings=262144, rms_norm_eps=1e-6,
+        max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
                          "mrope_section": [11, 11, 10], "mrope_interleaved": True},
     )),
@@ -172,6 +174,8 @@ def build_shape_model(
         model = model_class._from_config(
             config, dtype=dtype, attn_implementation=attn_implementation
         )
+    if config.tie_word_embeddings:  # from_pretrained ties them; _from_config on meta weights does not
+        model.tie_weights()
     _materialize(model, std=config.initializer_range, seed=seed, device=torch.device(device))
     return model.to(device).eval()
 
