@@ -149,6 +149,45 @@ def test_frozen_layers_of_both_kinds_and_a_layer_between(hybrid):
     assert (fast - baseline).abs().max() > 1e-3
 
 
+def test_hooks_on_a_frozen_linear_attention_mixer_see_zero_visual_rows(hybrid):
+    _, model, inputs = hybrid
+    mixer = find_decoder_layers(model)[2].linear_attn
+    seen = {}
+    handle = mixer.register_forward_hook(lambda module, args, output: seen.setdefault("out", []).append(output))
+    try:
+        for mode in ("fast", "reference"):
+            apply_shortv(model, ShortVConfig([2], mode=mode))
+            logits(model, inputs)
+    finally:
+        handle.remove()
+        remove_shortv(model)
+    fast, reference = seen["out"]
+    assert fast.shape == reference.shape == (*inputs["input_ids"].shape, model.config.text_config.hidden_size)
+    assert not fast[inputs.visual_mask].any()  # a frozen layer adds nothing to visual tokens
+    text = ~inputs.visual_mask
+    torch.testing.assert_close(fast[text], reference[text], rtol=0, atol=1e-5)
+
+
+def test_patched_hybrid_model_pickles_and_deep_copies():
+    """The per-kind fast layer (`LayerKinds`) travels with the model like a single-anatomy one."""
+    import copy
+    import io
+
+    model = build_model("qwen3_5", init_std=0.2)
+    apply_shortv(model, [1, 2])
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # before the first forward (transformers' output-capturing hooks are closures)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    twin = copy.deepcopy(model)
+    inputs = build_inputs(model, "qwen3_5", batch_layouts=default_layouts("qwen3_5", batch_size=2))
+    patched = logits(model, inputs)
+    assert torch.equal(logits(loaded, inputs), patched) and torch.equal(logits(twin, inputs), patched)
+    with disable_shortv(model):
+        assert not torch.equal(logits(model, inputs), patched)
+    remove_shortv(model)
+
+
 def _causal_lm():
     """A bare Qwen3.5 language model (the bench shape's class) from the tiny family's text config."""
     from transformers import Qwen3_5ForCausalLM

@@ -4,8 +4,9 @@ transformers records ``output_attentions`` with forward hooks on every attention
 hooks there too. The fast frozen layer computes attention for text queries only and never calls the module, so it
 calls those hooks itself with the module's output in its usual shapes: ``(batch, seq, hidden)`` with zero rows at
 visual positions (a frozen layer adds nothing to visual tokens) and, where the attention backend returns weights,
-``(batch, heads, seq, kv)`` with zero rows for visual queries (they issue no query). Hooks only observe: a value
-they return is ignored.
+``(batch, heads, seq, kv)`` with zero rows for visual queries (they issue no query). A linear-attention token mixer
+(one output tensor, no attention weights) gets the same treatment. Hooks only observe: a value they return is
+ignored.
 """
 
 from __future__ import annotations
