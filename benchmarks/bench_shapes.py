@@ -9,6 +9,7 @@ Usage::
     python benchmarks/bench_shapes.py --layers 17          # a prefix (see below)
     python benchmarks/bench_shapes.py --layers auto        # time a 4-layer run, pick the largest prefix in budget
     python benchmarks/bench_shapes.py --threads 1 --tag 1thread
+    python benchmarks/bench_shapes.py --shape qwen3.6-27b --layers 4 --frozen 3   # exactly these layers frozen
 
 Prefixes. A full 7B model in bf16 is 13.5 GB; on a small CPU machine one full repetition (baseline + ShortV, 16
 tokens each) takes minutes, so a run may use only the first K layers. Every decoder layer has the same shape and
@@ -16,7 +17,9 @@ the weights are random, so a layer's cost does not depend on its index: what dec
 *share* of ShortV layers. The paper's published order cannot simply be cut at K (its layers sit mostly at the end:
 only 0, 2, 3 and 12 of the 19 are below 16), so a prefix freezes ``round(K * 19 / 32)`` of its layers, and K is
 chosen so that this share matches the full model's 19/32 = 59.4% closely (K = 5, 10, 17, 22, 27 or 32 are within
-one percentage point). The results state which prefix and which layers were used.
+one percentage point). The results state which prefix and which layers were used. In a hybrid shape (layers of
+different kinds, e.g. Qwen3.6's linear and full attention) the frozen layers of a prefix are shared out among the
+kinds in proportion to their counts.
 
 Memory. Timed runs use the default allocator, whose retained heap moves the RSS peak by a few percent from run to
 run. On CPU a second process (``--memory-pass``, on by default) repeats the run with
