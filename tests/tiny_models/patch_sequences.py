@@ -41,7 +41,7 @@ class Gemma4(FamilySpec):
         text.update(text_extra)
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=2, head_dim=16, patch_size=_PATCH, pooling_kernel_size=_POOL,
-                      position_embedding_size=16)
+                      position_embedding_size=80)
         return tf.Gemma4Config(text_config=tf.Gemma4TextConfig(**text), vision_config=vision, audio_config=None,
                                image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID,
                                boi_token_id=VISION_START_ID, eoi_token_id=VISION_END_ID, audio_token_id=197)
