@@ -139,11 +139,16 @@ class FrozenForward(_InstanceOverride):
         layout = state.layout
         if layout is None:
             return original(hidden_states, *args, **kwargs)
-        if tuple(hidden_states.shape[:2]) != layout.shape:
-            raise ValueError(
-                f"ShortV visual mask has shape {layout.shape} but decoder layer sees a sequence of shape "
-                f"{tuple(hidden_states.shape[:2])}; pass a `visual_mask` (batch x seq) that matches the decoder input"
-            )
+        batch, seq = hidden_states.shape[:2]
+        if (batch, seq) != layout.shape:
+            if batch != layout.shape[0] or seq > layout.shape[1]:
+                raise ValueError(
+                    f"ShortV visual mask has shape {layout.shape} but decoder layer sees a sequence of shape "
+                    f"{(batch, seq)}; pass a `visual_mask` (batch x seq) that matches the decoder input"
+                )
+            layout = layout.tail(seq)  # the decoder kept only the trailing positions for its last layers
+            if layout is None:
+                return original(hidden_states, *args, **kwargs)
         layout = layout.to(hidden_states.device)
         if self.fast is None:
             frozen = layout.visual if state.config.frozen_tokens == "visual" else layout.text

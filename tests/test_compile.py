@@ -88,3 +88,25 @@ def test_graph_breaks_do_not_grow_with_the_frozen_layers():
     remove_shortv(model)
     assert explained.graph_break_count == 1, [reason.reason for reason in explained.break_reasons]
     assert explained.graph_count == 2
+
+
+def test_compiled_hybrid_model_equals_eager_shortv():
+    """Frozen layers of both kinds of Qwen3.5 (output-gated attention layer 1, Gated DeltaNet layer 2) trace and
+    give the eager results."""
+    family = "qwen3_5"
+    model = build_model(family, init_std=0.2)
+    inputs = build_inputs(model, family, batch_layouts=default_layouts(family, batch_size=2))
+    apply_shortv(model, FROZEN)
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        reset_state(model)
+        eager = model(**inputs).logits
+        reset_state(model)
+        got = compiled(**inputs).logits
+        with disable_shortv(model):
+            reset_state(model)
+            baseline = model(**inputs).logits
+    remove_shortv(model)
+    keep = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[keep], eager[keep], rtol=0, atol=1e-4)
+    assert (eager[keep] - baseline[keep]).abs().max() > 1e-2
