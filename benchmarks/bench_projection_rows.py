@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from markdown_report import emit_report, machine_line
-from shortv.benchmark import paper_n
+from shortv.benchmark import shape_shortv_config
 from shortv.flops import get_shape, layer_projections, projection_rows
 from shortv.loading import DTYPES
 
@@ -57,6 +57,39 @@ def time_projection(
     return seconds
 
 
+def kind_report(dims, layer: int, t: int, v: int, rows: list[int], repeats: int, dtype: torch.dtype) -> dict:
+    """One layer's projections (layer ``layer``, standing for every layer of its kind), timed at every row count."""
+    projections = layer_projections(dims, layer)
+    seconds = {
+        (name, n): value
+        for name, (fan_in, fan_out) in projections.items()
+        for n, value in time_projection(fan_in, fan_out, rows, repeats, dtype).items()
+    }
+
+    def flops(name: str, n: int) -> float:
+        fan_in, fan_out = projections[name]
+        return 2.0 * n * fan_in * fan_out
+
+    def layer_total(cost, frozen: bool) -> float:  # noqa: ANN001
+        """The layer's projections, each at the rows `shortv.flops` gives it: the same accounting as the FLOPs model."""
+        return sum(cost(name, projection_rows(name, t, v, frozen)) for name in projections)
+
+    def measured(name: str, n: int) -> float:
+        return seconds[name, n]
+
+    return {
+        "projections": projections, "seconds": seconds, "flops": flops,
+        "time": {frozen: layer_total(measured, frozen) for frozen in (False, True)},
+        "gflops": {frozen: layer_total(flops, frozen) / 1e9 for frozen in (False, True)},
+    }
+
+
+def whole_model(kinds: list[str], frozen: set[int], reports: dict, key: str) -> float:
+    """Dense over ShortV time (``key="time"``) or FLOPs (``"gflops"``) of layers of ``kinds``, by projections alone."""
+    dense = sum(reports[kind][key][False] for kind in kinds)
+    return dense / sum(reports[kind][key][index in frozen] for index, kind in enumerate(kinds))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llava-1.5-7b")
@@ -68,82 +101,73 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
                         help="bf16 where the CPU has native bf16 GEMMs (AMX); fp32 on CPUs that emulate bf16")
+    parser.add_argument("--prefix", type=int, default=None, help="also cost this many first layers ...")
+    parser.add_argument("--frozen", type=int, nargs="*", default=None, help="... with these layers frozen")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     shape = get_shape(args.shape)
+    dims = shape.dims
     t = args.text_tokens
     v = shape.visual_tokens if args.visual_tokens is None else args.visual_tokens
     rows = sorted(set(args.rows) | {t, t + v})
-    projections = layer_projections(shape.dims)
-    seconds = {
-        (name, n): value
-        for name, (fan_in, fan_out) in projections.items()
-        for n, value in time_projection(fan_in, fan_out, rows, args.repeats, DTYPES[args.dtype]).items()
-    }
+    kinds = list(dims.layer_kinds)
+    dtype = DTYPES[args.dtype]
+    reports = {kind: kind_report(dims, kinds.index(kind), t, v, rows, args.repeats, dtype)
+               for kind in dict.fromkeys(kinds)}
 
-    def flops(name: str, n: int) -> float:
-        fan_in, fan_out = projections[name]
-        return 2.0 * n * fan_in * fan_out
-
-    def measured(name: str, n: int) -> float:
-        return seconds[name, n]
-
-    def layer_total(cost, frozen: bool) -> float:  # noqa: ANN001
-        """One layer's projections, each at the rows `shortv.flops` gives it: the same accounting as the FLOPs model."""
-        return sum(cost(name, projection_rows(name, t, v, frozen)) for name in projections)
-
-    dense_time, frozen_time = layer_total(measured, frozen=False), layer_total(measured, frozen=True)
-    dense_flops, frozen_flops = layer_total(flops, frozen=False), layer_total(flops, frozen=True)
-
-    layers, frozen_layers = shape.dims.num_layers, paper_n(args.shape)
-
-    def whole(layer_speedup: float) -> float:
-        return layers / ((layers - frozen_layers) + frozen_layers / layer_speedup)
-
+    element_bytes = torch.finfo(dtype).bits // 8
+    command = (f"`python benchmarks/bench_projection_rows.py --shape {args.shape} --threads {args.threads} "
+               f"--dtype {args.dtype}" + (f" --rows {' '.join(map(str, args.rows))}" if args.rows else "")
+               + (f" --prefix {args.prefix} --frozen {' '.join(map(str, args.frozen))}" if args.prefix else "") + "`")
     lines = [
         f"# Projection GEMMs by row count: {args.shape}, {args.dtype}, CPU",
         "",
         machine_line(),
-        f"Command: `python benchmarks/bench_projection_rows.py --shape {args.shape} --threads {args.threads} "
-        f"--dtype {args.dtype}`. "
-        f"Weights cycled through a {POOL_BYTES >> 20} MiB pool per projection; median of {args.repeats} passes.",
-        "",
-        "Throughput of one decoder layer's projections (all seven together) by rows per GEMM:",
-        "",
-        "| rows | ms | TFLOP/s | weight GB/s |",
-        "|---|---|---|---|",
+        f"Command: {command}. Weights cycled through a {POOL_BYTES >> 20} MiB pool per projection; median of "
+        f"{args.repeats} passes.",
     ]
-    element_bytes = torch.finfo(DTYPES[args.dtype]).bits // 8
-    weight_bytes = sum(fan_in * fan_out * element_bytes for fan_in, fan_out in projections.values())
-    for n in rows:
-        total = sum(seconds[name, n] for name in projections)
-        marks = " (text tokens)" if n == t else " (all tokens)" if n == t + v else ""
-        lines.append(
-            f"| {n}{marks} | {total * 1e3:.2f} | {sum(flops(name, n) for name in projections) / total / 1e12:.2f} | "
-            f"{weight_bytes / total / 1e9:.1f} |"
-        )
-    lines += [
-        "",
-        f"One layer's projections with {t} text + {v} visual tokens (a ShortV layer: q/o/MLP on the {t} text rows, "
-        f"k/v on all {t + v}):",
-        "",
-        "| layer | projection ms | projection GFLOPs |",
-        "|---|---|---|",
-        f"| dense | {dense_time * 1e3:.1f} | {dense_flops / 1e9:.1f} |",
-        f"| ShortV | {frozen_time * 1e3:.1f} | {frozen_flops / 1e9:.1f} |",
-        "",
-        f"Projection speedup of a ShortV layer: FLOPs-ideal {dense_flops / frozen_flops:.2f}x, time-ideal on this "
-        f"machine {dense_time / frozen_time:.2f}x ({dense_time / frozen_time / (dense_flops / frozen_flops):.0%} of "
-        f"the FLOPs-ideal), from the GEMMs alone: no attention, norms or ShortV bookkeeping.",
-        "",
-        f"Whole model, N={frozen_layers} of {layers} layers frozen, every layer costed by its projections alone: FLOPs-ideal "
-        f"{whole(dense_flops / frozen_flops):.2f}x, time-ideal on this machine {whole(dense_time / frozen_time):.2f}x. "
-        "A measured prefill speedup is best compared with the latter: it is what the FLOPs-ideal becomes once the "
-        "text-only GEMMs run at the rate this machine reaches for that few rows.",
-    ]
+    for kind, report in reports.items():
+        projections, seconds, flops = report["projections"], report["seconds"], report["flops"]
+        label = f" ({kind} layers)" if len(reports) > 1 else ""
+        weight_bytes = sum(fan_in * fan_out * element_bytes for fan_in, fan_out in projections.values())
+        lines += ["", f"Throughput of one decoder layer's projections{label} ({len(projections)} together: "
+                  f"{', '.join(projections)}) by rows per GEMM:", "",
+                  "| rows | ms | TFLOP/s | weight GB/s |", "|---|---|---|---|"]
+        for n in rows:
+            total = sum(seconds[name, n] for name in projections)
+            marks = " (text tokens)" if n == t else " (all tokens)" if n == t + v else ""
+            lines.append(f"| {n}{marks} | {total * 1e3:.2f} | "
+                         f"{sum(flops(name, n) for name in projections) / total / 1e12:.2f} | "
+                         f"{weight_bytes / total / 1e9:.1f} |")
+        everyone = sorted(name for name in projections if projection_rows(name, t, v, True) == t + v)
+        dense, frozen = report["time"][False], report["time"][True]
+        ideal = report["gflops"][False] / report["gflops"][True]
+        lines += ["", f"One layer's projections{label} with {t} text + {v} visual tokens (a ShortV layer: "
+                  f"{', '.join(everyone)} on all {t + v} rows, the rest on the {t} text rows):", "",
+                  "| layer | projection ms | projection GFLOPs |", "|---|---|---|",
+                  f"| dense | {dense * 1e3:.1f} | {report['gflops'][False]:.1f} |",
+                  f"| ShortV | {frozen * 1e3:.1f} | {report['gflops'][True]:.1f} |", "",
+                  f"Projection speedup of a ShortV layer{label}: FLOPs-ideal {ideal:.2f}x, time-ideal on this machine "
+                  f"{dense / frozen:.2f}x ({dense / frozen / ideal:.0%} of the FLOPs-ideal), from the GEMMs alone: no "
+                  "attention, convolution, delta rule, norms or ShortV bookkeeping."]
+
+    frozen_layers = set(shape_shortv_config(args.shape)[0].layers)
+    cases = [(f"Whole model, N={len(frozen_layers)} of {len(kinds)} layers frozen (the paper's share, the layers the "
+              "bench freezes without a calibrated config)", kinds, frozen_layers)]
+    if args.prefix:
+        cases.append((f"First {args.prefix} layers, layers {sorted(args.frozen)} frozen (the benchmarked prefix)",
+                      kinds[: args.prefix], set(args.frozen)))
+    for title, layer_kinds, frozen in cases:
+        mix = ", ".join(f"{sum(layer_kinds[i] == kind for i in frozen)} of {layer_kinds.count(kind)} {kind}"
+                        for kind in reports) if len(reports) > 1 else ""
+        lines += ["", f"{title}{': ' + mix if mix else ''}; every layer costed by its projections alone: FLOPs-ideal "
+                  f"{whole_model(layer_kinds, frozen, reports, 'gflops'):.2f}x, time-ideal on this machine "
+                  f"{whole_model(layer_kinds, frozen, reports, 'time'):.2f}x."]
+    lines += ["", "A measured prefill speedup is best compared with the time-ideal: it is what the FLOPs-ideal becomes "
+              "once the text-only GEMMs run at the rate this machine reaches for that few rows."]
     emit_report(lines, args.out)
     return 0
 

@@ -9,6 +9,7 @@ Usage::
     python benchmarks/bench_shapes.py --layers 17          # a prefix (see below)
     python benchmarks/bench_shapes.py --layers auto        # time a 4-layer run, pick the largest prefix in budget
     python benchmarks/bench_shapes.py --threads 1 --tag 1thread
+    python benchmarks/bench_shapes.py --shape qwen3.6-27b --layers 4 --frozen 3   # exactly these layers frozen
 
 Prefixes. A full 7B model in bf16 is 13.5 GB; on a small CPU machine one full repetition (baseline + ShortV, 16
 tokens each) takes minutes, so a run may use only the first K layers. Every decoder layer has the same shape and
@@ -16,7 +17,9 @@ the weights are random, so a layer's cost does not depend on its index: what dec
 *share* of ShortV layers. The paper's published order cannot simply be cut at K (its layers sit mostly at the end:
 only 0, 2, 3 and 12 of the 19 are below 16), so a prefix freezes ``round(K * 19 / 32)`` of its layers, and K is
 chosen so that this share matches the full model's 19/32 = 59.4% closely (K = 5, 10, 17, 22, 27 or 32 are within
-one percentage point). The results state which prefix and which layers were used.
+one percentage point). The results state which prefix and which layers were used. In a hybrid shape (layers of
+different kinds, e.g. Qwen3.6's linear and full attention) the frozen layers of a prefix are shared out among the
+kinds in proportion to their counts.
 
 Memory. Timed runs use the default allocator, whose retained heap moves the RSS peak by a few percent from run to
 run. On CPU a second process (``--memory-pass``, on by default) repeats the run with
@@ -36,6 +39,7 @@ import time
 from pathlib import Path
 
 from shortv.benchmark import MMAP_THRESHOLD_ENV, BenchResult, bench_shape, machine_info, paper_n, to_markdown
+from shortv.config import ShortVConfig
 from shortv.flops import get_shape
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -94,6 +98,7 @@ def memory_pass(args: argparse.Namespace, prefix: int, n: int) -> BenchResult:
             "--text-tokens", str(args.text_tokens),
             "--batch-size", str(args.batch_size), "--new-tokens", str(args.new_tokens), "--repeats", "2",
             "--warmup", "1", "--dtype", args.dtype, "--device", args.device, "--memory-only", str(out),
+            *(["--frozen", *map(str, args.frozen)] if args.frozen else []),
         ]
         if args.threads is not None:
             command += ["--threads", str(args.threads)]
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--frozen", type=int, nargs="+", default=None,
+                        help="freeze exactly these layers (of the prefix) instead of the proportional/paper choice")
     parser.add_argument("--tag", default="", help="suffix for the result file names")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument(
@@ -173,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"benchmarking {args.shape}: {prefix} of {total} layers, N={n} ({'proportional' if proportional else 'paper order'})")
     started = time.perf_counter()
+    config = None if args.frozen is None else ShortVConfig(layers=args.frozen, provenance={"policy": "--frozen"})
     result = bench_shape(
-        args.shape, num_layers=prefix, n=n, proportional=proportional, visual_tokens=args.visual_tokens,
+        args.shape, num_layers=prefix, n=n, config=config, proportional=proportional, visual_tokens=args.visual_tokens,
         text_tokens=args.text_tokens, batch_size=args.batch_size, new_tokens=args.new_tokens, repeats=args.repeats,
         warmup=args.warmup, dtype=args.dtype, device=args.device, threads=args.threads,
         progress=lambda message: print(f"  {message}", flush=True),
@@ -203,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         if prefix == total
         else f"the first {prefix} of {total} layers, {len(result.shortv_layers)} of them ShortV layers "
         f"({len(result.shortv_layers) / prefix:.1%}, vs {n}/{total} = {n / total:.1%} in the full model); "
-        "layer cost does not depend on its index in shape mode, so the share is what sets the speedup"
+        + ("layer cost does not depend on its index in shape mode, so the share is what sets the speedup"
+           if len(set(shape.dims.layer_kinds)) == 1 else
+           "layers of one kind cost the same whatever their index in shape mode, so the share of each kind frozen "
+           f"is what sets the speedup (kinds of the prefix: {', '.join(shape.dims.layer_kinds[:prefix])})")
     )
     header = [
         f"# ShortV shape benchmark: {args.shape}",

@@ -114,7 +114,8 @@ def calibrate(
             config.save(out_dir / CONFIG_FILE)
             if plot:
                 from .plots import plot_layer_contribution
+                from .registry import layer_types
 
                 with replaced_on_success(out_dir / PLOT_FILE) as plot_path:
-                    plot_layer_contribution(lc, plot_path, chosen=config.layers)
+                    plot_layer_contribution(lc, plot_path, chosen=config.layers, layer_types=layer_types(model))
     return Calibration(lc=lc, config=config, out_dir=out_dir)

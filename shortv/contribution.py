@@ -11,13 +11,16 @@ replays only layers ``l+1..L-1``; variants are batched together, and the last la
 positions that are scored. Per sample that is about ``L*L`` layer evaluations against ``2*L*(L+1)`` for the naive
 method (one full forward per variant). Updates a family makes between layers, outside them (Qwen3-VL's DeepStack
 adds vision features after the first layers), are recorded in the capture pass and replayed after the same layers.
+A store that one layer writes and later layers read (Gemma 4's shared keys and values) holds, for a variant that
+joins the replay after the writing layer, what the capture pass wrote there.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,17 +177,22 @@ def _repeat_batch(value: Any, copies: int, device: torch.device) -> Any:
 
 
 class _Scorer:
-    """Final norm + LM head at the scored positions, to log-probabilities in fp32."""
+    """Final norm + LM head at the scored positions (and the logit soft-capping of Gemma-style models, as their
+    forward applies it), to log-probabilities in fp32."""
 
     def __init__(self, model: nn.Module):
         self.norm = find_final_norm(model)
         self.head = model.get_output_embeddings()
         if self.head is None:
             raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to score with")
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = hidden[:, positions].to(execution_device(self.norm))
         logits = self.head(self.norm(hidden).to(execution_device(self.head)))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         return torch.log_softmax(logits.float(), dim=-1)
 
 
@@ -238,6 +246,8 @@ def _capture_pass(model: nn.Module, layers: nn.ModuleList, sample: CalibrationSa
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         rest = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+        if len(args) > 1:  # positional arguments after the hidden states (Gemma 4's per-layer input), by name
+            rest.update(zip(list(inspect.signature(module.forward).parameters)[1:], args[1:]))
         capture.inputs.append((hidden, rest))
 
     def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -290,6 +300,24 @@ class _Replay:
         keep[0, targets.cpu()] = False
         self.last_layout = TokenLayout.from_visual_mask(keep)
         self.layer_evaluations = 0
+        # Stores written by one layer and read by later ones: their content after the capture pass.
+        self.stores = [(store, dict(store)) for store in {id(v): v for _, kwargs in capture.inputs
+                                                          for v in kwargs.values() if _is_store(v)}.values()]
+
+    def start_batch(self) -> None:
+        """A new batch of variants: every store holds the capture pass's content again."""
+        for store, content in self.stores:
+            store.clear()
+            store.update(content)
+
+    def _fill_stores(self, rows: int) -> None:
+        """Rows that joined the batch after a store was written read what the capture pass wrote there."""
+        for store, content in self.stores:
+            for key, tensors in list(store.items()):
+                missing = rows - tensors[0].shape[0]
+                if missing > 0:
+                    store[key] = tuple(torch.cat([t, c.to(t.device).expand(missing, *c.shape[1:])])
+                                       for t, c in zip(tensors, content[key]))
 
     def run_layer(self, index: int, states: torch.Tensor) -> torch.Tensor:
         layer = self.layers[index]
@@ -297,11 +325,19 @@ class _Replay:
         kwargs = {key: _repeat_batch(value, states.shape[0], device) for key, value in self.capture.inputs[index][1].items()}
         states = states.to(device)
         self.layer_evaluations += states.shape[0]
+        self._fill_stores(states.shape[0])
         if index == len(self.layers) - 1 and self.last_layer_shortcut:
             layout = TokenLayout.from_visual_mask(self.last_layout.visual.expand(states.shape[0], -1).to(device))
             return self.capture.apply_updates(index, self.fast.fast_frozen_forward(layer, layout, states, **kwargs))
         output = layer(states, **kwargs)
         return self.capture.apply_updates(index, output[0] if isinstance(output, tuple) else output)
+
+
+def _is_store(value: Any) -> bool:
+    """A mutable mapping of per-key tuples of batch-first tensors, shared by the layers' calls."""
+    return isinstance(value, MutableMapping) and all(
+        isinstance(item, tuple) and item and all(isinstance(t, torch.Tensor) for t in item) for item in value.values()
+    )
 
 
 def _variant_start_states(capture: _Capture, masks: dict[str, torch.Tensor]) -> list[tuple[str, int, torch.Tensor]]:
@@ -348,6 +384,7 @@ def sample_contribution(
     result = {token_type: [0.0] * num_layers for token_type in token_types}
     for start in range(0, len(variants), max_variants_per_batch):
         chunk = variants[start : start + max_variants_per_batch]
+        replay.start_batch()
         # Wavefront: a variant frozen at layer l joins the batch at layer l+1.
         active: list[tuple[str, int]] = []
         states: torch.Tensor | None = None

@@ -123,15 +123,20 @@ def _decide(state: ShortVState, explicit: Any, args: tuple[Any, ...], kwargs: di
     if explicit is not None:
         visual = call_mask_chunk(explicit, shape, past_length)
     elif state.context_visual_mask is not None:
+        context = state.context_visual_mask
+        if isinstance(context, torch.Tensor) and past_length >= context.shape[-1]:  # past the prompt: text, no sync
+            state.layout = None
+            return True
         visual = context_mask_chunk(state.context_visual_mask, shape, past_length)
     elif input_ids is not None:
         # A bare language model has no visual ids: nothing is visual unless the caller says so. In a cached step
         # without pixels (decoding), a placeholder id is a generated token, embedded as text, not vision features.
         decoding = past_length > 0 and not _carries_pixels(kwargs)
         if not state.token_ids or decoding:
-            visual = torch.zeros(shape, dtype=torch.bool, device=input_ids.device)
-        else:
-            visual = torch.isin(input_ids, torch.tensor(state.token_ids, device=input_ids.device))
+            # Nothing visual, known without reading a tensor: no device sync in each decode step.
+            state.layout = None
+            return True
+        visual = torch.isin(input_ids, torch.tensor(state.token_ids, device=input_ids.device))
     else:
         return False
     state.layout = TokenLayout.from_visual_mask(visual) if bool(visual.any()) else None

@@ -22,7 +22,19 @@ Two formulas are available:
   MoE layers (``LayerDims.num_experts > 0``): the router (``hidden -> experts``)
   and the ``experts_per_token`` active experts' gated MLPs per routed token;
   "paper" uses the active experts' width as ``m``. A ShortV layer routes only
-  its text tokens.
+  its text tokens. Output gates (a query-side gate projection, and its
+  multiply at 1 FLOP per element) are counted too.
+
+Hybrid models (``LayerDims.layers``: one `LayerDims` per layer) mix softmax
+layers with linear-attention layers (Gated DeltaNet, ``kind="linear_attention"``),
+which both formulas count exactly: the in-projections, the depthwise causal
+convolution and the chunked delta rule over every token (as the chunked kernel
+computes it, the sequence padded to whole chunks; a frozen layer still runs all
+of it, because later tokens read the recurrent state), and the output gate's
+projection, its gated RMSNorm, ``out_proj`` and the MLP over the updated tokens.
+So a frozen linear-attention layer saves only its output half and its MLP on
+visual tokens, while a frozen softmax layer also saves their queries and their
+quadratic attention.
 
 A FLOP is one multiply or one add, so a ``(a x b) @ (b x c)`` matmul is
 ``2abc`` FLOPs.
@@ -30,14 +42,36 @@ A FLOP is one multiply or one add, so a ``(a x b) @ (b x c)`` matmul is
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 Formula = Literal["paper", "exact"]
-Family = Literal["llama", "qwen2", "qwen3", "gemma3"]
+Family = Literal["llama", "qwen2", "qwen3", "gemma3", "qwen3_5"]
 
 _FORMULAS: tuple[str, ...] = ("paper", "exact")
+
+
+@dataclass(frozen=True)
+class LinearAttentionDims:
+    """A Gated DeltaNet token mixer: key/value heads and their dims, causal-convolution taps, delta-rule chunk."""
+
+    key_heads: int
+    value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+    chunk_size: int = 64
+
+    @property
+    def key_dim(self) -> int:
+        return self.key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.value_heads * self.value_head_dim
 
 
 @dataclass(frozen=True)
@@ -59,15 +93,38 @@ class LayerDims:
     moe_intermediate_size: int = 0
     #: In an MoE model, the layers that keep the dense MLP (Qwen's ``mlp_only_layers`` / ``decoder_sparse_step``).
     dense_layers: tuple[int, ...] = ()
+    #: An always-on shared expert beside the routed ones (its gated MLP and a 1-wide sigmoid gate), width or 0.
+    shared_expert_intermediate_size: int = 0
+    #: The MoE block runs beside the dense MLP (both count) instead of replacing it.
+    parallel_moe: bool = False
+    #: ``"attention"`` (softmax) or ``"linear_attention"`` (Gated DeltaNet, dims in ``linear``).
+    kind: str = "attention"
+    linear: LinearAttentionDims | None = None
+    #: ``q_proj`` also emits a per-head output gate that multiplies the attention output.
+    output_gate: bool = False
+    #: False in a layer that reuses another layer's keys and values (KV sharing): no k/v projections.
+    kv_projections: bool = True
+    #: False where the values are the keys' projection (no ``v_proj``).
+    value_projection: bool = True
+    #: Width of a per-layer-input branch after the MLP (gate ``hidden -> p``, projection ``p -> hidden``), or 0.
+    per_layer_input_size: int = 0
+    #: A model whose layers differ: each layer's dims (same hidden size, vocabulary and layer count).
+    layers: tuple[LayerDims, ...] = ()
 
-    _REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                 "num_layers", "vocab_size")
+    _REQUIRED = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_layers", "vocab_size")
 
     def __post_init__(self) -> None:
         for name in self._REQUIRED:
             value = getattr(self, name)
             if operator.index(value) < 1:
                 raise ValueError(f"LayerDims.{name} must be >= 1, got {value}")
+        if operator.index(self.intermediate_size) < (0 if self.num_experts and not self.dense_layers else 1):
+            raise ValueError(f"LayerDims.intermediate_size must be >= 1, got {self.intermediate_size}")
+        if self.kind not in ("attention", "linear_attention") or (self.kind == "linear_attention") != bool(self.linear):
+            raise ValueError(f"LayerDims.kind must be 'attention', or 'linear_attention' with `linear` dims; got "
+                             f"{self.kind!r} with linear={self.linear}")
+        if self.layers and len(self.layers) != self.num_layers:
+            raise ValueError(f"LayerDims.layers has {len(self.layers)} entries for {self.num_layers} layers")
         if self.num_experts:
             if not 1 <= self.experts_per_token <= self.num_experts or self.moe_intermediate_size < 1:
                 raise ValueError(
@@ -80,40 +137,90 @@ class LayerDims:
         """Whether ``layer`` has the MoE block (``None``: a sparse layer of this model, if it has any)."""
         return self.num_experts > 0 and (layer is None or layer not in self.dense_layers)
 
+    def layer(self, index: int | None) -> LayerDims:
+        """The dims of layer ``index`` (the model's own dims where its layers are alike, or ``index`` is None)."""
+        return self.layers[index] if self.layers and index is not None else self
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The token mixer of every layer (``"attention"`` or ``"linear_attention"``)."""
+        return tuple(self.layer(i).kind for i in range(self.num_layers))
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer costs the same (no per-layer dims, no dense layers among MoE ones)."""
+        return not self.layers and not self.dense_layers
+
     @classmethod
     def from_config(cls, config: Any) -> "LayerDims":
-        """Read the text decoder dims from a causal-LM or multimodal HF config."""
+        """Read the text decoder dims from a causal-LM or multimodal HF config (per layer where layers differ:
+        ``config.layer_types`` with linear attention, per-layer head dims, KV sharing)."""
         if hasattr(config, "get_text_config"):
             config = config.get_text_config()
-        from .registry import LANGUAGE_MODELS  # the anatomy says whether q/k are normed
+        from .registry import LANGUAGE_MODELS  # the anatomy says whether q/k are normed, whether q_proj gates
 
         hidden = config.hidden_size
         heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
         num_layers = config.num_hidden_layers
         experts = getattr(config, "num_experts", None) or 0
+        anatomy = LANGUAGE_MODELS.get(getattr(config, "model_type", None))
+        full = dict(anatomy.anatomies).get("full_attention") if hasattr(anatomy, "anatomies") else anatomy
         moe: dict[str, Any] = {}
         if experts:
             step = getattr(config, "decoder_sparse_step", 1) or 1
             only_mlp = set(getattr(config, "mlp_only_layers", None) or ())
+            parallel = bool(getattr(config, "enable_moe_block", False))
             moe = dict(
                 num_experts=experts,
-                experts_per_token=config.num_experts_per_tok,
+                experts_per_token=getattr(config, "num_experts_per_tok", None) or config.top_k_experts,
                 moe_intermediate_size=config.moe_intermediate_size,
-                dense_layers=tuple(i for i in range(num_layers) if i in only_mlp or (i + 1) % step),
+                dense_layers=() if parallel else tuple(
+                    i for i in range(num_layers) if i in only_mlp or (i + 1) % step),
+                shared_expert_intermediate_size=getattr(config, "shared_expert_intermediate_size", 0) or 0,
+                parallel_moe=parallel,
             )
-        anatomy = LANGUAGE_MODELS.get(getattr(config, "model_type", None))
-        return cls(
+        per_layer = getattr(config, "per_layer_config", None)
+        first = per_layer[0] if per_layer is not None else config
+        dims = cls(
             hidden_size=hidden,
-            intermediate_size=config.intermediate_size,
+            intermediate_size=getattr(config, "intermediate_size", 0) or 0,
             num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=getattr(config, "head_dim", None) or hidden // heads,
+            num_key_value_heads=getattr(first, "num_key_value_heads", None) or heads,
+            head_dim=getattr(first, "head_dim", None) or hidden // heads,
             num_layers=num_layers,
             vocab_size=config.vocab_size,
-            qk_norm=bool(anatomy is not None and anatomy.qk_norm),
+            qk_norm=bool(full is not None and full.qk_norm),
+            output_gate=bool(full is not None and getattr(full, "output_gate", False)),
+            per_layer_input_size=getattr(config, "hidden_size_per_layer_input", 0) or 0,
             **moe,
         )
+        layers = tuple(_layer_from_config(config, dims, i) for i in range(num_layers))
+        return dims if all(layer == dims for layer in layers) else dataclasses.replace(dims, layers=layers)
+def _layer_from_config(config: Any, dims: LayerDims, index: int) -> LayerDims:
+    """Layer ``index``'s dims: its mixer by ``config.layer_types``, its head dims from ``config.per_layer_config``,
+    KV sharing from ``config.kv_sharing_modes``, keys as values and double-wide MLPs where the config says so."""
+    kind = (getattr(config, "layer_types", None) or [None] * dims.num_layers)[index]
+    if kind == "linear_attention":
+        linear = LinearAttentionDims(
+            key_heads=config.linear_num_key_heads, value_heads=config.linear_num_value_heads,
+            key_head_dim=config.linear_key_head_dim, value_head_dim=config.linear_value_head_dim,
+            conv_kernel=config.linear_conv_kernel_dim,
+        )
+        return dataclasses.replace(dims, kind="linear_attention", linear=linear, qk_norm=False, output_gate=False)
+    per_layer = getattr(config, "per_layer_config", None)
+    layer = per_layer[index] if per_layer is not None else config
+    sharing = getattr(config, "kv_sharing_modes", None)
+    shared = sharing is not None and sharing[index] == "reuse"
+    keys_as_values = bool(getattr(config, "attention_k_eq_v", False)) and kind == "full_attention"
+    wide = 2 if shared and getattr(config, "use_double_wide_mlp", False) else 1
+    return dataclasses.replace(
+        dims,
+        head_dim=getattr(layer, "head_dim", None) or dims.head_dim,
+        num_key_value_heads=getattr(layer, "num_key_value_heads", None) or dims.num_key_value_heads,
+        kv_projections=not shared,
+        value_projection=not keys_as_values,
+        intermediate_size=dims.intermediate_size * wide,
+    )
 
 
 @dataclass(frozen=True)
@@ -137,6 +244,21 @@ def _vicuna_dims(num_layers: int, hidden: int, intermediate: int, heads: int) ->
         num_layers=num_layers,
         vocab_size=32064,
     )
+
+
+def _qwen36_27b() -> LayerDims:
+    """Qwen3.6-27B's text decoder. From the transformers 5.24 defaults of ``Qwen3_5TextConfig`` (whose docstring
+    names Qwen/Qwen3.5-27B, the architecture Qwen3.6 reuses): head_dim 256, linear-attention key/value head dims 128,
+    16 key heads, conv kernel 4, a full-attention layer every 4th (``full_attention_interval=4``), vocabulary 248320,
+    untied embeddings, partial rotary 0.25 (which costs what full RoPE costs). From the published
+    ``Qwen/Qwen3.6-27B`` config.json (not downloadable here; as reproduced in public code that pins it, since the
+    defaults describe a 9B model): hidden 5120, MLP 17408, 64 layers, 24 attention heads, 4 KV heads, 48 linear value
+    heads."""
+    base = LayerDims(hidden_size=5120, intermediate_size=17408, num_attention_heads=24, num_key_value_heads=4,
+                     head_dim=256, num_layers=64, vocab_size=248320, qk_norm=True, output_gate=True)
+    linear = dataclasses.replace(base, kind="linear_attention", qk_norm=False, output_gate=False, linear=LinearAttentionDims(
+        key_heads=16, value_heads=48, key_head_dim=128, value_head_dim=128, conv_kernel=4))
+    return dataclasses.replace(base, layers=tuple(base if (i + 1) % 4 == 0 else linear for i in range(64)))
 
 
 _VICUNA_7B = _vicuna_dims(num_layers=32, hidden=4096, intermediate=11008, heads=32)
@@ -196,6 +318,10 @@ PAPER_SHAPES: dict[str, PaperShape] = {
         visual_tokens=576,
         family="gemma3",
     ),
+    # Qwen3.6-27B's language model (Qwen3.5's code, model_type "qwen3_5"): 64 layers, three Gated DeltaNet layers to
+    # one full-attention layer (24 query heads with an output gate, 4 KV heads of 256, QK-norm). Where each value
+    # comes from: see `_qwen36_27b`.
+    "qwen3.6-27b": PaperShape(_qwen36_27b(), visual_tokens=576, family="qwen3_5"),
 }
 
 
@@ -234,27 +360,55 @@ def _paper_layer(dims: LayerDims, t: int, v: int, frozen: bool, layer: int | Non
     return 2 * t * (4 * h + 3 * m) * h + 4 * v * h * h + 4 * t * n * h
 
 
-#: Projections a ShortV layer still runs over every token: the image's keys and values feed the text queries.
-ALL_TOKEN_PROJECTIONS = frozenset({"k_proj", "v_proj"})
+#: Projections a ShortV layer still runs over every token: the image's keys and values feed the text queries, and a
+#: linear-attention layer's input projections feed the recurrent state every later token reads.
+ALL_TOKEN_PROJECTIONS = frozenset({"k_proj", "v_proj", "in_proj_qkv", "in_proj_b", "in_proj_a"})
+
+
+def _mixer_projections(dims: LayerDims) -> dict[str, tuple[int, int]]:
+    h = dims.hidden_size
+    if dims.kind == "linear_attention":
+        la = dims.linear
+        return {"in_proj_qkv": (h, 2 * la.key_dim + la.value_dim), "in_proj_b": (h, la.value_heads),
+                "in_proj_a": (h, la.value_heads), "in_proj_z": (h, la.value_dim), "out_proj": (la.value_dim, h)}
+    q_dim = dims.num_attention_heads * dims.head_dim
+    kv_dim = dims.num_key_value_heads * dims.head_dim
+    projections = {"q_proj": (h, q_dim * (2 if dims.output_gate else 1))}
+    if dims.kv_projections:
+        projections["k_proj"] = (h, kv_dim)
+        if dims.value_projection:
+            projections["v_proj"] = (h, kv_dim)
+    return {**projections, "o_proj": (q_dim, h)}
+
+
+def _mlp_projections(dims: LayerDims, layer: int | None) -> dict[str, tuple[int, int]]:
+    h, m = dims.hidden_size, dims.intermediate_size
+    dense = {"gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+    if not dims.is_moe(layer):
+        return dense
+    active = dims.experts_per_token * dims.moe_intermediate_size
+    moe = {"router": (h, dims.num_experts), "experts_gate_up": (h, 2 * active), "experts_down": (active, h)}
+    shared = dims.shared_expert_intermediate_size
+    if shared:
+        moe.update(shared_expert_gate_up=(h, 2 * shared), shared_expert_down=(shared, h), shared_expert_gate=(h, 1))
+    return {**dense, **moe} if dims.parallel_moe else moe
 
 
 def layer_projections(dims: LayerDims, layer: int | None = None) -> dict[str, tuple[int, int]]:
-    """``(in_features, out_features)`` per routed token of a decoder layer's projections: Llama-shaped attention,
-    then the gated FFN, or for an MoE layer the router and the active experts' gated FFNs taken together."""
-    h = dims.hidden_size
-    q_dim = dims.num_attention_heads * dims.head_dim
-    kv_dim = dims.num_key_value_heads * dims.head_dim
-    attention = {"q_proj": (h, q_dim), "k_proj": (h, kv_dim), "v_proj": (h, kv_dim), "o_proj": (q_dim, h)}
-    if dims.is_moe(layer):
-        active = dims.experts_per_token * dims.moe_intermediate_size
-        return {**attention, "router": (h, dims.num_experts), "experts_gate_up": (h, 2 * active),
-                "experts_down": (active, h)}
-    m = dims.intermediate_size
-    return {**attention, "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+    """``(in_features, out_features)`` per routed token of a decoder layer's projections: its token mixer (softmax
+    attention, with keys/values unless it reuses another layer's; or a linear-attention mixer), then the gated FFN,
+    or for an MoE layer the router and the active experts' gated FFNs taken together (and a shared expert), then a
+    per-layer-input branch. ``layer`` picks the layer's own dims in a model whose layers differ."""
+    own = dims.layer(layer)
+    projections = {**_mixer_projections(own), **_mlp_projections(own, layer)}
+    if own.per_layer_input_size:
+        p = own.per_layer_input_size
+        projections.update(per_layer_input_gate=(own.hidden_size, p), per_layer_projection=(p, own.hidden_size))
+    return projections
 
 
 def projection_rows(name: str, t: int, v: int, frozen: bool) -> int:
-    """Rows a projection multiplies in prefill: every token, except text-only q/o/FFN in a ShortV layer."""
+    """Rows a projection multiplies in prefill: every token, except text-only updates in a ShortV layer."""
     return t if frozen and name not in ALL_TOKEN_PROJECTIONS else t + v
 
 
@@ -262,19 +416,47 @@ def projection_rows(name: str, t: int, v: int, frozen: bool) -> int:
 RMS_NORM_FLOPS_PER_ELEMENT = 4
 
 
-def attention_flops(dims: LayerDims, t: int, v: int, frozen: bool) -> int:
-    """``Q K^T`` and ``softmax(.) V`` of one layer over one sample: queries are the tokens the layer updates."""
+def attention_flops(dims: LayerDims, t: int, v: int, frozen: bool, layer: int | None = None) -> int:
+    """The token mixing of one layer over one sample that is not a projection.
+
+    Softmax attention: ``Q K^T`` and ``softmax(.) V``, queries being the tokens the layer updates. Linear attention:
+    `linear_mixer_flops`, over every token whether the layer is frozen or not."""
+    own = dims.layer(layer)
+    if own.kind == "linear_attention":
+        return linear_mixer_flops(own.linear, t + v)
     queries = t if frozen else t + v
-    return 4 * queries * (t + v) * dims.num_attention_heads * dims.head_dim
+    return 4 * queries * (t + v) * own.num_attention_heads * own.head_dim
 
 
-def qk_norm_flops(dims: LayerDims, t: int, v: int, frozen: bool) -> int:
-    """Per-head RMSNorm of the queries of the updated tokens and the keys of every token (0 without QK-norm)."""
-    if not dims.qk_norm:
-        return 0
-    queries = t if frozen else t + v
-    normed = queries * dims.num_attention_heads + (t + v) * dims.num_key_value_heads
-    return RMS_NORM_FLOPS_PER_ELEMENT * normed * dims.head_dim
+def linear_mixer_flops(linear: LinearAttentionDims, n: int) -> int:
+    """The depthwise causal convolution and the chunked gated delta rule over ``n`` tokens.
+
+    The convolution runs with ``kernel - 1`` positions of zero padding and keeps the first ``n`` outputs, as the
+    reference kernel computes it.
+
+    Per value head, with chunk ``C``, ``N = n`` padded to whole chunks, key/value head dims ``dk``/``dv``: the chunk's
+    ``k_beta K^T`` and ``Q K^T`` (``2 C dk`` each per token), two unit-triangular solves (``(C - 1) (dv + dk)``),
+    reading and updating the state (``6 dk dv``) and the within-chunk output (``2 C dv``). Query/key heads serve
+    ``value_heads / key_heads`` value heads each, as the kernel repeats them."""
+    conv = 2 * (n + linear.conv_kernel - 1) * linear.conv_kernel * (2 * linear.key_dim + linear.value_dim)
+    c, dk, dv = linear.chunk_size, linear.key_head_dim, linear.value_head_dim
+    padded = math.ceil(n / c) * c
+    per_head = padded * (4 * c * dk + (c - 1) * (dv + dk) + 6 * dk * dv + 2 * c * dv)
+    return conv + linear.value_heads * per_head
+
+
+def norm_and_gate_flops(dims: LayerDims, t: int, v: int, frozen: bool, layer: int | None = None) -> int:
+    """Per-head RMSNorm of the queries of the updated tokens and the keys of every token (QK-norm), and the output
+    gates: the attention output times its gate, or a linear-attention layer's gated RMSNorm, on updated tokens."""
+    own = dims.layer(layer)
+    updated = t if frozen else t + v
+    if own.kind == "linear_attention":
+        return (RMS_NORM_FLOPS_PER_ELEMENT + 1) * updated * own.linear.value_dim
+    flops = updated * own.num_attention_heads * own.head_dim if own.output_gate else 0
+    if own.qk_norm:
+        keys = (t + v) * own.num_key_value_heads if own.kv_projections else 0
+        flops += RMS_NORM_FLOPS_PER_ELEMENT * (updated * own.num_attention_heads + keys) * own.head_dim
+    return flops
 
 
 def _exact_layer(dims: LayerDims, t: int, v: int, frozen: bool, layer: int | None) -> int:
@@ -282,7 +464,7 @@ def _exact_layer(dims: LayerDims, t: int, v: int, frozen: bool, layer: int | Non
         2 * projection_rows(name, t, v, frozen) * fan_in * fan_out
         for name, (fan_in, fan_out) in layer_projections(dims, layer).items()
     )
-    return projections + attention_flops(dims, t, v, frozen) + qk_norm_flops(dims, t, v, frozen)
+    return projections + attention_flops(dims, t, v, frozen, layer) + norm_and_gate_flops(dims, t, v, frozen, layer)
 
 
 def layer_flops(
@@ -290,12 +472,13 @@ def layer_flops(
 ) -> int:
     """Prefill FLOPs of one decoder layer over ``t`` text and ``v`` visual tokens.
 
-    ``layer`` matters only in MoE models with dense layers (`LayerDims.dense_layers`); ``None`` means a sparse
-    layer when the model has experts."""
+    ``layer`` matters in models whose layers differ (`LayerDims.layers`, or MoE models with dense layers,
+    `LayerDims.dense_layers`); ``None`` means the model's own dims (a sparse layer when it has experts). A
+    linear-attention layer is counted exactly under both formulas (the paper's has no term for it)."""
     _check_tokens(t, v)
     _check_formula(formula)
-    if formula == "paper":
-        return _paper_layer(dims, t, v, frozen, layer)
+    if formula == "paper" and dims.layer(layer).kind == "attention":
+        return _paper_layer(dims.layer(layer), t, v, frozen, layer)
     return _exact_layer(dims, t, v, frozen, layer)
 
 
@@ -329,7 +512,7 @@ def model_flops(
     frozen = _frozen_set(dims, frozen_layers)
     if lm_head_positions < 1:
         raise ValueError(f"lm_head_positions must be >= 1, got {lm_head_positions}")
-    if dims.dense_layers:  # layers differ: sum them one by one
+    if not dims.uniform:  # layers differ: sum them one by one
         total = sum(layer_flops(dims, t, v, i in frozen, formula, layer=i) for i in range(dims.num_layers))
     else:
         n_frozen = len(frozen)

@@ -24,6 +24,7 @@ class TokenLayout:
     #: Flat indices (into batch * width) of the real slots of the text grid, in the same order.
     slot_index: torch.Tensor
     _per_device: dict[torch.device, TokenLayout] = field(default_factory=dict, repr=False)
+    _tails: dict[int, TokenLayout | None] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_visual_mask(cls, visual: torch.Tensor) -> TokenLayout:
@@ -70,6 +71,16 @@ class TokenLayout:
     def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """The real slots of a (batch, width, ...) grid as (n_text, ...)."""
         return grid.reshape(-1, *grid.shape[2:]).index_select(0, self.slot_index)
+
+    def tail(self, length: int) -> TokenLayout | None:
+        """The layout of the last ``length`` positions (None when none of them is visual), memoized.
+
+        For decoders that run their last layers on the trailing positions only (Gemma 4's KV-shared layers when
+        only the last logits are kept)."""
+        if length not in self._tails:
+            visual = self.visual[:, self.visual.shape[1] - length :]
+            self._tails[length] = TokenLayout.from_visual_mask(visual) if bool(visual.any()) else None
+        return self._tails[length]
 
     def to(self, device: torch.device) -> TokenLayout:
         """The same layout on ``device`` (memoized: layers spread over devices by ``device_map`` each get one copy)."""

@@ -12,6 +12,7 @@ compiles with ``torch.compile``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -95,7 +96,9 @@ class _InstanceOverride:
     def original(self) -> Any:
         if self.previous is not None:
             return self.previous
-        return getattr(type(self.module), self.attribute).__get__(self.module)
+        # A partial rather than ``function.__get__``: torch.compile (torch 2.11) cannot trace ``__get__`` and breaks
+        # the graph there, in every ShortV layer, then recompiles the shared resume frame per layer until it gives up.
+        return functools.partial(getattr(type(self.module), self.attribute), self.module)
 
     @property
     def __signature__(self) -> inspect.Signature:  # what inspect.signature(module.forward) reports
@@ -136,11 +139,16 @@ class FrozenForward(_InstanceOverride):
         layout = state.layout
         if layout is None:
             return original(hidden_states, *args, **kwargs)
-        if tuple(hidden_states.shape[:2]) != layout.shape:
-            raise ValueError(
-                f"ShortV visual mask has shape {layout.shape} but decoder layer sees a sequence of shape "
-                f"{tuple(hidden_states.shape[:2])}; pass a `visual_mask` (batch x seq) that matches the decoder input"
-            )
+        batch, seq = hidden_states.shape[:2]
+        if (batch, seq) != layout.shape:
+            if batch != layout.shape[0] or seq > layout.shape[1]:
+                raise ValueError(
+                    f"ShortV visual mask has shape {layout.shape} but decoder layer sees a sequence of shape "
+                    f"{(batch, seq)}; pass a `visual_mask` (batch x seq) that matches the decoder input"
+                )
+            layout = layout.tail(seq)  # the decoder kept only the trailing positions for its last layers
+            if layout is None:
+                return original(hidden_states, *args, **kwargs)
         layout = layout.to(hidden_states.device)
         if self.fast is None:
             frozen = layout.visual if state.config.frozen_tokens == "visual" else layout.text

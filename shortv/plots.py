@@ -19,8 +19,24 @@ def _pyplot():
     return plt
 
 
-def plot_layer_contribution(lc: LCResult, path: str | Path, chosen: Sequence[int] = (), title: str | None = None) -> Path:
-    """Visual and text LC per layer on a log scale, ShortV layers shaded."""
+def _kind_marks(layer_types: Sequence[str]) -> tuple[list[str], str] | None:
+    """Per-layer tick marks and a legend for models whose layers differ in kind (e.g. linear/full attention)."""
+    kinds = sorted(set(layer_types))
+    if len(kinds) < 2:
+        return None
+    letters = {kind: kind[0].upper() for kind in kinds}
+    if len(set(letters.values())) < len(kinds):  # first letters collide: number the kinds instead
+        letters = {kind: str(number) for number, kind in enumerate(kinds, start=1)}
+    legend = ", ".join(f"{letter} = {kind}" for kind, letter in letters.items())
+    return [letters[kind] for kind in layer_types], legend
+
+
+def plot_layer_contribution(
+    lc: LCResult, path: str | Path, chosen: Sequence[int] = (), title: str | None = None,
+    layer_types: Sequence[str] | None = None,
+) -> Path:
+    """Visual and text LC per layer on a log scale, ShortV layers shaded; with ``layer_types`` (the model's
+    ``config.layer_types``) each layer's kind is marked under its index where the layers differ."""
     plt = _pyplot()
     means = lc.mean
     layers = list(range(lc.num_layers))
@@ -34,9 +50,12 @@ def plot_layer_contribution(lc: LCResult, path: str | Path, chosen: Sequence[int
         values = [max(value, floor) for value in means[token_type]]
         axes.plot(layers, values, marker=marker, color=color, label=f"{token_type} tokens")
     axes.set_yscale("log")
-    axes.set_xlabel("decoder layer")
+    marks = _kind_marks(layer_types) if layer_types is not None and len(layer_types) == lc.num_layers else None
+    axes.set_xlabel("decoder layer" if marks is None else f"decoder layer and kind ({marks[1]})")
     axes.set_ylabel("layer contribution (KL)" if lc.metadata.get("divergence", "kl") == "kl" else "layer contribution")
     axes.set_xticks(layers)
+    if marks is not None:
+        axes.set_xticklabels([f"{layer}\n{mark}" for layer, mark in zip(layers, marks[0])], fontsize=7)
     if chosen:
         axes.plot([], [], color="tab:green", alpha=0.3, lw=8, label=f"ShortV layers (N={len(chosen)})")
     axes.legend(loc="best", fontsize=8)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .frozen import FastLayer, LayerAnatomy, fast_layer_module
+from .frozen import FastLayer, LayerAnatomy, LayerKinds, ParallelMoE, PerLayerInput, fast_layer_module
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,37 @@ class Architecture:
 # Layer anatomies (see shortv.frozen.anatomy). Pre-norm: norm, attention, residual, norm, MLP, residual.
 _PRE_NORM = LayerAnatomy()
 _PRE_NORM_QK_NORM = LayerAnatomy(qk_norm=True)
+# Qwen3.5 / 3.6 (dense and MoE; MiniCPM-V 4.6 / 4.7 use the same text model): three Gated DeltaNet layers to one
+# full-attention layer (QK-norm, output gate, partial RoPE), by `config.layer_types` (each layer's `block_type`).
+_HYBRID_LINEAR_FULL = LayerKinds(
+    type_attribute="block_type",
+    anatomies=(
+        ("linear_attention", LayerAnatomy(module="linear_attention", attention="linear_attn")),
+        ("full_attention", LayerAnatomy(qk_norm=True, output_gate=True)),
+    ),
+)
+# Gemma 4: sandwich norms, QK-norm and value norm, keys as values on global layers without v_proj, keys/values
+# shared by the last layers, an MoE branch beside the MLP, a per-layer-input branch and a scale on the whole output.
+_GEMMA4 = LayerAnatomy(
+    module="sandwich",
+    attention_output_norm="post_attention_layernorm",
+    mlp_norm="pre_feedforward_layernorm",
+    mlp_output_norm="post_feedforward_layernorm",
+    qk_norm=True,
+    value_norm=True,
+    value_from_key=True,
+    kv_sharing=True,
+    parallel_moe=ParallelMoE(enabled="enable_moe_block", router="router", experts="experts",
+                             input_norm="pre_feedforward_layernorm_2", output_norm="post_feedforward_layernorm_2",
+                             mlp_norm="post_feedforward_layernorm_1"),
+    per_layer_input=PerLayerInput(enabled="hidden_size_per_layer_input", gate="per_layer_input_gate",
+                                  activation="act_fn", projection="per_layer_projection",
+                                  norm="post_per_layer_input_norm", argument="per_layer_input"),
+    output_scale="layer_scalar",
+)
 
 #: Decoder-layer anatomy of each language model with a fast frozen layer, by ``model_type`` of its text config.
-LANGUAGE_MODELS: dict[str, LayerAnatomy] = {
+LANGUAGE_MODELS: dict[str, LayerAnatomy | LayerKinds] = {
     "llama": _PRE_NORM,
     "mistral": _PRE_NORM,
     "qwen2": _PRE_NORM,
@@ -69,6 +97,9 @@ LANGUAGE_MODELS: dict[str, LayerAnatomy] = {
         mlp_output_norm="post_mlp_layernorm",
         rope="interleaved",
     ),
+    "qwen3_5_text": _HYBRID_LINEAR_FULL,
+    "qwen3_5_moe_text": _HYBRID_LINEAR_FULL,  # the sparse MoE block (with its shared expert) sits in the MLP slot
+    "gemma4_text": _GEMMA4,
 }
 
 _MULTIMODAL = dict(decoder_layers="model.language_model.layers", final_norm="model.language_model.norm")
@@ -105,12 +136,25 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma3": Architecture(**_LLAVA_STYLE, fast_text_model_types=("gemma3_text",)),
     # GLM-4.1V: video frames use the image token too.
     "glm4v": Architecture(**_QWEN_VL, fast_text_model_types=("glm4v_text",)),
+    # Qwen3.5 / 3.6, dense and MoE: hybrid linear/full attention, interleaved M-RoPE (no DeepStack).
+    "qwen3_5": Architecture(**_QWEN_VL, fast_text_model_types=("qwen3_5_text",)),
+    "qwen3_5_moe": Architecture(**_QWEN_VL, fast_text_model_types=("qwen3_5_moe_text",)),
+    # MiniCPM-V 4.6 / 4.7: Qwen3.5 text model, 1-D positions.
+    "minicpmv4_6": Architecture(**_MULTIMODAL, visual_token_id_attributes=_IMAGE_AND_VIDEO,
+                                fast_text_model_types=("qwen3_5_text",)),
+    "minicpmv4_7": Architecture(**_MULTIMODAL, visual_token_id_attributes=_IMAGE_AND_VIDEO,
+                                fast_text_model_types=("qwen3_5_text",)),
+    # Gemma 4: images and video are visual; audio soft tokens are not (they stay text).
+    "gemma4": Architecture(**_MULTIMODAL, visual_token_id_attributes=_IMAGE_AND_VIDEO,
+                           fast_text_model_types=("gemma4_text",)),
     # Bare causal LMs: the caller says which positions are visual with an explicit mask.
     "llama": Architecture(**_CAUSAL_LM),
     "mistral": Architecture(**_CAUSAL_LM),
     "qwen2": Architecture(**_CAUSAL_LM),
     "qwen3": Architecture(**_CAUSAL_LM, fast_text_model_types=("qwen3",)),
     "gemma3_text": Architecture(**_CAUSAL_LM, fast_text_model_types=("gemma3_text",)),
+    "qwen3_5_text": Architecture(**_CAUSAL_LM, fast_text_model_types=("qwen3_5_text",)),
+    "gemma4_text": Architecture(**_CAUSAL_LM, fast_text_model_types=("gemma4_text",)),
 }
 
 #: Used for model types not in the table: reference mode only, layers found through ``get_decoder()``.
@@ -133,6 +177,14 @@ def text_model_type(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(text_config, "model_type", None)
+
+
+def layer_types(model: nn.Module) -> list[str] | None:
+    """The kind of every decoder layer (``config.layer_types`` of the text config, e.g. linear/full attention)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(text_config, "layer_types", None)
+    return list(types) if types else None
 
 
 def fast_layer_for(model: nn.Module) -> FastLayer | None:

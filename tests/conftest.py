@@ -33,6 +33,17 @@ def device() -> torch.device:
 
 
 @pytest.fixture(scope="session")
+def logit_tolerance(device) -> dict[str, float]:
+    """fast == reference tolerance for fp32 logits. On a GPU, cuBLAS picks other kernels (other reduction orders)
+    for a frozen layer's few text rows than for all rows, so the difference scales with the logit: on an H200 one
+    logit of 0.94 of 9800 differed by 1.1e-5 (benchmarks/results/gpu/h200_2026-11-27/parity.txt). The CPU keeps
+    the absolute 1e-5."""
+    if device.type == "cuda":
+        return {"rtol": 1e-5, "atol": 1e-5}
+    return {"rtol": 0.0, "atol": 1e-5}
+
+
+@pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory):
     from shortv.tiny import build
 

@@ -74,3 +74,39 @@ def test_new_layouts_do_not_recompile_every_prompt():
     remove_shortv(model)
     # the second layout makes dynamo mark the sizes dynamic; from then on every new layout reuses the graphs
     assert graphs[2:] == [graphs[1]] * (len(graphs) - 2)
+
+
+def test_graph_breaks_do_not_grow_with_the_frozen_layers():
+    """One break (the entry hook) however many layers are frozen. On the GPU machine's torch 2.11 the frozen forward
+    once broke the graph in every frozen layer (``function.__get__``) and then hit dynamo's recompile limit (8);
+    more frozen layers than that limit are frozen here."""
+    model = build_model("llama", init_std=0.2, text_overrides={"num_hidden_layers": 12})
+    inputs = build_inputs(model, "llama", batch_layouts=default_layouts("llama", batch_size=2))
+    apply_shortv(model, list(range(1, 11)))
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(**inputs, visual_mask=inputs.visual_mask)
+    remove_shortv(model)
+    assert explained.graph_break_count == 1, [reason.reason for reason in explained.break_reasons]
+    assert explained.graph_count == 2
+
+
+def test_compiled_hybrid_model_equals_eager_shortv():
+    """Frozen layers of both kinds of Qwen3.5 (output-gated attention layer 1, Gated DeltaNet layer 2) trace and
+    give the eager results."""
+    family = "qwen3_5"
+    model = build_model(family, init_std=0.2)
+    inputs = build_inputs(model, family, batch_layouts=default_layouts(family, batch_size=2))
+    apply_shortv(model, FROZEN)
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        reset_state(model)
+        eager = model(**inputs).logits
+        reset_state(model)
+        got = compiled(**inputs).logits
+        with disable_shortv(model):
+            reset_state(model)
+            baseline = model(**inputs).logits
+    remove_shortv(model)
+    keep = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[keep], eager[keep], rtol=0, atol=1e-4)
+    assert (eager[keep] - baseline[keep]).abs().max() > 1e-2

@@ -24,7 +24,8 @@ def _needs(module: str, reason: str):
     return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=reason)
 
 
-FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl_qwen3", "idefics3", "gemma3", "glm4v",
+FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl_qwen3", "idefics3", "gemma3", "glm4v", "qwen3_5", "qwen3_5_moe",
+            "gemma4",
             pytest.param("smolvlm", marks=_needs("num2words", "transformers' SmolVLMProcessor needs num2words")),
             pytest.param("mistral3", marks=_needs("torchvision", "transformers' PixtralProcessor needs torchvision"))]
 LAYERS = [1, 2]

@@ -54,7 +54,8 @@ def test_paper_totals_reproduced(name: str, n_frozen: int, vanilla: float, short
 
 def test_paper_shapes_catalogue() -> None:
     assert shape_names() == sorted(PAPER_SHAPES)
-    expected = {"llava-1.5-7b", "llava-1.5-13b", "next-7b", "next-13b", "qwen2-vl-7b", "qwen3-vl-8b", "gemma3-12b"}
+    expected = {"llava-1.5-7b", "llava-1.5-13b", "next-7b", "next-13b", "qwen2-vl-7b", "qwen3-vl-8b", "gemma3-12b",
+                "qwen3.6-27b"}
     assert set(shape_names()) == expected
     assert get_shape("next-7b").dims == get_shape("llava-1.5-7b").dims
     assert get_shape("next-13b").visual_tokens == 2880
@@ -271,3 +272,62 @@ def test_build_shape_model_real_width_prefix() -> None:
         logits = model(input_ids=layout.input_ids).logits
     assert logits.shape == (1, 8, 32064)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe", "gemma4"])
+def test_exact_count_is_what_torch_counts_per_layer(family: str) -> None:
+    """Every matrix product of every decoder layer of the hybrid / KV-sharing families, dense and frozen, as
+    torch's FLOP counter sees them executed: linear-attention projections, convolution and chunked delta rule,
+    output-gated attention, keys as values, KV-sharing layers, double-wide MLPs, MoE (routed, shared and parallel
+    experts), per-layer-input branches. The counter skips element-wise work (norms, gates) and the delta rule's
+    triangular solves, so those terms are taken out of the formula's count."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from tiny_models import build_inputs, build_model
+
+    from shortv import apply_shortv, remove_shortv
+    from shortv.flops import norm_and_gate_flops
+
+    model = build_model(family, "eager", init_std=0.2)  # eager: torch counts sdpa's CPU kernel as nothing
+    model.set_experts_implementation("eager")  # ... and grouped-mm experts likewise
+    inputs = build_inputs(model, family, batch_layouts=[dict(n_text_before=3, images=2, n_text_after=5)])
+    dims = LayerDims.from_config(model.config)
+    v = int(inputs.visual_mask.sum())
+    t = inputs["input_ids"].numel() - v
+    assert {dims.layer(i).kind for i in range(4)} == ({"attention"} if family == "gemma4" else
+                                                      {"attention", "linear_attention"})
+    for frozen in ([], [1, 2]):
+        apply_shortv(model, frozen)
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model(**inputs, use_cache=False)
+        finally:
+            remove_shortv(model)
+        counts = counter.get_flop_counts()
+        prefix = next(name for name in counts if name.endswith("language_model.layers.0"))[:-1]
+        for index in range(4):
+            layer = dims.layer(index)
+            expected = layer_flops(dims, t, v, index in frozen, "exact", index)
+            expected -= norm_and_gate_flops(dims, t, v, index in frozen, index)
+            if layer.kind == "linear_attention":
+                la = layer.linear
+                padded = -(-(t + v) // la.chunk_size) * la.chunk_size
+                expected -= la.value_heads * padded * (la.chunk_size - 1) * (la.key_head_dim + la.value_head_dim)
+            assert sum(counts[prefix + str(index)].values()) == expected, (family, frozen, index)
+
+
+def test_frozen_linear_attention_layer_saves_less_than_a_frozen_attention_layer() -> None:
+    """At Qwen3.6-27B's shape: a frozen linear-attention layer still runs its in-projections, convolution and delta
+    rule over every token; it saves exactly its output half (z projection, gated norm, out_proj) and its MLP on the
+    visual tokens. A frozen softmax layer also saves their queries and attention."""
+    dims = get_shape("qwen3.6-27b").dims
+    t, v = 64, 576
+    linear, full = dims.layer_kinds.index("linear_attention"), dims.layer_kinds.index("attention")
+    saved = {index: layer_flops(dims, t, v, False, "exact", index) - layer_flops(dims, t, v, True, "exact", index)
+             for index in (linear, full)}
+    la, h, m = dims.layer(linear).linear, dims.hidden_size, dims.intermediate_size
+    assert saved[linear] == v * (2 * h * la.value_dim * 2 + 5 * la.value_dim + 2 * 3 * h * m)
+    assert saved[full] > saved[linear]
+    # Freezing every full-attention layer saves more per layer than freezing as many linear-attention layers.
+    full_layers = [i for i, kind in enumerate(dims.layer_kinds) if kind == "attention"]
+    linear_layers = [i for i, kind in enumerate(dims.layer_kinds) if kind == "linear_attention"][: len(full_layers)]
+    assert ideal_speedup(dims, t, v, full_layers, "exact") > ideal_speedup(dims, t, v, linear_layers, "exact") > 1

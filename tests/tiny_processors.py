@@ -77,16 +77,16 @@ class _FrameSettings:
 
 
 @contextmanager
-def _no_video_processor():
-    """Let a processor be built without a real video processor: video processors need torchvision, which this
-    environment lacks, and transformers checks every processor attribute's class, None included. Image-only use
-    (all that shortv's data path does) never runs the video processor."""
+def _no_video_processor(*others: str):
+    """Let a processor be built without a real video processor (and without ``others``, e.g. an audio feature
+    extractor): video processors need torchvision, which this environment lacks, and transformers checks every
+    processor attribute's class, None included. Image-only use (all that shortv's data path does) never runs them."""
     from transformers import ProcessorMixin
 
     check = ProcessorMixin.check_argument_for_proper_class
 
     def lenient(self, name, argument):
-        return None if name == "video_processor" else check(self, name, argument)
+        return None if name in ("video_processor", *others) else check(self, name, argument)
 
     ProcessorMixin.check_argument_for_proper_class = lenient
     try:
@@ -99,7 +99,7 @@ def build_processor(family: str) -> Any:
     """The processor of ``family`` (a key of tiny_models.FAMILIES, multimodal) for its tiny model."""
     import transformers as tf
 
-    if family.startswith("qwen3_vl") or family == "glm4v":  # patch grids: 4 px patches, 2 x 2 merge
+    if family.startswith(("qwen3_vl", "qwen3_5")) or family == "glm4v":  # patch grids: 4 px patches, 2 x 2 merge
         qwen = family != "glm4v"
         image, start, end = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>") if qwen else (
             "<|image|>", "<|begin_of_image|>", "<|end_of_image|>")
@@ -123,6 +123,16 @@ def build_processor(family: str) -> Any:
         images = tf.Gemma3ImageProcessorPil(size={"height": 16, "width": 16})
         return tf.Gemma3Processor(image_processor=images, tokenizer=_tokenizer(specials, named, template),
                                   image_seq_length=16, chat_template=template)
+    if family == "gemma4":  # 64 px images: 16 x 16 patches of 4 px, pooled 2 x 2 into 64 soft tokens
+        specials = {"<|image|>": IMAGE_TOKEN_ID, "<|video|>": VIDEO_TOKEN_ID, "<|image>": VISION_START_ID,
+                    "<image|>": VISION_END_ID, "<|audio|>": 197, "<|audio>": 198, "<audio|>": 199}
+        named = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                 "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+        template = _template("<|image|>")
+        images = tf.Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70)
+        with _no_video_processor("feature_extractor"):
+            return tf.Gemma4Processor(feature_extractor=None, image_processor=images, video_processor=None,
+                                      tokenizer=_tokenizer(specials, named, template), chat_template=template)
     if family.startswith("mistral3"):
         specials = {"[IMG]": IMAGE_TOKEN_ID, "[IMG_BREAK]": ROW_BREAK_ID, "[IMG_END]": VISION_END_ID}
         template = _template("[IMG]")

@@ -145,9 +145,11 @@ def prefill_cell(model: torch.nn.Module, inputs: BenchInputs, config: ShortVConf
 
 
 def measure(out: Path, device: torch.device, smoke: bool, deadline: float, shape_names: list[str],
-            compile_cells: bool) -> None:
+            compile_cells: bool, generate_cells: bool = True, batches: tuple[int, ...] | None = None) -> None:
     started = time.time()
     settings = SMOKE if smoke else Settings()
+    if batches:
+        settings = replace(settings, batches=tuple(batches))
     cells = Cells(out / CELLS)
     missing = [name for name in shape_names if name not in PAPER_SHAPES]
     shapes = {name: miniature(PAPER_SHAPES[name]) if smoke else PAPER_SHAPES[name]
@@ -172,10 +174,11 @@ def measure(out: Path, device: torch.device, smoke: bool, deadline: float, shape
                                   lambda: prefill_cell(model, inputs, config, rates, settings, compiled=True),
                                   reserve_s=settings.compile_reserve_s, deadline=deadline)
                     continue
-                cells.attempt("generate", label, lambda: {"result": benchmark(
-                    model, inputs, config, new_tokens=settings.new_tokens, repeats=settings.generate_repeats,
-                    warmup=settings.generate_warmup, name=name, source="shape", layer_selection=note,
-                ).to_dict()}, reserve_s=5.0, deadline=deadline)
+                if generate_cells:
+                    cells.attempt("generate", label, lambda: {"result": benchmark(
+                        model, inputs, config, new_tokens=settings.new_tokens, repeats=settings.generate_repeats,
+                        warmup=settings.generate_warmup, name=name, source="shape", layer_selection=note,
+                    ).to_dict()}, reserve_s=5.0, deadline=deadline)
                 cells.attempt("prefill", label, lambda: prefill_cell(model, inputs, config, rates, settings, False),
                               reserve_s=5.0, deadline=deadline)
         finally:
@@ -203,6 +206,8 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=float("inf"), help="Unix time by which to stop starting cells")
     parser.add_argument("--shapes", nargs="+", default=list(GPU_SHAPES))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile cells")
+    parser.add_argument("--no-generate", action="store_true", help="skip the generate cells (prefill cells only)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default: 1 8)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 with --smoke, which CI runs on a shared 2-core machine)")
     args = parser.parse_args()
@@ -212,7 +217,8 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --smoke on a machine without a GPU")
     args.out.mkdir(parents=True, exist_ok=True)
-    measure(args.out, device, args.smoke, args.deadline, args.shapes, compile_cells=not args.no_compile)
+    measure(args.out, device, args.smoke, args.deadline, args.shapes, compile_cells=not args.no_compile,
+            generate_cells=not args.no_generate, batches=args.batches)
     return 0
 
 

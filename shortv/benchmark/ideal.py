@@ -53,15 +53,16 @@ def _product_seconds(rows: int, fan_in: int, fan_out: int, rates: DeviceRates, b
 
 def roofline_layer_seconds(
     dims: LayerDims, token_counts: Sequence[tuple[int, int]], frozen: bool, rates: DeviceRates,
-    bytes_per_weight: float = 2,
+    bytes_per_weight: float = 2, layer: int | None = None,
 ) -> float:
-    """One decoder layer over a batch (per sample ``(t, v)``), dense or ShortV, on the roofline."""
+    """One decoder layer (``layer``: which one, where layers differ) over a batch (per sample ``(t, v)``), dense or
+    ShortV, on the roofline."""
     projections = sum(
         _product_seconds(sum(projection_rows(name, t, v, frozen) for t, v in token_counts), fan_in, fan_out, rates,
                          bytes_per_weight)
-        for name, (fan_in, fan_out) in layer_projections(dims).items()
+        for name, (fan_in, fan_out) in layer_projections(dims, layer).items()
     )
-    attention = sum(attention_flops(dims, t, v, frozen) for t, v in token_counts) / rates.flops_per_s
+    attention = sum(attention_flops(dims, t, v, frozen, layer) for t, v in token_counts) / rates.flops_per_s
     return projections + attention
 
 
@@ -74,10 +75,13 @@ def roofline_prefill_seconds(
     bad = sorted(layer for layer in frozen if not 0 <= layer < dims.num_layers)
     if bad:
         raise ValueError(f"frozen layer indices {bad} out of range: valid layers are 0..{dims.num_layers - 1}")
+    head = _product_seconds(len(token_counts), dims.hidden_size, dims.vocab_size, rates, bytes_per_weight)
+    if not dims.uniform:  # layers differ: cost them one by one
+        return head + sum(roofline_layer_seconds(dims, token_counts, index in frozen, rates, bytes_per_weight, index)
+                          for index in range(dims.num_layers))
     per_layer = {
         flag: roofline_layer_seconds(dims, token_counts, flag, rates, bytes_per_weight) for flag in (False, True)
     }
-    head = _product_seconds(len(token_counts), dims.hidden_size, dims.vocab_size, rates, bytes_per_weight)
     return len(frozen) * per_layer[True] + (dims.num_layers - len(frozen)) * per_layer[False] + head
 
 

@@ -3,6 +3,7 @@ shape, a model's published preset, or the last N layers; each choice comes with 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
@@ -27,7 +28,7 @@ PAPER_FRACTION = 19 / 32
 def paper_n(name: str) -> int:
     """The paper's N for a shape: 19 for 7B, 24 for 13B (else about 60% of the layers)."""
     for size, n in PAPER_N.items():
-        if name.endswith(size):
+        if name.rsplit("-", 1)[-1] == size:  # "qwen3.6-27b" is not a 7B model
             return n
     return round(PAPER_FRACTION * get_shape(name).dims.num_layers)
 
@@ -43,7 +44,9 @@ def shape_shortv_config(
 
     ``proportional=True`` (with a prefix): freeze ``round(num_layers * n / L)`` layers so the prefix has the same
     share of ShortV layers as the full model; which ones does not matter for speed in shape mode (every layer has
-    the same shape and the weights are random), so it takes the last ones of the prefix.
+    the same shape and the weights are random), so it takes the last ones of the prefix. Where layers differ in
+    kind (linear/full attention), the frozen layers are shared out among the kinds in proportion to their counts in
+    the prefix (largest remainder, ties to the kind with fewer frozen), the last ones of each kind.
     """
     shape = get_shape(name)
     total = shape.dims.num_layers
@@ -57,11 +60,17 @@ def shape_shortv_config(
     preset = SHAPE_PRESETS.get(name)
     if proportional and prefix < total:
         count = round(prefix * n / total)
-        layers = list(range(prefix - count, prefix))
-        note = (
-            f"proportional: {count} of the first {prefix} layers frozen (the last ones), the share of N={n} in "
-            f"{total} layers ({n / total:.0%}); all layers have the same shape, so which ones does not matter for speed"
-        )
+        kinds = shape.dims.layer_kinds[:prefix]
+        if len(set(kinds)) == 1:
+            layers = list(range(prefix - count, prefix))
+            note = (f"proportional: {count} of the first {prefix} layers frozen (the last ones), the share of N={n} "
+                    f"in {total} layers ({n / total:.0%}); all layers have the same shape, so which ones does not "
+                    "matter for speed")
+        else:
+            layers = _apportioned(kinds, count)
+            mix = ", ".join(f"{sum(kinds[i] == kind for i in layers)} {kind}" for kind in sorted(set(kinds)))
+            note = (f"proportional: {count} of the first {prefix} layers frozen, the share of N={n} in {total} layers "
+                    f"({n / total:.0%}), shared out by layer kind ({mix}; the last ones of each kind)")
         provenance = {"shape": name, "n": n, "prefix": prefix, "policy": "proportional"}
         return ShortVConfig(layers=layers, provenance=provenance), note
     if preset is not None:
@@ -76,6 +85,17 @@ def shape_shortv_config(
         note += f"; {len(layers)} of them fall in the first {prefix} layers"
     provenance = {"shape": name, "n": n, "prefix": prefix, "policy": "preset" if preset else "last-n"}
     return ShortVConfig(layers=layers, provenance=provenance), note
+
+
+def _apportioned(kinds: Sequence[str], count: int) -> list[int]:
+    """``count`` layer indices, split among the kinds of ``kinds`` in proportion to how many layers each has."""
+    members = {kind: [i for i, k in enumerate(kinds) if k == kind] for kind in dict.fromkeys(kinds)}
+    quota = {kind: len(indices) * count / len(kinds) for kind, indices in members.items()}
+    share = {kind: int(q) for kind, q in quota.items()}
+    for _ in range(count - sum(share.values())):
+        kind = max(members, key=lambda k: (quota[k] - share[k], -share[k]))
+        share[kind] += 1
+    return sorted(i for kind, indices in members.items() for i in indices[len(indices) - share[kind]:])
 
 
 def default_shortv_config(model: nn.Module, n: int | None = None) -> tuple[ShortVConfig, str]:

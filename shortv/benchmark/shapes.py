@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3_5ForCausalLM,
+    Qwen3_5TextConfig,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -59,6 +61,15 @@ FAMILIES: dict[str, _Family] = {
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
     )),
+    # Qwen3.5 / 3.6's LM: hybrid Gated DeltaNet / full attention (layer kinds and linear-attention dims from the
+    # shape's per-layer dims), output-gated QK-normed attention with partial (1/4) interleaved M-RoPE, 1-D positions.
+    # The checkpoints' embeddings are untied; tied here, which saves 5 GB of RAM (fp32) and costs the same: prefill
+    # computes the LM head for one position per sample either way.
+    "qwen3_5": _Family(Qwen3_5TextConfig, Qwen3_5ForCausalLM, dict(
+        max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                         "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+    )),
 }
 
 
@@ -86,6 +97,8 @@ def shape_config(name: str | PaperShape, num_layers: int | None = None) -> Pretr
         )
     family = FAMILIES[shape.family]
     extra = {"head_dim": dims.head_dim} if family.takes_head_dim else {}
+    if dims.layers:
+        extra.update(_layer_kinds(dims, num_layers))
     return family.config_class(
         vocab_size=dims.vocab_size,
         hidden_size=dims.hidden_size,
@@ -95,6 +108,18 @@ def shape_config(name: str | PaperShape, num_layers: int | None = None) -> Pretr
         num_key_value_heads=dims.num_key_value_heads,
         **{"tie_word_embeddings": False, **extra, **family.settings},
     )
+
+
+def _layer_kinds(dims: Any, num_layers: int) -> dict[str, Any]:
+    """Config settings of a hybrid shape's first ``num_layers`` layers: ``layer_types`` and linear-attention dims."""
+    kinds = ["linear_attention" if kind == "linear_attention" else "full_attention" for kind in dims.layer_kinds]
+    linear = next((dims.layer(i).linear for i in range(dims.num_layers) if dims.layer(i).linear), None)
+    settings: dict[str, Any] = {"layer_types": kinds[:num_layers]}
+    if linear is not None:
+        settings.update(linear_num_key_heads=linear.key_heads, linear_num_value_heads=linear.value_heads,
+                        linear_key_head_dim=linear.key_head_dim, linear_value_head_dim=linear.value_head_dim,
+                        linear_conv_kernel_dim=linear.conv_kernel)
+    return settings
 
 
 def _random_parameter(
@@ -149,6 +174,8 @@ def build_shape_model(
         model = model_class._from_config(
             config, dtype=dtype, attn_implementation=attn_implementation
         )
+    if config.tie_word_embeddings:  # from_pretrained ties them; _from_config on meta weights does not
+        model.tie_weights()
     _materialize(model, std=config.initializer_range, seed=seed, device=torch.device(device))
     return model.to(device).eval()
 

@@ -23,7 +23,6 @@ from .hooks import call_attention_hooks, has_forward_hooks
 from .rope import apply_rope
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _ATTENTION_ATTRIBUTES = ("head_dim", "scaling", "layer_idx")
 
 
@@ -31,25 +30,56 @@ def attention_implementation(attention: nn.Module) -> str | None:
     return getattr(getattr(attention, "config", None), "_attn_implementation", None)
 
 
-def unsupported_reason(layer: nn.Module, anatomy: LayerAnatomy, output_norms: bool) -> str | None:
+def _shares_kv(attention: nn.Module, anatomy: LayerAnatomy) -> bool:
+    """Whether this layer reads another layer's keys and values instead of projecting its own."""
+    return anatomy.kv_sharing and bool(getattr(attention, "is_kv_shared_layer", False))
+
+
+def attention_parts(attention: nn.Module, anatomy: LayerAnatomy) -> tuple[str, ...]:
+    """The attributes of ``attention`` that the anatomy says it has (a KV-sharing layer has no k/v parts)."""
+    shared = _shares_kv(attention, anatomy)
+    parts = ("q_proj", "o_proj") + (() if shared else ("k_proj", "v_proj"))
+    if anatomy.qk_norm:
+        parts += ("q_norm",) + (() if shared else ("k_norm",))
+    if anatomy.value_norm and not shared:
+        parts += ("v_norm",)
+    if anatomy.kv_sharing:
+        parts += ("layer_type", "is_kv_shared_layer", "store_full_length_kv")
+    return parts + _ATTENTION_ATTRIBUTES
+
+
+def unsupported_reason(
+    layer: nn.Module, anatomy: LayerAnatomy, output_norms: bool, extra_parts: tuple[str, ...] = ()
+) -> str | None:
     """Why ``layer`` does not have ``anatomy`` or runs on an unsupported attention backend; None when it is fine.
 
-    ``output_norms``: whether the calling fast layer norms each branch's output (sandwich) or not (pre-norm)."""
+    ``output_norms``: whether the calling fast layer norms each branch's output (sandwich) or not (pre-norm);
+    ``extra_parts``: further attributes of the layer that the calling fast layer uses."""
     if (bool(anatomy.attention_output_norm), bool(anatomy.mlp_output_norm)) != (output_norms, output_norms):
         kind = "needs" if output_norms else "has no"
         return f"the {anatomy.module} layer {kind} branch-output norms (attention_output_norm, mlp_output_norm)"
     attention = getattr(layer, anatomy.attention, None)
-    parts = _PROJECTIONS + (("q_norm", "k_norm") if anatomy.qk_norm else ())
-    missing = [name for name in (anatomy.attention, anatomy.mlp, *anatomy.norms) if not hasattr(layer, name)]
-    missing += [f"{anatomy.attention}.{name}" for name in parts + _ATTENTION_ATTRIBUTES
-                if not hasattr(attention, name)]
+    parts = attention_parts(attention, anatomy)
+    missing = [name for name in (anatomy.attention, anatomy.mlp, *anatomy.norms, *extra_parts)
+               if not hasattr(layer, name)]
+    missing += [f"{anatomy.attention}.{name}" for name in parts if not hasattr(attention, name)]
+    if not missing and not _shares_kv(attention, anatomy) and attention.v_proj is None and not anatomy.value_from_key:
+        missing.append(f"{anatomy.attention}.v_proj (it is None)")
     supported = (f"the fast {anatomy.module} layer supports {anatomy.attention}({', '.join(parts)}), "
-                 f"{', '.join(anatomy.norms)}, {anatomy.mlp}; mode='reference' works with any layer")
+                 f"{', '.join((*anatomy.norms, *extra_parts))}, {anatomy.mlp}; mode='reference' works with any layer")
     name = type(layer).__name__
     if missing:
         return f"{name} does not have the expected layer anatomy (missing {', '.join(missing)}); {supported}"
     if not anatomy.qk_norm and (hasattr(attention, "q_norm") or hasattr(attention, "k_norm")):
         return f"{name} norms its queries/keys, which its registered anatomy does not describe; {supported}"
+    if not anatomy.value_norm and hasattr(attention, "v_norm"):
+        return f"{name} norms its values, which its registered anatomy does not describe; {supported}"
+    heads = getattr(getattr(attention, "config", None), "num_attention_heads", None)
+    per_head = attention.head_dim * (2 if anatomy.output_gate else 1)
+    if heads is not None and attention.q_proj.out_features != heads * per_head:
+        what = "a query and an output gate" if anatomy.output_gate else "a query"
+        return (f"{name}'s q_proj emits {attention.q_proj.out_features} features, not {what} of {attention.head_dim} "
+                f"per head for {heads} heads, as its registered anatomy says; {supported}")
     return _backend_reason(attention)
 
 
@@ -139,6 +169,53 @@ def _heads(attention: nn.Module, projected: torch.Tensor, norm: str | None) -> t
     return getattr(attention, norm)(heads) if norm else heads
 
 
+def _query_heads(
+    attention: nn.Module, anatomy: LayerAnatomy, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Queries (rows, heads, head_dim) of ``rows`` and, with an output gate, the gate (rows, heads * head_dim)."""
+    projected = attention.q_proj(rows)
+    norm = "q_norm" if anatomy.qk_norm else None
+    if not anatomy.output_gate:
+        return _heads(attention, projected, norm), None
+    # Each head's query and gate sit side by side in q_proj's output.
+    query, gate = projected.view(*projected.shape[:-1], -1, 2 * attention.head_dim).chunk(2, dim=-1)
+    return (getattr(attention, norm)(query) if norm else query), gate.reshape(*gate.shape[:-2], -1)
+
+
+def _keys_values(
+    attention: nn.Module,
+    anatomy: LayerAnatomy,
+    normed: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: Any,
+    shared: Any,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Keys and values (batch, kv_heads, kv_length, head_dim) for every token, and how many positions precede this
+    chunk. The KV cache, and a shared-KV store this layer writes, get every token, exactly as unpatched."""
+    if _shares_kv(attention, anatomy):  # another layer's keys and values, over every position so far
+        keys, values = shared[attention.layer_type]
+        return keys, values, keys.shape[2] - normed.shape[1]
+    batch = normed.shape[0]
+    projected = _heads(attention, attention.k_proj(normed), None)
+    if attention.v_proj is None and anatomy.value_from_key:
+        values = projected
+    else:
+        values = _heads(attention, attention.v_proj(normed), None)
+    keys = attention.k_norm(projected) if anatomy.qk_norm else projected
+    if anatomy.value_norm:
+        values = attention.v_norm(values)
+    keys = apply_rope(keys.transpose(1, 2), cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), anatomy.rope)
+    values = values.transpose(1, 2)
+    past_length = cache.get_seq_length(attention.layer_idx) if cache is not None else 0
+    if cache is not None:
+        keys, values = cache.update(keys, values, attention.layer_idx, kwargs=kwargs)
+    if anatomy.kv_sharing and attention.store_full_length_kv:
+        shared[attention.layer_type] = keys, values
+    return keys, values, past_length
+
+
 def attention_branch(
     layer: nn.Module, anatomy: LayerAnatomy, layout: TokenLayout, hidden_states: torch.Tensor, kwargs: dict[str, Any]
 ) -> torch.Tensor:
@@ -170,7 +247,9 @@ def text_attention(
     (the KV cache among them: it is updated with every token's keys and values, exactly as unpatched).
     """
     cache = cache_from_kwargs(kwargs)
-    kwargs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values", "use_cache")}
+    shared = kwargs.get("shared_kv_states")
+    kwargs = {key: value for key, value in kwargs.items()
+              if key not in ("cache", "past_key_values", "use_cache", "shared_kv_states")}
     if position_embeddings is None:
         raise RuntimeError("the fast ShortV layer needs `position_embeddings` (cos, sin) from the decoder")
     cos, sin = position_embeddings
@@ -179,15 +258,9 @@ def text_attention(
     batch = normed.shape[0]
     positions = layout.text_positions
     width = positions.shape[1]
-    q_norm, k_norm = ("q_norm", "k_norm") if anatomy.qk_norm else (None, None)
 
     # Keys and values for every token, from the (frozen) current states.
-    keys = _heads(attention, attention.k_proj(normed), k_norm).transpose(1, 2)
-    values = _heads(attention, attention.v_proj(normed), None).transpose(1, 2)
-    keys = apply_rope(keys, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), anatomy.rope)
-    past_length = cache.get_seq_length(attention.layer_idx) if cache is not None else 0
-    if cache is not None:
-        keys, values = cache.update(keys, values, attention.layer_idx, kwargs=kwargs)
+    keys, values, past_length = _keys_values(attention, anatomy, normed, cos, sin, cache, shared, kwargs)
 
     if width == 0:  # no text token in this chunk (all visual): the cache update above is all there is to do
         output = normed.new_zeros(0, normed.shape[-1])
@@ -196,7 +269,8 @@ def text_attention(
         return output
 
     # Queries for text tokens only: flat rows through q_proj, then into a (batch, width) grid for attention.
-    queries = layout.to_grid(_heads(attention, attention.q_proj(layout.take_text(normed)), q_norm)).transpose(1, 2)
+    queries, gate = _query_heads(attention, anatomy, layout.take_text(normed))
+    queries = layout.to_grid(queries).transpose(1, 2)
     queries = apply_rope(queries, gather_rows(cos, positions), gather_rows(sin, positions), anatomy.rope)
     if anatomy.query_scale == "llama4":
         queries = queries * _llama4_query_scale(attention, position_ids, layout).to(queries.dtype)
@@ -215,7 +289,10 @@ def text_attention(
         position_ids=position_ids,
         **kwargs,
     )
-    output = attention.o_proj(layout.from_grid(output.reshape(batch, width, -1)))
+    output = layout.from_grid(output.reshape(batch, width, -1))
+    if gate is not None:
+        output = output * torch.sigmoid(gate)
+    output = attention.o_proj(output)
     if has_forward_hooks(attention):  # output_attentions and user hooks on the attention module
         call_attention_hooks(attention, layout, output, weights, {"hidden_states": normed, **kwargs})
     return output

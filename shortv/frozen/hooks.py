@@ -4,8 +4,9 @@ transformers records ``output_attentions`` with forward hooks on every attention
 hooks there too. The fast frozen layer computes attention for text queries only and never calls the module, so it
 calls those hooks itself with the module's output in its usual shapes: ``(batch, seq, hidden)`` with zero rows at
 visual positions (a frozen layer adds nothing to visual tokens) and, where the attention backend returns weights,
-``(batch, heads, seq, kv)`` with zero rows for visual queries (they issue no query). Hooks only observe: a value
-they return is ignored.
+``(batch, heads, seq, kv)`` with zero rows for visual queries (they issue no query). A linear-attention token mixer
+(one output tensor, no attention weights) gets the same treatment. Hooks only observe: a value they return is
+ignored.
 """
 
 from __future__ import annotations
@@ -30,6 +31,26 @@ def _scatter_rows(grid: torch.Tensor, layout: TokenLayout, row_dim: int) -> torc
     return full.movedim(1, row_dim)
 
 
+def _full_rows(layout: TokenLayout, text_output: torch.Tensor) -> torch.Tensor:
+    """Text rows (n_text, hidden) -> (batch, seq, hidden) with zero rows at visual positions."""
+    return layout.put_text(text_output.new_zeros(*layout.shape, text_output.shape[-1]), text_output)
+
+
+def _run_hooks(module: nn.Module, kwargs: dict[str, Any], output: Any) -> None:
+    hooks = {**torch_module._global_forward_hooks, **module._forward_hooks}
+    for hook_id, hook in hooks.items():
+        if hook_id in module._forward_hooks_with_kwargs:
+            hook(module, (), kwargs, output)
+        else:
+            hook(module, (), output)
+
+
+def call_mixer_hooks(mixer: nn.Module, layout: TokenLayout, text_output: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    """Run the forward hooks of a token mixer whose output is one tensor (a linear-attention module) as if it had
+    produced ``text_output`` (flat text rows) at the text positions and zeros elsewhere."""
+    _run_hooks(mixer, kwargs, _full_rows(layout, text_output))
+
+
 def call_attention_hooks(
     attention: nn.Module,
     layout: TokenLayout,
@@ -38,13 +59,5 @@ def call_attention_hooks(
     kwargs: dict[str, Any],
 ) -> None:
     """Run ``attention``'s forward hooks as if it had produced ``text_output`` (flat text rows) and ``weights``."""
-    output = (
-        layout.put_text(text_output.new_zeros(*layout.shape, text_output.shape[-1]), text_output),
-        None if weights is None else _scatter_rows(weights, layout, 2),
-    )
-    hooks = {**torch_module._global_forward_hooks, **attention._forward_hooks}
-    for hook_id, hook in hooks.items():
-        if hook_id in attention._forward_hooks_with_kwargs:
-            hook(attention, (), kwargs, output)
-        else:
-            hook(attention, (), output)
+    output = (_full_rows(layout, text_output), None if weights is None else _scatter_rows(weights, layout, 2))
+    _run_hooks(attention, kwargs, output)

@@ -25,7 +25,9 @@ def _rope_half_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     layer, so the ``cat`` of ``rotate_half`` is avoided.
     """
     half = x.shape[-1] // 2
-    rotated_sin = x.new_empty(torch.broadcast_shapes(x.shape, sin.shape), dtype=torch.promote_types(x.dtype, sin.dtype))
+    # cos/sin broadcast to x (batch, heads, seq, dim); torch.broadcast_shapes would cost more host time than the
+    # products on a GPU.
+    rotated_sin = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, sin.dtype))
     # rotate_half(x) * sin == cat(-x2 * sin1, x1 * sin2); negating after the product rounds the same.
     torch.mul(x[..., half:], sin[..., :half], out=rotated_sin[..., :half]).neg_()
     torch.mul(x[..., :half], sin[..., half:], out=rotated_sin[..., half:])
@@ -37,15 +39,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 
     Bit-identical to the families' own ``apply_rotary_pos_emb``: ``style`` ``"half"`` (Llama's ``rotate_half``) or
     ``"interleaved"`` (GLM's pairs); only the first ``rotary_dim`` dims rotate (partial rotary), the rest pass.
-    The buffer-writing variant is used only outside autograd (``out=`` records no gradients) and outside
-    ``torch.compile`` (functionalization mishandles ``out=`` into views: aot_eager returned wrong values; compilers
-    fuse the plain formula themselves).
+    The buffer-writing variant is used only on the CPU (it saves memory traffic there; on a GPU, where a small
+    prefill is bound by kernel launches, it would launch more kernels than the plain formula), outside autograd
+    (``out=`` records no gradients) and outside ``torch.compile`` (functionalization mishandles ``out=`` into
+    views: aot_eager returned wrong values; compilers fuse the plain formula themselves).
     """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rotary_dim = cos.shape[-1]
     partial = rotary_dim < x.shape[-1]
     rotated, passed = (x[..., :rotary_dim], x[..., rotary_dim:]) if partial else (x, None)
-    plain = torch.compiler.is_compiling() or (
+    plain = torch.compiler.is_compiling() or x.device.type != "cpu" or (
         torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
     )
     if style == "interleaved":

@@ -76,6 +76,9 @@ class FamilySpec:
     def make_config(self, text_extra: dict) -> Any:
         raise NotImplementedError
 
+    def finalize(self, model: Any) -> None:
+        """Set what a checkpoint would load but the config cannot (default: nothing)."""
+
     def make_item(self, model: Any, kind: str, size: Any, gen: torch.Generator) -> dict:
         raise NotImplementedError
 

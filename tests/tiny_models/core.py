@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from . import grid_like, llava_like, text_only
+from . import grid_like, llava_like, patch_sequences, text_only
 from .base import (
     BOS_ID,
     EOS_ID,
@@ -32,7 +32,9 @@ __all__ = [
     "single_sample_inputs", "default_layouts", "reset_state",
 ]
 
-SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (*llava_like.SPECS, *grid_like.SPECS, *text_only.SPECS)}
+SPECS: dict[str, FamilySpec] = {
+    spec.name: spec for spec in (*llava_like.SPECS, *grid_like.SPECS, *patch_sequences.SPECS, *text_only.SPECS)
+}
 FAMILIES: list[str] = list(SPECS)
 TEXT_ONLY_FAMILIES: list[str] = [name for name, spec in SPECS.items() if spec.text_only]
 MULTIMODAL_FAMILIES: list[str] = [name for name in FAMILIES if name not in TEXT_ONLY_FAMILIES]
@@ -83,6 +85,7 @@ def build_model(
     gen = model.generation_config
     gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = PAD_ID, BOS_ID, EOS_ID
     gen.do_sample = False
+    spec.finalize(model)
     model.eval()
     return model
 

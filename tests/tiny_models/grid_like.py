@@ -14,6 +14,10 @@ pixel_values_videos + video_grid_thw (+ second_per_grid_ts, all 1.0, for Qwen2.5
   is one VISION_START, tokens, VISION_END group per temporal step, each after a timestamp text token, as the
   processor writes it (``get_rope_index`` numbers each step as its own grid). MoE: 4 experts, top 2, MoE in layers
   0-2 and a dense MLP in layer 3.
+- Qwen3.5 / 3.6 (``qwen3_5``, ``qwen3_5_moe``): hybrid text model, layer types [linear, full, linear, full] (so
+  layers 1 and 2 are one of each kind), Gated DeltaNet with 2 key / 4 value heads of 8 dims and a 4-tap convolution;
+  full-attention layers with QK-norm, output gate, head_dim 32 and partial (half) interleaved M-RoPE [2, 3, 3].
+  Vision as Qwen3-VL without DeepStack; videos as Qwen3-VL. MoE: 4 experts, top 2, a shared expert, in every layer.
 - GLM-4.1V: sandwich-norm text model, partial (half) RoPE on interleaved pairs, M-RoPE [1, 1, 2]. Images are
   VISION_START, n x IMAGE, VISION_END; a video is VIDEO_START, then per temporal step VISION_START, IMAGE tokens,
   VISION_END and a timestamp text token, then VIDEO_END: video features use the *image* token id (modality code 2
@@ -51,6 +55,11 @@ _ROPE = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
 _TOKENS = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID)
 _GRID = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[3])
+#: Qwen3.5's text model: one layer type per decoder layer, so layers 1 and 2 (the usual frozen pair) are one of each.
+HYBRID_LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+_HYBRID = dict(head_dim=32, layer_types=HYBRID_LAYER_TYPES, linear_num_key_heads=2, linear_num_value_heads=4,
+               linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+               rope_parameters=dict(_ROPE, mrope_interleaved=True, partial_rotary_factor=0.5))
 
 
 class PatchGrid(FamilySpec):
@@ -77,6 +86,15 @@ class PatchGrid(FamilySpec):
                           num_heads=2, window_size=16, out_hidden_size=TEXT_DIMS["hidden_size"],
                           fullatt_block_indexes=[1], tokens_per_second=2, **_GRID)
             config = tf.Qwen2_5_VLConfig
+        elif self.name.startswith("qwen3_5"):
+            vision = dict(depth=2, hidden_size=VISION_HIDDEN, intermediate_size=64, num_heads=2,
+                          out_hidden_size=TEXT_DIMS["hidden_size"], num_position_embeddings=16, **_GRID)
+            text.update(_HYBRID)
+            if self.name == "qwen3_5_moe":
+                text.pop("intermediate_size")
+                text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=32)
+            config = tf.Qwen3_5MoeConfig if self.name == "qwen3_5_moe" else tf.Qwen3_5Config
         elif self.name.startswith("qwen3_vl"):
             vision = dict(depth=3, hidden_size=VISION_HIDDEN, intermediate_size=64, num_heads=2,
                           out_hidden_size=TEXT_DIMS["hidden_size"], num_position_embeddings=16,
@@ -171,4 +189,6 @@ SPECS = [
     PatchGrid("qwen3_vl", "Qwen3VLForConditionalGeneration"),
     PatchGrid("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration"),
     PatchGrid("glm4v", "Glm4vForConditionalGeneration"),
+    PatchGrid("qwen3_5", "Qwen3_5ForConditionalGeneration"),
+    PatchGrid("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration"),
 ]
