@@ -45,7 +45,7 @@ from shortv.benchmark import (
     shape_shortv_config,
     time_prefill,
 )
-from shortv.benchmark.shapes import build_shape_model
+from shortv.benchmark.shapes import build_shape_model, miniature
 from shortv.config import ShortVConfig
 from shortv.flops import PAPER_SHAPES, LayerDims, PaperShape
 
@@ -72,16 +72,6 @@ class Settings:
 SMOKE = Settings(batches=(1, 2), text_tokens=8, new_tokens=3, generate_repeats=1, generate_warmup=0,
                  prefill_repeats=2, prefill_warmup=1,
                  rates={"gemm_size": 256, "copy_bytes": 2**24, "min_run_time": 0.05})
-
-
-def miniature(shape: PaperShape) -> PaperShape:
-    """A few-MB model of the same family and attention layout (multi-head or grouped-query) as ``shape``."""
-    dims = shape.dims
-    grouped = dims.num_key_value_heads < dims.num_attention_heads
-    small = LayerDims(hidden_size=64, intermediate_size=64 * dims.intermediate_size // dims.hidden_size,
-                      num_attention_heads=4, num_key_value_heads=1 if grouped else 4, head_dim=16, num_layers=4,
-                      vocab_size=512)
-    return replace(shape, dims=small, visual_tokens=shape.visual_tokens // 24)
 
 
 class Cells:

@@ -7,6 +7,8 @@ left out: ShortV only changes the language decoder.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -26,7 +28,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from ..flops import PaperShape, get_shape
+from ..flops import LayerDims, PaperShape, get_shape
 
 
 class _Family(NamedTuple):
@@ -83,6 +85,20 @@ class ShapeInputs(NamedTuple):
 def as_shape(shape: str | PaperShape) -> PaperShape:
     """A registered paper shape by name (`shortv.flops.get_shape`), or a `PaperShape` built by the caller."""
     return shape if isinstance(shape, PaperShape) else get_shape(shape)
+
+
+def miniature(shape: str | PaperShape, num_layers: int = 4, visual_tokens: int | None = None) -> PaperShape:
+    """A few-MB model of ``shape``'s family and attention layout (multi-head or grouped-query): hidden size 64,
+    ``num_layers`` layers, ``visual_tokens`` (default: a 24th of the shape's). For checking the pieces fit (the GPU
+    check's ``--smoke``) and for measuring host time, where the layers' arithmetic should cost next to nothing."""
+    shape = as_shape(shape)
+    dims = shape.dims
+    grouped = dims.num_key_value_heads < dims.num_attention_heads
+    small = LayerDims(hidden_size=64, intermediate_size=64 * dims.intermediate_size // dims.hidden_size,
+                      num_attention_heads=4, num_key_value_heads=1 if grouped else 4, head_dim=16,
+                      num_layers=num_layers, vocab_size=512)
+    visual = shape.visual_tokens // 24 if visual_tokens is None else visual_tokens
+    return dataclasses.replace(shape, dims=small, visual_tokens=visual)
 
 
 def shape_config(name: str | PaperShape, num_layers: int | None = None) -> PretrainedConfig:
