@@ -40,7 +40,7 @@ def _paper(name: str, batch: int = 1) -> tuple[LayerDims, list[tuple[int, int]],
     return shape.dims, [(64, shape.visual_tokens)] * batch, layers
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-7b", "next-7b", "qwen2-vl-7b"])
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "next-7b", "qwen2-vl-7b", "qwen3-vl-8b", "gemma3-12b", "qwen3.6-27b"])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_unlimited_bandwidth_gives_the_flops_ideal(name: str, batch: int) -> None:
     dims, counts, layers = _paper(name, batch)
@@ -83,7 +83,7 @@ def test_roofline_never_exceeds_the_flops_ideal() -> None:
         heads = generator.choice([4, 8, 32])
         dims = LayerDims(hidden_size=heads * 16, intermediate_size=generator.randint(16, 2048),
                          num_attention_heads=heads, num_key_value_heads=generator.choice([1, heads]), head_dim=16,
-                         num_layers=8, vocab_size=generator.randint(10, 5000))
+                         num_layers=8, vocab_size=generator.randint(10, 5000), qk_norm=generator.random() < 0.5)
         counts = [(generator.randint(0, 300), generator.randint(0, 3000)) for _ in range(generator.randint(1, 4))]
         counts = [(t, v) if t + v else (1, 0) for t, v in counts]
         layers = generator.sample(range(8), generator.randint(0, 8))
