@@ -2,7 +2,7 @@
 # The GPU check in one command: parity tests on CUDA, then prefill/decode/memory of baseline vs ShortV at the paper
 # shapes, eager and torch.compile, beside the FLOPs-ideal and roofline speedups. See benchmarks/gpu/README.md.
 #
-#   bash benchmarks/gpu/run.sh OUTDIR            # on a machine with a CUDA GPU (about 8 minutes)
+#   bash benchmarks/gpu/run.sh OUTDIR            # on a machine with a CUDA GPU (6 minutes on an H200)
 #   bash benchmarks/gpu/run.sh OUTDIR --smoke    # anywhere, on CPU, with miniature shapes (CI runs this)
 #
 # Writes into OUTDIR: log.txt, env.txt, parity.txt, parity.xml, cells.jsonl, results.json, report.md.
