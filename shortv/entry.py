@@ -127,7 +127,7 @@ def _decide(state: ShortVState, explicit: Any, args: tuple[Any, ...], kwargs: di
         if isinstance(context, torch.Tensor) and past_length >= context.shape[-1]:  # past the prompt: text, no sync
             state.layout = None
             return True
-        visual = context_mask_chunk(state.context_visual_mask, shape, past_length)
+        visual = context_mask_chunk(context, shape, past_length)
     elif input_ids is not None:
         # A bare language model has no visual ids: nothing is visual unless the caller says so. In a cached step
         # without pixels (decoding), a placeholder id is a generated token, embedded as text, not vision features.

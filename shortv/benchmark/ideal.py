@@ -7,7 +7,8 @@
   layer's q/o/MLP products over a few text rows still read their whole weight, so on a GPU they are bound by
   bandwidth, not arithmetic: the roofline is what the FLOPs-ideal becomes once that is counted. Whatever else the
   FLOPs model counts (attention, QK-norm, a linear-attention mixer: no weights to read) costs its FLOPs at the peak
-  rate; element-wise work it leaves out (norms, RoPE, activations) is left out here too. A batch is one product per projection: its rows are summed over the samples, its weight read once.
+  rate; element-wise work it leaves out (norms, RoPE, activations) is left out here too. A batch is one product
+  per projection: its rows are summed over the samples, its weight read once.
 
 Both count the decoder layers `shortv.flops.layer_projections` describes, plus the LM head for the one position per
 sample that ``generate`` computes in prefill; a new layer kind described there is costed here without changes.
@@ -57,16 +58,15 @@ def roofline_layer_seconds(
 ) -> float:
     """One decoder layer (``layer``: which one, where layers differ) over a batch (per sample ``(t, v)``), dense or
     ShortV, on the roofline."""
-    rows = {name: sum(projection_rows(name, t, v, frozen) for t, v in token_counts)
-            for name in layer_projections(dims, layer)}
-    projections = sum(_product_seconds(rows[name], fan_in, fan_out, rates, bytes_per_weight)
-                      for name, (fan_in, fan_out) in layer_projections(dims, layer).items())
+    seconds, projection_flops = 0.0, 0
+    for name, (fan_in, fan_out) in layer_projections(dims, layer).items():
+        rows = sum(projection_rows(name, t, v, frozen) for t, v in token_counts)
+        seconds += _product_seconds(rows, fan_in, fan_out, rates, bytes_per_weight)
+        projection_flops += 2 * rows * fan_in * fan_out
     # Everything else the FLOPs model counts (attention, QK-norm, the linear-attention mixer) at the peak rate, so
     # that with unlimited bandwidth the roofline is exactly the FLOPs-ideal.
-    projection_flops = sum(2 * rows[name] * fan_in * fan_out
-                           for name, (fan_in, fan_out) in layer_projections(dims, layer).items())
     other = sum(layer_flops(dims, t, v, frozen, "exact", layer) for t, v in token_counts) - projection_flops
-    return projections + other / rates.flops_per_s
+    return seconds + other / rates.flops_per_s
 
 
 def roofline_prefill_seconds(

@@ -8,7 +8,6 @@ left out: ShortV only changes the language decoder.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any, NamedTuple, Sequence
 
 import torch

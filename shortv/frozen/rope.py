@@ -25,8 +25,8 @@ def _rope_half_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     layer, so the ``cat`` of ``rotate_half`` is avoided.
     """
     half = x.shape[-1] // 2
-    # cos/sin broadcast to x (batch, heads, seq, dim); torch.broadcast_shapes would cost more host time than the
-    # products on a GPU.
+    # cos/sin broadcast to x (batch, heads, seq, dim), so the buffer has x's shape (torch.broadcast_shapes, a
+    # Python-level reference op, cost more host time than these small products).
     rotated_sin = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, sin.dtype))
     # rotate_half(x) * sin == cat(-x2 * sin1, x1 * sin2); negating after the product rounds the same.
     torch.mul(x[..., half:], sin[..., :half], out=rotated_sin[..., :half]).neg_()
