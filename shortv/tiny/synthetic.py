@@ -2,7 +2,7 @@
 
 Every image is a 3x3 grid of cells on a dark background; some cells hold a
 coloured shape (circle, square or triangle).  The layout is aligned with the
-vision tower's patches (96x96 pixels, 32-pixel cells = 4x4 patches of 8 pixels)
+vision tower's patches (96x96 pixels, 32-pixel cells = 2x2 patches of 16 pixels)
 so that a very small model can learn it, but every question still has to be
 answered by looking at the image:
 
@@ -14,7 +14,12 @@ shape      What shape is at the top left?                   circle, square, tria
 count      How many red shapes are there?                   one, two, three
 position   Is the red circle left or right of the blue ...? left, right
 exists     Is there a red triangle?                         yes, no
+color_at   What color is the shape at the center?           red, green, blue, ...
+row_count  How many shapes are in the top row?              one, two, three
 ========== ================================================ =====================
+
+Four of the seven types ask where things are (``shape``, ``position``,
+``color_at``, ``row_count``); the other three ask only what is there.
 
 Answers are balanced per type and the words of a question carry no information
 about its answer, so a model that does not look at the image cannot beat
@@ -93,13 +98,15 @@ POSITIONS: dict[tuple[int, int], str] = {
 }
 COUNT_WORDS = ("one", "two", "three")
 
-QUESTION_TYPES = ("color", "shape", "count", "position", "exists")
+QUESTION_TYPES = ("color", "shape", "count", "position", "exists", "color_at", "row_count")
 ANSWERS: dict[str, tuple[str, ...]] = {
     "color": tuple(COLORS),
     "shape": SHAPES,
     "count": COUNT_WORDS,
     "position": ("left", "right"),
     "exists": ("yes", "no"),
+    "color_at": tuple(COLORS),
+    "row_count": COUNT_WORDS,
 }
 
 SPLITS = ("train", "calib", "test")
@@ -215,12 +222,31 @@ def _ask_exists(scene: Scene, rng: random.Random, target: str):
     return f"Is there a {c} {s}?", target
 
 
+def _ask_color_at(scene: Scene, rng: random.Random, target: str):
+    cands = [o for o in scene.objects if o.color == target]
+    if not cands:
+        return None
+    o = rng.choice(cands)
+    return f"What color is the shape at the {POSITIONS[(o.row, o.col)]}?", target
+
+
+def _ask_row_count(scene: Scene, rng: random.Random, target: str):
+    n = COUNT_WORDS.index(target) + 1
+    row_counts = Counter(o.row for o in scene.objects)
+    cands = sorted(r for r, k in row_counts.items() if k == n)
+    if not cands:
+        return None
+    return f"How many shapes are in the {ROWS[rng.choice(cands)]} row?", target
+
+
 _ASKERS = {
     "color": _ask_color,
     "shape": _ask_shape,
     "count": _ask_count,
     "position": _ask_position,
     "exists": _ask_exists,
+    "color_at": _ask_color_at,
+    "row_count": _ask_row_count,
 }
 
 # --------------------------------------------------------------------------- rendering
@@ -427,6 +453,8 @@ def vocabulary() -> list[str]:
         "How many shapes are there?",
         "Is the left or right of the ?",
         "Is there a ?",
+        "What color is the shape at the ?",
+        "How many shapes are in the row?",
         DESCRIBE_PROMPT,
         " , ",
     ]
