@@ -73,10 +73,10 @@ __all__ = [
 
 # --------------------------------------------------------------------------- constants
 
-IMAGE_SIZE = 96
+IMAGE_SIZE = 144
 GRID = 3
 CELL = IMAGE_SIZE // GRID  # 32 px = 4x4 patches of 8 px
-SHAPE_SIZE = 24  # bounding box of a shape, centred in its cell
+SHAPE_SIZE = 36  # bounding box of a shape, centred in its cell
 SHAPE_OFFSET = (CELL - SHAPE_SIZE) // 2
 
 BACKGROUND = (24, 24, 24)
