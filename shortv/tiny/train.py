@@ -130,12 +130,12 @@ def make_batch(
     return input_ids, mask, labels, kinds, pixel_values
 
 
-N_SHAPE, N_COLOR = len(synthetic.SHAPES) + 1, len(synthetic.COLORS) + 1  # class 0 = none
-TARGET_CLASSES = (N_SHAPE, N_COLOR)
+OBJECTS = [(color, shape) for color in synthetic.COLORS for shape in synthetic.SHAPES]
+TARGET_CLASSES = (1 + len(OBJECTS),)  # class 0 = no object
 
 
 def patch_targets(scene: synthetic.Scene, grid: int) -> torch.Tensor:
-    """Labels ``(grid*grid, 2)`` for every patch: shape and colour of the object in the patch's cell (0: none).
+    """Labels ``(grid*grid, 1)`` for every patch: which object (colour and shape) is in the patch's cell (0: none).
 
     Local targets only, like what one patch of a pretrained CLIP knows about
     its own surroundings: nothing about where the patch is, or about the rest
@@ -143,11 +143,8 @@ def patch_targets(scene: synthetic.Scene, grid: int) -> torch.Tensor:
     """
     cell = grid // synthetic.GRID
     local = torch.zeros((grid, grid, len(TARGET_CLASSES)), dtype=torch.long)
-    colors = list(synthetic.COLORS)
     for o in scene.objects:
-        block = local[o.row * cell : (o.row + 1) * cell, o.col * cell : (o.col + 1) * cell]
-        block[..., 0] = synthetic.SHAPES.index(o.shape) + 1
-        block[..., 1] = colors.index(o.color) + 1
+        local[o.row * cell : (o.row + 1) * cell, o.col * cell : (o.col + 1) * cell, 0] = 1 + OBJECTS.index((o.color, o.shape))
     return local.reshape(grid * grid, len(TARGET_CLASSES))
 
 
@@ -200,7 +197,7 @@ def pretrain_vision(model, image_processor, args) -> None:
                 hits = torch.stack([(lg.argmax(-1) == tgt[..., k]).float().mean() for k, lg in enumerate(logits)])
             log(
                 f"vision {step + 1:4d}/{args.vision_steps}  loss {loss.item():.4f}  patch acc "
-                f"shape {hits[0]:.3f}  colour {hits[1]:.3f}  "
+                f"object {hits[0]:.3f}  "
                 f"{(time.time() - t0) / 60:.1f} min"
             )
 
