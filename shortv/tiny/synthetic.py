@@ -40,6 +40,7 @@ import random
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -73,10 +74,10 @@ __all__ = [
 
 # --------------------------------------------------------------------------- constants
 
-IMAGE_SIZE = 144
+IMAGE_SIZE = 96
 GRID = 3
 CELL = IMAGE_SIZE // GRID  # 32 px = 4x4 patches of 8 px
-SHAPE_SIZE = 36  # bounding box of a shape, centred in its cell
+SHAPE_SIZE = 24  # bounding box of a shape, centred in its cell
 SHAPE_OFFSET = (CELL - SHAPE_SIZE) // 2
 
 BACKGROUND = (24, 24, 24)
@@ -180,21 +181,31 @@ def _ask_color(scene: Scene, rng: random.Random, target: str):
     return f"What color is the {o.shape}?", target
 
 
-def _ask_shape(scene: Scene, rng: random.Random, target: str):
-    cands = [o for o in scene.objects if o.shape == target]
+def _object_at(scene: Scene, rng: random.Random, target: str, attribute: str, template: str):
+    """A question about the object at a named position whose ``attribute`` is ``target``."""
+    cands = [o for o in scene.objects if getattr(o, attribute) == target]
     if not cands:
         return None
     o = rng.choice(cands)
-    return f"What shape is at the {POSITIONS[(o.row, o.col)]}?", target
+    return template.format(POSITIONS[(o.row, o.col)]), target
 
 
-def _ask_count(scene: Scene, rng: random.Random, target: str):
+def _how_many(scene: Scene, rng: random.Random, target: str, key, name, template: str):
+    """A question about a group (objects with the same ``key``) of exactly ``target`` objects."""
     n = COUNT_WORDS.index(target) + 1
-    color_counts = Counter(o.color for o in scene.objects)
-    cands = sorted(c for c, k in color_counts.items() if k == n)
+    counts = Counter(key(o) for o in scene.objects)
+    cands = sorted(k for k, c in counts.items() if c == n)
     if not cands:
         return None
-    return f"How many {rng.choice(cands)} shapes are there?", target
+    return template.format(name(rng.choice(cands))), target
+
+
+_ask_shape = partial(_object_at, attribute="shape", template="What shape is at the {}?")
+_ask_color_at = partial(_object_at, attribute="color", template="What color is the shape at the {}?")
+_ask_count = partial(_how_many, key=lambda o: o.color, name=str, template="How many {} shapes are there?")
+_ask_row_count = partial(
+    _how_many, key=lambda o: o.row, name=ROWS.__getitem__, template="How many shapes are in the {} row?"
+)
 
 
 def _ask_position(scene: Scene, rng: random.Random, target: str):
@@ -220,23 +231,6 @@ def _ask_exists(scene: Scene, rng: random.Random, target: str):
         return None
     c, s = rng.choice(cands)
     return f"Is there a {c} {s}?", target
-
-
-def _ask_color_at(scene: Scene, rng: random.Random, target: str):
-    cands = [o for o in scene.objects if o.color == target]
-    if not cands:
-        return None
-    o = rng.choice(cands)
-    return f"What color is the shape at the {POSITIONS[(o.row, o.col)]}?", target
-
-
-def _ask_row_count(scene: Scene, rng: random.Random, target: str):
-    n = COUNT_WORDS.index(target) + 1
-    row_counts = Counter(o.row for o in scene.objects)
-    cands = sorted(r for r, k in row_counts.items() if k == n)
-    if not cands:
-        return None
-    return f"How many shapes are in the {ROWS[rng.choice(cands)]} row?", target
 
 
 _ASKERS = {

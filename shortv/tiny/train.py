@@ -1,11 +1,11 @@
 """Train the embedded tiny LLaVA from scratch on synthetic visual QA (CPU).
 
-    python -m shortv.tiny.train --out runs/tiny [--seed 0] [--threads 2]
+    python -m shortv.tiny.train --out runs/tiny [--seed 0] [--threads 1]
 
 Two stages, as in LLaVA:
 
 1. *Vision pre-training* (stands in for a pretrained CLIP): the vision tower
-   learns, per patch, the shape and colour of the object in the patch's own
+   learns, per patch, which object (colour and shape) is in the patch's own
    cell (a throw-away linear head; see :func:`patch_targets`).  The tower has
    no absolute position embeddings (CLIP's table stays at zero, see
    :func:`~shortv.tiny.build.build_model`), so a patch's features say *what*
@@ -26,10 +26,10 @@ tokens, and it works that out on the visual tokens before the question reads
 them.
 
 The language model is trained with 4 decoder layers and deepened to 12 at
-``--grow-at`` by splitting every layer into three copies that each make a third
-of its update (:func:`split_depth`); the shallow phase is three times cheaper
-per step, which is where a CPU budget gets past the early plateau, and every
-layer of the deep model starts out doing work.
+``--grow-at`` (step 2400 of 3000) by inserting identity-initialised layers
+between the trained ones (progressive stacking, :func:`grow_depth`); the
+shallow phase is three times cheaper per step, which is where a CPU budget gets
+past the early plateau.
 
 AdamW with linear warm-up and cosine decay; everything is seeded, and the data
 order is a pure function of ``(seed, step)``.
@@ -59,7 +59,7 @@ from .build import IMAGE_TOKEN_ID, IMAGE_TOKENS, MODEL_DIMS, PAD_ID, build_model
 from .measure import evaluate, report
 
 IGNORE = -100
-GROW_AT = 2400  # steps of the 4-layer language model before it is split into 12
+GROW_AT = 2400  # steps of the 4-layer language model before it is deepened to 12
 TYPES = synthetic.QUESTION_TYPES + ("describe",)
 
 
@@ -169,7 +169,7 @@ def pretrain_vision(model, image_processor, args) -> None:
     """Stage 1: supervised pre-training of the vision tower (stands in for a pretrained CLIP).
 
     A throw-away linear head on the features LLaVA feeds its projector predicts,
-    for every patch, the shape and colour of the object in the patch's cell.
+    for every patch, which object is in the patch's cell.
     Only the vision tower is kept; its (zero) position table is not trained.
     """
     cfg = model.config
@@ -223,34 +223,34 @@ def standardize_projector_input(model, image_processor, seed: int, n_images: int
     return ratio
 
 
-def split_depth(model, num_layers: int):
-    """Deepen the language model to ``num_layers`` by splitting every decoder layer into equal copies.
+def grow_depth(model, num_layers: int, seed: int):
+    """Deepen the language model to ``num_layers`` by inserting identity layers (progressive stacking).
 
-    Each copy's output projections (``o_proj``, ``down_proj``) are divided by
-    the number of copies, so together they make the update the original layer
-    made (to first order: ``h + f(h)`` becomes ``k`` steps of ``f / k``), and
-    every layer of the deep model starts out doing work; training then lets the
-    copies drift apart.  Everything else (vision tower, projector, embeddings,
-    norm, LM head) is copied.  Returns a new
-    :class:`~transformers.LlavaForConditionalGeneration`.
+    The trained layers keep their order and are spread evenly; every new layer
+    starts with zero output projections (``o_proj``, ``down_proj``), so the grown
+    model computes exactly what the shallow one did and training continues from
+    there.  Everything else (vision tower, projector, embeddings, norm, LM head)
+    is copied.  Returns a new :class:`~transformers.LlavaForConditionalGeneration`.
     """
     old_layers = model.model.language_model.layers
-    factor, rest = divmod(num_layers, len(old_layers))
-    if rest or factor < 1:
-        raise ValueError(f"cannot split {len(old_layers)} layers into {num_layers}")
+    n_old = len(old_layers)
     config = copy.deepcopy(model.config)
     config.text_config.num_hidden_layers = num_layers
+    torch.manual_seed(seed + 1)
     grown = type(model)(config)
     grown.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if ".language_model.layers." not in k}, strict=False
+        {k: v for k, v in model.state_dict().items() if ".layers." not in k or "vision" in k}, strict=False
     )
+    slots = [round(i * num_layers / n_old) for i in range(n_old)]
+    new_layers = grown.model.language_model.layers
     with torch.no_grad():
-        for i, layer in enumerate(grown.model.language_model.layers):
-            layer.load_state_dict(old_layers[i // factor].state_dict())
-            layer.self_attn.o_proj.weight.div_(factor)
-            layer.mlp.down_proj.weight.div_(factor)
-    for name, p in grown.named_parameters():
-        p.requires_grad_(model.get_parameter(name).requires_grad if ".language_model.layers." not in name else True)
+        for i, layer in enumerate(new_layers):
+            if i in slots:
+                layer.load_state_dict(old_layers[slots.index(i)].state_dict())
+            else:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+    grown.model.vision_tower.requires_grad_(any(p.requires_grad for p in model.model.vision_tower.parameters()))
     grown.generation_config = model.generation_config
     grown.train()
     return grown
@@ -326,7 +326,7 @@ def train(args) -> dict:
     window = [[0, 0] for _ in TYPES]
     for step in range(args.steps):
         if args.grow_at and step == args.grow_at:
-            model = split_depth(model, final_layers)
+            model = grow_depth(model, final_layers, seed=args.seed)
             opt = make_optimizer(model, args)
             log(f"grew the language model to {final_layers} layers at step {step}")
         lr = lr_at(step, args.steps, args.warmup, args.lr)
@@ -411,7 +411,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m shortv.tiny.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder (save_pretrained)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=3200)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--questions", type=int, default=10, help="questions per training image (multi-turn)")
     ap.add_argument("--curriculum", type=float, default=0.0, help="fraction of steps on easier scenes (1-4 objects)")
@@ -421,7 +421,7 @@ def parse_args(argv=None):
     ap.add_argument("--vision-lr", type=float, default=2e-3)
     ap.add_argument("--grow-from", type=int, default=4, help="layers of the shallow LM trained before --grow-at")
     ap.add_argument("--grow-at", type=int, default=GROW_AT,
-                    help="step at which the LM is deepened to --text-layers by splitting its layers (0: never)")
+                    help="step at which the LM is deepened to --text-layers by inserting identity layers (0: never)")
     ap.add_argument("--train-vision", action=argparse.BooleanOptionalAction, default=False,
                     help="keep training the vision tower in stage 2 (default: frozen, as in LLaVA)")
     ap.add_argument("--warmup", type=int, default=100)
