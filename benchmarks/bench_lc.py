@@ -2,7 +2,7 @@
 
     python benchmarks/bench_lc.py [--num-samples 8] [--untrained]
 
-Uses the embedded tiny LLaVA (12 decoder layers, 144 visual tokens per image) and its calib split; --untrained
+Uses the embedded tiny LLaVA (12 decoder layers, 36 visual tokens per image) and its calib split; --untrained
 builds the same architecture with random weights. The naive oracle is the test suite's (tests/lc_oracle.py).
 """
 

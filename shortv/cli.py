@@ -259,7 +259,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output folder: report.md, results.json, metrics.json, plots.")] = Path(
         "shortv_demo"),
     num_calib: Annotated[int, typer.Option(help="Calibration samples.", min=1)] = 32,
-    num_test: Annotated[int, typer.Option(help="Test questions.", min=1)] = 300,
+    num_test: Annotated[int, typer.Option(help="Test questions.", min=1)] = 700,
     n: Annotated[Optional[list[int]], typer.Option("--n", help="ShortV layer counts to try (repeatable).")] = None,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.", min=1)] = 50,
     speed_repeats: Annotated[int, typer.Option(help="Repetitions of the prefill timing (0: skip).", min=0)] = 5,

@@ -43,7 +43,7 @@ LABELS = {
     "lc_text": "LC-ranked, text tokens frozen",
 }
 #: Printed under the speed table: at this size the measured speedup is not meaningful.
-SPEED_CAVEAT = ("Not meaningful at this size: a layer of the tiny model (hidden size 128, ~157 tokens) takes "
+SPEED_CAVEAT = ("Not meaningful at this size: a layer of the tiny model (hidden size 128, ~50 tokens) takes "
                 "well under a millisecond, so fixed per-layer costs and the machine's noise dominate (see the "
                 "min-max spread); `shortv bench --shape` measures ShortV's speed at the paper's model shapes.")
 #: The paper's operating point (LLaVA-1.5-7B, N=19 of 32): 55% of the prefill FLOPs.
@@ -154,8 +154,8 @@ def operating_n(num_layers: int, ratio_of) -> int:
 
 
 def default_ns(num_layers: int, ratio_of) -> tuple[int, ...]:
-    """A quarter and three quarters of the layers, and the operating point (:func:`operating_n`) between them."""
-    quarters = {round(num_layers * 0.25), round(num_layers * 0.75)}
+    """A quarter, half and three quarters of the layers, and the operating point (:func:`operating_n`)."""
+    quarters = {round(num_layers * 0.25), round(num_layers * 0.5), round(num_layers * 0.75)}
     return tuple(sorted(quarters | {operating_n(num_layers, ratio_of)}))
 
 
@@ -181,7 +181,7 @@ def _majority(samples: list[VQASample]) -> float:
 def run_demo(
     out_dir: str | Path = "shortv_demo",
     num_calib: int = 32,
-    num_test: int = 300,
+    num_test: int = 700,
     ns: tuple[int, ...] | None = None,
     batch_size: int = 50,
     seed: int = 0,

@@ -172,7 +172,7 @@ def test_over_long_input_is_refused_before_any_compute(tiny_llava, calib_file, t
     _, model, processor = tiny_llava
     monkeypatch.setattr(calibration, "layer_contribution", fail_if_loaded)
     record = json.loads(calib_file.read_text().splitlines()[0])
-    record.update(id="long", prompt=" ".join(["what color is the circle"] * 80))
+    record.update(id="long", prompt=" ".join(["what color is the circle"] * 100))
     data = calib_file.parent / "long.jsonl"
     data.write_text(calib_file.read_text() + json.dumps(record) + "\n")
     with pytest.raises(SampleError, match=r"long.jsonl:7: the input is \d+ tokens, longer than the model's context "

@@ -64,7 +64,7 @@ def test_encodings(tmp_path):
 
 def test_inputs_longer_than_the_context_name_the_sample(tmp_path):
     synthetic.blank_image().save(tmp_path / "ok.png")
-    long_prompt = " ".join(["what color is the circle"] * 80)  # 400 words + 144 visual tokens > 512
+    long_prompt = " ".join(["what color is the circle"] * 100)  # 500 words + the visual tokens > 512
     samples = read_jsonl(write_data(tmp_path, {"image": "ok.png", "prompt": "what color is the circle"},
                                     {"image": "ok.png", "prompt": long_prompt}))
     processor = build.build_processor()

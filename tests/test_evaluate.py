@@ -216,7 +216,7 @@ def test_over_long_input_is_named_before_generating(tiny, test_samples, tmp_path
     import shortv.evaluation as evaluation
 
     model, processor = tiny
-    long = VQASample(id="long", images=test_samples[0].images, prompt=" ".join(["what color is the circle"] * 80),
+    long = VQASample(id="long", images=test_samples[0].images, prompt=" ".join(["what color is the circle"] * 100),
                      answer="red", source="data.jsonl:9")
     monkeypatch.setattr(evaluation, "generate_answers", lambda *a, **k: pytest.fail("generated anyway"))
     with pytest.raises(ValueError, match=r"data.jsonl:9: the input is \d+ tokens \+ 8 new tokens, longer than the "

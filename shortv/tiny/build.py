@@ -4,10 +4,13 @@
   transformers fast tokenizer; ``<s>`` is prepended automatically;
 * image processor: the PIL (slow) CLIP image processor at 96x96;
 * processor: a stock :class:`~transformers.LlavaProcessor` that expands
-  ``<image>`` into :data:`IMAGE_TOKENS` placeholders (12x12 patches of 8 px,
+  ``<image>`` into :data:`IMAGE_TOKENS` placeholders (6x6 patches of 16 px,
   CLS dropped by the ``"default"`` feature-selection strategy);
 * model: a stock :class:`~transformers.LlavaForConditionalGeneration`
-  (CLIP vision tower, 2-layer MLP projector, Llama language model).
+  (CLIP vision tower, 2-layer MLP projector, Llama language model).  The
+  vision tower's absolute position table is zero (:func:`build_model`), so
+  where a patch lies is known to the language model only from the order of
+  the visual tokens.
 
 Prompts use the LLaVA-1.5 conversation format::
 
@@ -40,9 +43,9 @@ IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_TOKEN_ID = range(len(SPECIAL_TOKENS))
 
-PATCH_SIZE = 8
+PATCH_SIZE = 16
 IMAGE_SIZE = synthetic.IMAGE_SIZE
-IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 144; CLS is dropped ("default" strategy)
+IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 36; CLS is dropped ("default" strategy)
 
 # Words of the conversation format plus a few common chat words (never trained,
 # but they keep ordinary prompts from collapsing into <unk>).
@@ -57,7 +60,7 @@ MODEL_DIMS: dict[str, Any] = {
     "text_heads": 4,
     "text_intermediate": 384,
     "vision_hidden": 192,
-    "vision_layers": 4,
+    "vision_layers": 2,
     "vision_heads": 4,
     "vision_intermediate": 768,
     # Larger than Llama's 0.02 (tuned for hidden sizes in the thousands): at hidden 128 the
@@ -194,12 +197,21 @@ def build_config(**dims):
 
 
 def build_model(seed: int = 0, **dims):
-    """A freshly initialised :class:`~transformers.LlavaForConditionalGeneration` (fp32)."""
+    """A freshly initialised :class:`~transformers.LlavaForConditionalGeneration` (fp32).
+
+    The vision tower's absolute position embeddings are zeroed: a tower without
+    them (its attention has no notion of where a patch lies) sees what is in
+    each patch but not where, so locating things is left to the language
+    model, which knows the order of the visual tokens.  Training keeps them at
+    zero (:mod:`shortv.tiny.train`).
+    """
     import torch
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(build_config(**dims))
+    with torch.no_grad():
+        model.model.vision_tower.embeddings.position_embedding.weight.zero_()
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,

@@ -2,7 +2,7 @@
 
 Every image is a 3x3 grid of cells on a dark background; some cells hold a
 coloured shape (circle, square or triangle).  The layout is aligned with the
-vision tower's patches (96x96 pixels, 32-pixel cells = 4x4 patches of 8 pixels)
+vision tower's patches (96x96 pixels, 32-pixel cells = 2x2 patches of 16 pixels)
 so that a very small model can learn it, but every question still has to be
 answered by looking at the image:
 
@@ -14,7 +14,12 @@ shape      What shape is at the top left?                   circle, square, tria
 count      How many red shapes are there?                   one, two, three
 position   Is the red circle left or right of the blue ...? left, right
 exists     Is there a red triangle?                         yes, no
+color_at   What color is the shape at the center?           red, green, blue, ...
+row_count  How many shapes are in the top row?              one, two, three
 ========== ================================================ =====================
+
+Four of the seven types ask where things are (``shape``, ``position``,
+``color_at``, ``row_count``); the other three ask only what is there.
 
 Answers are balanced per type and the words of a question carry no information
 about its answer, so a model that does not look at the image cannot beat
@@ -35,6 +40,7 @@ import random
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -93,13 +99,15 @@ POSITIONS: dict[tuple[int, int], str] = {
 }
 COUNT_WORDS = ("one", "two", "three")
 
-QUESTION_TYPES = ("color", "shape", "count", "position", "exists")
+QUESTION_TYPES = ("color", "shape", "count", "position", "exists", "color_at", "row_count")
 ANSWERS: dict[str, tuple[str, ...]] = {
     "color": tuple(COLORS),
     "shape": SHAPES,
     "count": COUNT_WORDS,
     "position": ("left", "right"),
     "exists": ("yes", "no"),
+    "color_at": tuple(COLORS),
+    "row_count": COUNT_WORDS,
 }
 
 SPLITS = ("train", "calib", "test")
@@ -173,21 +181,31 @@ def _ask_color(scene: Scene, rng: random.Random, target: str):
     return f"What color is the {o.shape}?", target
 
 
-def _ask_shape(scene: Scene, rng: random.Random, target: str):
-    cands = [o for o in scene.objects if o.shape == target]
+def _object_at(scene: Scene, rng: random.Random, target: str, attribute: str, template: str):
+    """A question about the object at a named position whose ``attribute`` is ``target``."""
+    cands = [o for o in scene.objects if getattr(o, attribute) == target]
     if not cands:
         return None
     o = rng.choice(cands)
-    return f"What shape is at the {POSITIONS[(o.row, o.col)]}?", target
+    return template.format(POSITIONS[(o.row, o.col)]), target
 
 
-def _ask_count(scene: Scene, rng: random.Random, target: str):
+def _how_many(scene: Scene, rng: random.Random, target: str, key, name, template: str):
+    """A question about a group (objects with the same ``key``) of exactly ``target`` objects."""
     n = COUNT_WORDS.index(target) + 1
-    color_counts = Counter(o.color for o in scene.objects)
-    cands = sorted(c for c, k in color_counts.items() if k == n)
+    counts = Counter(key(o) for o in scene.objects)
+    cands = sorted(k for k, c in counts.items() if c == n)
     if not cands:
         return None
-    return f"How many {rng.choice(cands)} shapes are there?", target
+    return template.format(name(rng.choice(cands))), target
+
+
+_ask_shape = partial(_object_at, attribute="shape", template="What shape is at the {}?")
+_ask_color_at = partial(_object_at, attribute="color", template="What color is the shape at the {}?")
+_ask_count = partial(_how_many, key=lambda o: o.color, name=str, template="How many {} shapes are there?")
+_ask_row_count = partial(
+    _how_many, key=lambda o: o.row, name=ROWS.__getitem__, template="How many shapes are in the {} row?"
+)
 
 
 def _ask_position(scene: Scene, rng: random.Random, target: str):
@@ -221,6 +239,8 @@ _ASKERS = {
     "count": _ask_count,
     "position": _ask_position,
     "exists": _ask_exists,
+    "color_at": _ask_color_at,
+    "row_count": _ask_row_count,
 }
 
 # --------------------------------------------------------------------------- rendering
@@ -427,6 +447,8 @@ def vocabulary() -> list[str]:
         "How many shapes are there?",
         "Is the left or right of the ?",
         "Is there a ?",
+        "What color is the shape at the ?",
+        "How many shapes are in the row?",
         DESCRIBE_PROMPT,
         " , ",
     ]

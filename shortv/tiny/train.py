@@ -5,24 +5,32 @@
 Two stages, as in LLaVA:
 
 1. *Vision pre-training* (stands in for a pretrained CLIP): the vision tower
-   learns, per patch, the shape and colour of the object in its cell, the
-   cell's row and column, and a summary of the whole scene (a throw-away
-   linear head; see :func:`patch_targets`).  The projector's first
-   layer is then re-parameterised to see standardised vision features.
+   learns, per patch, which object (colour and shape) is in the patch's own
+   cell (a throw-away linear head; see :func:`patch_targets`).  The tower has
+   no absolute position embeddings (CLIP's table stays at zero, see
+   :func:`~shortv.tiny.build.build_model`), so a patch's features say *what*
+   is there and nothing about *where*, and nothing about the rest of the
+   scene.  The projector's first layer is then re-parameterised to see
+   standardised vision features.
 2. *Visual instruction tuning*: the vision tower is frozen; projector and
    language model learn from multi-turn conversations about each image
-   (``USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: ...``, ten
+   (``USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: ...``,
    questions of all types plus "Describe the image."); the loss is taken on
    answer tokens (and their ``</s>``) only.  The first turn of every
    conversation is exactly the single-turn format used at test time.
 
-The language model starts with 2 decoder layers and is deepened to 12 at
-``--grow-at`` by inserting identity-initialised layers between the trained ones
-(progressive stacking, :func:`grow_depth`); the shallow phase is five times
-cheaper per step, which is where a CPU budget gets past the early plateau.
+So the language model has to do part of the visual processing itself, as
+real MLLMs do: where each object is (and so what is at a position, what is in
+a row, what lies left of what) is known only from the order of the visual
+tokens, and it works that out on the visual tokens before the question reads
+them.
 
-Freezing the pre-trained vision tower matters: trained on at the LM's learning
-rate it forgets where things are, and questions about positions stay at chance.
+The language model is trained with 4 decoder layers and deepened to 12 at
+``--grow-at`` (step 2400 of 3000) by inserting identity-initialised layers
+between the trained ones (progressive stacking, :func:`grow_depth`); the
+shallow phase is three times cheaper per step, which is where a CPU budget gets
+past the early plateau.
+
 AdamW with linear warm-up and cosine decay; everything is seeded, and the data
 order is a pure function of ``(seed, step)``.
 
@@ -51,6 +59,7 @@ from .build import IMAGE_TOKEN_ID, IMAGE_TOKENS, MODEL_DIMS, PAD_ID, build_model
 from .measure import evaluate, report
 
 IGNORE = -100
+GROW_AT = 2400  # steps of the 4-layer language model before it is deepened to 12
 TYPES = synthetic.QUESTION_TYPES + ("describe",)
 
 
@@ -121,47 +130,22 @@ def make_batch(
     return input_ids, mask, labels, kinds, pixel_values
 
 
-N_SHAPE, N_COLOR = len(synthetic.SHAPES) + 1, len(synthetic.COLORS) + 1  # class 0 = none
-COMBOS = [(c, sh) for c in synthetic.COLORS for sh in synthetic.SHAPES]
-# Classes of every per-patch target, in the column order of :func:`patch_targets`.
-TARGET_CLASSES = (
-    # local: what is in this patch's cell, and where the cell is
-    [N_SHAPE, N_COLOR, synthetic.GRID, synthetic.GRID]
-    # scene: shape and colour in each of the 9 cells
-    + [N_SHAPE, N_COLOR] * (synthetic.GRID * synthetic.GRID)
-    # scene: number of shapes of each colour (0-3)
-    + [4] * len(synthetic.COLORS)
-    # scene: column of each colour+shape (0 = absent, else 1 + column)
-    + [1 + synthetic.GRID] * len(COMBOS)
-)
-N_LOCAL = 4
+OBJECTS = [(color, shape) for color in synthetic.COLORS for shape in synthetic.SHAPES]
+TARGET_CLASSES = (1 + len(OBJECTS),)  # class 0 = no object
 
 
 def patch_targets(scene: synthetic.Scene, grid: int) -> torch.Tensor:
-    """Labels ``(grid*grid, len(TARGET_CLASSES))`` for every patch: its own cell, then the whole scene.
+    """Labels ``(grid*grid, 1)`` for every patch: which object (colour and shape) is in the patch's cell (0: none).
 
-    The scene part is the same for every patch: like the global information a
-    pretrained CLIP spreads over its patch tokens, it lets the language model
-    read the scene from any visual token.
+    Local targets only, like what one patch of a pretrained CLIP knows about
+    its own surroundings: nothing about where the patch is, or about the rest
+    of the scene.
     """
     cell = grid // synthetic.GRID
-    local = torch.zeros((grid, grid, N_LOCAL), dtype=torch.long)
-    rows = torch.arange(grid) // cell
-    local[..., 2] = rows[:, None]
-    local[..., 3] = rows[None, :]
-    cells = torch.zeros((synthetic.GRID, synthetic.GRID, 2), dtype=torch.long)
-    counts = torch.zeros(len(synthetic.COLORS), dtype=torch.long)
-    columns = torch.zeros(len(COMBOS), dtype=torch.long)
-    colors = list(synthetic.COLORS)
+    local = torch.zeros((grid, grid, len(TARGET_CLASSES)), dtype=torch.long)
     for o in scene.objects:
-        block = local[o.row * cell : (o.row + 1) * cell, o.col * cell : (o.col + 1) * cell]
-        block[..., 0] = synthetic.SHAPES.index(o.shape) + 1
-        block[..., 1] = colors.index(o.color) + 1
-        cells[o.row, o.col] = torch.tensor([synthetic.SHAPES.index(o.shape) + 1, colors.index(o.color) + 1])
-        counts[colors.index(o.color)] += 1
-        columns[COMBOS.index((o.color, o.shape))] = 1 + o.col
-    scene_part = torch.cat([cells.reshape(-1), counts, columns])
-    return torch.cat([local.reshape(grid * grid, N_LOCAL), scene_part.expand(grid * grid, -1)], dim=1)
+        local[o.row * cell : (o.row + 1) * cell, o.col * cell : (o.col + 1) * cell, 0] = 1 + OBJECTS.index((o.color, o.shape))
+    return local.reshape(grid * grid, len(TARGET_CLASSES))
 
 
 def random_scenes(tag: str, count: int) -> list[synthetic.Scene]:
@@ -185,16 +169,14 @@ def pretrain_vision(model, image_processor, args) -> None:
     """Stage 1: supervised pre-training of the vision tower (stands in for a pretrained CLIP).
 
     A throw-away linear head on the features LLaVA feeds its projector predicts,
-    for every patch, what is in the patch's cell and where that cell is, plus a
-    description of the whole scene (each cell's shape and colour, the number of
-    shapes of each colour, the column of each colour+shape).  Only the vision
-    tower is kept.
+    for every patch, which object is in the patch's cell.
+    Only the vision tower is kept; its (zero) position table is not trained.
     """
     cfg = model.config
     vt = model.model.vision_tower
     grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
     head = torch.nn.Linear(cfg.vision_config.hidden_size, sum(TARGET_CLASSES))
-    params = list(vt.parameters()) + list(head.parameters())
+    params = [p for p in vt.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=0.01)
     t0 = time.time()
     for step in range(args.vision_steps):
@@ -215,7 +197,7 @@ def pretrain_vision(model, image_processor, args) -> None:
                 hits = torch.stack([(lg.argmax(-1) == tgt[..., k]).float().mean() for k, lg in enumerate(logits)])
             log(
                 f"vision {step + 1:4d}/{args.vision_steps}  loss {loss.item():.4f}  patch acc "
-                f"local {hits[:N_LOCAL].mean():.3f}  scene {hits[N_LOCAL:].mean():.3f} (worst {hits[N_LOCAL:].min():.3f})  "
+                f"object {hits[0]:.3f}  "
                 f"{(time.time() - t0) / 60:.1f} min"
             )
 
@@ -317,6 +299,8 @@ def train(args) -> dict:
     log(f"training: {args.steps} steps x {args.batch_size} images x {args.questions} questions{'' if args.no_describe else ' + description'}, lr {args.lr}")
 
     t_start = time.time()
+    # No absolute positions in the vision tower (zero from build_model, and kept so).
+    model.model.vision_tower.embeddings.position_embedding.requires_grad_(False)
     if args.vision_steps:
         pretrain_vision(model, processor.image_processor, args)
     ratio = standardize_projector_input(model, processor.image_processor, args.seed)
@@ -390,6 +374,9 @@ def train(args) -> dict:
             per = "  ".join(f"{t} {100 * res[t]:.0f}" for t in synthetic.QUESTION_TYPES)
             log(f"  calib greedy accuracy {100 * res['overall']:.1f}%  ({per})")
             history.append({"step": step + 1, "calib": res["overall"], "loss": ema_loss})
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            model.save_pretrained(out / f"step-{step + 1}")
+            processor.save_pretrained(out / f"step-{step + 1}")
     train_min = (time.time() - t_start) / 60
     log(f"training done in {train_min:.1f} min")
 
@@ -424,16 +411,16 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m shortv.tiny.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder (save_pretrained)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--questions", type=int, default=10, help="questions per training image (multi-turn)")
     ap.add_argument("--curriculum", type=float, default=0.0, help="fraction of steps on easier scenes (1-4 objects)")
     ap.add_argument("--no-describe", action="store_true", help="no final 'Describe the image.' turn")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--vision-steps", type=int, default=800, help="stage 1: vision tower pre-training steps")
+    ap.add_argument("--vision-steps", type=int, default=500, help="stage 1: vision tower pre-training steps")
     ap.add_argument("--vision-lr", type=float, default=2e-3)
-    ap.add_argument("--grow-from", type=int, default=2, help="layers of the shallow LM trained before --grow-at")
-    ap.add_argument("--grow-at", type=int, default=1200,
+    ap.add_argument("--grow-from", type=int, default=4, help="layers of the shallow LM trained before --grow-at")
+    ap.add_argument("--grow-at", type=int, default=GROW_AT,
                     help="step at which the LM is deepened to --text-layers by inserting identity layers (0: never)")
     ap.add_argument("--train-vision", action=argparse.BooleanOptionalAction, default=False,
                     help="keep training the vision tower in stage 2 (default: frozen, as in LLaVA)")
@@ -443,6 +430,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=400, help="greedy accuracy on the calib split (0: never)")
+    ap.add_argument("--save-every", type=int, default=0, help="also save a checkpoint every this many steps")
     ap.add_argument("--n-calib", type=int, default=150)
     ap.add_argument("--n-test", type=int, default=1000)
     for k, v in MODEL_DIMS.items():
