@@ -159,6 +159,13 @@ def default_ns(num_layers: int, ratio_of) -> tuple[int, ...]:
     return tuple(sorted(quarters | {operating_n(num_layers, ratio_of)}))
 
 
+def prompt_tokens(processor: Any, samples: list[VQASample], batch_size: int) -> tuple[int, float]:
+    """Visual tokens per image and mean text tokens per prompt of ``samples``, as the model sees them."""
+    counts = [c for start in range(0, len(samples), batch_size)
+              for c in token_counts(processor, batch_inputs(processor, samples[start : start + batch_size]))]
+    return counts[0]["visual_tokens"], mean(c["text_tokens"] for c in counts)
+
+
 def _accuracy(model: Any, processor: Any, samples: list[VQASample], batch_size: int) -> tuple[float, dict[str, float]]:
     by_type: dict[str, list[bool]] = defaultdict(list)
     for start in range(0, len(samples), batch_size):
@@ -208,10 +215,7 @@ def run_demo(
     if [(s.id, s.prompt, s.answer) for s in blank] != [(s.id, s.prompt, s.answer) for s in samples]:  # pragma: no cover
         raise ValueError("the blank-image split does not hold the test split's questions")
 
-    counts = [c for start in range(0, len(samples), batch_size)
-              for c in token_counts(processor, batch_inputs(processor, samples[start : start + batch_size]))]
-    visual = counts[0]["visual_tokens"]
-    text = mean(c["text_tokens"] for c in counts)
+    visual, text = prompt_tokens(processor, samples, batch_size)
     dims = LayerDims.from_config(model.config)
     num_layers = dims.num_layers
 

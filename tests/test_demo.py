@@ -117,7 +117,7 @@ def test_shipped_model_shows_the_paper_ablation(tmp_path, shipped):
     freezing stops working."""
     from shortv.calibrate import calibrate
     from shortv.data import read_jsonl
-    from shortv.demo import _accuracy, operating_n
+    from shortv.demo import _accuracy, operating_n, prompt_tokens
     from shortv.flops import LayerDims, flops_ratio
     from shortv.tiny import embedded_split_path, load_embedded, synthetic
 
@@ -127,7 +127,9 @@ def test_shipped_model_shows_the_paper_ablation(tmp_path, shipped):
     test = read_jsonl(embedded_split_path("test"), require_answer=True)
     samples = [s for kind in synthetic.QUESTION_TYPES for s in [s for s in test if s.type == kind][:10]]
     dims = LayerDims.from_config(model.config)
-    n = operating_n(dims.num_layers, lambda k: flops_ratio(dims, 14, build.IMAGE_TOKENS, list(range(k))))
+    visual, text = prompt_tokens(processor, samples, batch_size=len(samples))
+    n = operating_n(dims.num_layers,
+                    lambda k: flops_ratio(dims, round(text), visual, list(range(k)), formula="exact"))
     unpatched, _ = _accuracy(model, processor, samples, batch_size=len(samples))
     accuracy = {}
     for name, config in (("lc", ShortVConfig(lc.order[:n])), ("first", ShortVConfig(list(range(n)))),

@@ -59,7 +59,6 @@ from .build import IMAGE_TOKEN_ID, IMAGE_TOKENS, MODEL_DIMS, PAD_ID, build_model
 from .measure import evaluate, report
 
 IGNORE = -100
-GROW_AT = 2400  # steps of the 4-layer language model before it is deepened to 12
 TYPES = synthetic.QUESTION_TYPES + ("describe",)
 
 
@@ -144,7 +143,8 @@ def patch_targets(scene: synthetic.Scene, grid: int) -> torch.Tensor:
     cell = grid // synthetic.GRID
     local = torch.zeros((grid, grid, len(TARGET_CLASSES)), dtype=torch.long)
     for o in scene.objects:
-        local[o.row * cell : (o.row + 1) * cell, o.col * cell : (o.col + 1) * cell, 0] = 1 + OBJECTS.index((o.color, o.shape))
+        block = local[o.row * cell : (o.row + 1) * cell, o.col * cell : (o.col + 1) * cell]
+        block[..., 0] = 1 + OBJECTS.index((o.color, o.shape))
     return local.reshape(grid * grid, len(TARGET_CLASSES))
 
 
@@ -420,7 +420,7 @@ def parse_args(argv=None):
     ap.add_argument("--vision-steps", type=int, default=500, help="stage 1: vision tower pre-training steps")
     ap.add_argument("--vision-lr", type=float, default=2e-3)
     ap.add_argument("--grow-from", type=int, default=4, help="layers of the shallow LM trained before --grow-at")
-    ap.add_argument("--grow-at", type=int, default=GROW_AT,
+    ap.add_argument("--grow-at", type=int, default=2400,
                     help="step at which the LM is deepened to --text-layers by inserting identity layers (0: never)")
     ap.add_argument("--train-vision", action=argparse.BooleanOptionalAction, default=False,
                     help="keep training the vision tower in stage 2 (default: frozen, as in LLaVA)")
