@@ -25,11 +25,13 @@ a row, what lies left of what) is known only from the order of the visual
 tokens, and it works that out on the visual tokens before the question reads
 them.
 
-The language model is trained with 4 decoder layers and deepened to 12 at
+The language model is trained with 8 decoder layers and deepened to 12 at
 ``--grow-at`` (step 2400 of 3000) by inserting identity-initialised layers
 between the trained ones (progressive stacking, :func:`grow_depth`); the
-shallow phase is three times cheaper per step, which is where a CPU budget gets
-past the early plateau.
+shallow phase is cheaper per step, which is where a CPU budget gets past the
+early plateau.  (With 4 trained layers the model learns faster, but its text
+work then sits in so few layers that freezing text tokens barely hurts; see
+``benchmarks/results/embedded_recipes.md``.)
 
 AdamW with linear warm-up and cosine decay; everything is seeded, and the data
 order is a pure function of ``(seed, step)``.
@@ -419,7 +421,7 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--vision-steps", type=int, default=500, help="stage 1: vision tower pre-training steps")
     ap.add_argument("--vision-lr", type=float, default=2e-3)
-    ap.add_argument("--grow-from", type=int, default=4, help="layers of the shallow LM trained before --grow-at")
+    ap.add_argument("--grow-from", type=int, default=8, help="layers of the shallow LM trained before --grow-at")
     ap.add_argument("--grow-at", type=int, default=2400,
                     help="step at which the LM is deepened to --text-layers by inserting identity layers (0: never)")
     ap.add_argument("--train-vision", action=argparse.BooleanOptionalAction, default=False,
