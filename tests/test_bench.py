@@ -284,7 +284,7 @@ def test_cli_bench_saved_multimodal_model_with_processor(tmp_path) -> None:
     assert len(data["shortv_layers"]) == 3 and data["ideal_speedup"] > 1
 
     # Its processor decides the visual token count: an explicit --visual-tokens is refused, not silently ignored.
-    refused = runner.invoke(app, [*args, "--visual-tokens", "100"])
+    refused = runner.invoke(app, [*args, "--visual-tokens", "100", "--overwrite"])
     assert refused.exit_code == 1
     assert "processor decides how many visual tokens" in " ".join(refused.output.split())
 
@@ -302,3 +302,34 @@ def test_cli_bench_errors(args: list[str], message: str) -> None:
     result = runner.invoke(app, ["bench", *args])
     assert result.exit_code == 1
     assert message in " ".join(result.output.split())
+
+
+def test_cli_bench_refuses_an_existing_result_file_unless_overwrite(saved_lm, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    out.write_text("an earlier result")
+    args = ["bench", "--model", str(saved_lm), "--visual-tokens", "4", "--text-tokens", "2", "--new-tokens", "1",
+            "--repeats", "1", "--warmup", "0", "--dtype", "fp32", "--quiet", "--out", str(out)]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "already exists; pass --overwrite" in " ".join(refused.output.split())
+    assert out.read_text() == "an earlier result"
+    replaced = runner.invoke(app, [*args, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(out.read_text())["source"] == "pretrained"
+
+
+@pytest.mark.parametrize(("cores", "load", "threads", "expected"), [
+    (2, 0.1, 2, (2, False)),   # idle: torch's choice
+    (2, 1.2, 2, (1, True)),    # one core busy: one thread, with a hint
+    (2, 5.0, 2, (1, True)),    # overloaded: never below 1
+    (16, 4.0, 8, (8, False)),  # enough free cores for what torch picked
+    (16, 12.3, 8, (4, True)),
+])
+def test_threads_follow_the_load(monkeypatch: pytest.MonkeyPatch, cores, load, threads, expected) -> None:
+    from shortv.benchmark import machine
+
+    monkeypatch.setattr(machine, "_usable_cores", lambda: cores)
+    monkeypatch.setattr(machine.psutil, "getloadavg", lambda: (load, load, load))
+    chosen, hint = machine.threads_for_load(threads)
+    assert (chosen, hint is not None) == expected
+    if hint:
+        assert f"load average {load:.1f} on {cores} usable cores" in hint and "--threads" in hint

@@ -61,6 +61,30 @@ def test_demo_runs_end_to_end(tmp_path):
     assert f"LC order (ascending visual LC): {report.lc_order}" in text
 
 
+def test_demo_refuses_a_used_output_folder_unless_overwrite(tmp_path):
+    """An earlier demo's results are never replaced silently; with --overwrite its files go, nothing else does."""
+    from shortv.cli import app
+
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    build.build_model(seed=0).save_pretrained(folder)
+    build.build_processor().save_pretrained(folder)
+    out = tmp_path / "demo"
+    (out / "calibration").mkdir(parents=True)
+    (out / "results.json").write_text("a 16-minute result")
+    (out / "calibration" / "lc_samples.jsonl").write_text("")
+    (out / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--num-test", "3"])
+    assert result.exit_code == 1 and "already holds calibration, notes.txt, results.json; pass --overwrite" in " ".join(
+        result.output.split())
+    assert (out / "results.json").read_text() == "a 16-minute result"
+    report = run_demo(out, num_calib=2, num_test=3, ns=(4,), batch_size=3, speed_repeats=0, progress=False,
+                      model_path=folder, overwrite=True)
+    assert json.loads((out / "results.json").read_text())["num_test"] == report.num_test == 3
+    assert (out / "notes.txt").read_text() == "mine"
+    assert len(report.lc_order) == 12 and (out / "calibration" / "lc.json").is_file()
+
+
 def test_demo_command_reports_missing_checkpoint(tmp_path, monkeypatch):
     from shortv.cli import app
 
