@@ -56,6 +56,9 @@ def pick_threads(threads: Optional[int]) -> int:
 
 #: The demo's default --n on the shipped model (`shortv.demo.default_ns`; tests/test_demo.py recomputes it).
 DEMO_DEFAULT_NS = (3, 6, 9)
+#: ``--threads`` of the commands that run the model on the CPU for long (demo, bench).
+Threads = Annotated[Optional[int], typer.Option(
+    help="torch CPU threads (default: torch's choice, lowered to the free cores on a busy machine).", min=1)]
 #: ``--overwrite`` of the commands that write results (demo, bench).
 Overwrite = Annotated[bool, typer.Option(help="Replace what --out already holds (refused otherwise).")]
 
@@ -127,8 +130,7 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed warm-up rounds per variant.", min=0)] = 1,
     dtype: Annotated[str, typer.Option(help="bf16, fp32 or fp16.")] = "bf16",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    threads: Annotated[Optional[int], typer.Option(
-        help="torch CPU threads (default: torch's choice, lowered to the free cores on a busy machine).", min=1)] = None,
+    threads: Threads = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the result as JSON here.")] = None,
     overwrite: Overwrite = False,
     quiet: Annotated[bool, typer.Option(help="No per-repetition progress lines.")] = False,
@@ -295,8 +297,7 @@ def demo(
     batch_size: Annotated[int, typer.Option(help="Generation batch size.", min=1)] = 50,
     speed_repeats: Annotated[int, typer.Option(help="Repetitions of the prefill timing (0: skip).", min=0)] = 5,
     seed: Annotated[int, typer.Option(help="Seed of subsamples and random layer choices.")] = 0,
-    threads: Annotated[Optional[int], typer.Option(
-        help="torch CPU threads (default: torch's choice, lowered to the free cores on a busy machine).", min=1)] = None,
+    threads: Threads = None,
     overwrite: Overwrite = False,
 ) -> None:
     """The method and the paper's ablation on the embedded tiny LLaVA: LC, layer selections, FLOPs, speed, report."""

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .benchmark import BenchInputs, benchmark
+from .benchmark.report import SMALL_MODEL_CAVEAT
 from .calibrate import calibrate
 from .config import ShortVConfig
 from .data import VQASample, read_jsonl, subsample
@@ -45,9 +46,7 @@ LABELS = {
     "lc_text": "LC-ranked, text tokens frozen",
 }
 #: Printed under the speed table: at this size the measured speedup is not meaningful.
-SPEED_CAVEAT = ("Not meaningful at this size: a layer of the tiny model (hidden size 128, ~50 tokens) takes "
-                "well under a millisecond, so fixed per-layer costs and the machine's noise dominate (see the "
-                "min-max spread); `shortv bench --shape` measures ShortV's speed at the paper's model shapes.")
+SPEED_CAVEAT = SMALL_MODEL_CAVEAT
 #: The files a demo writes besides its calibration/ folder.
 OUTPUTS = ("report.md", "results.json", "metrics.json", "accuracy_vs_flops.png")
 #: The paper's operating point (LLaVA-1.5-7B, N=19 of 32): 55% of the prefill FLOPs.
