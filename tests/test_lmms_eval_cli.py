@@ -122,3 +122,18 @@ def test_lmms_eval_cli_runs_shortv_in_two_processes_on_a_local_task(tmp_path):
     accuracy = sum(a.strip().lower() == s.answer.lower() for a, s in zip(answers, samples)) / QUESTIONS
     assert results["results"][TASK]["exact_match,none"] == pytest.approx(accuracy)
     assert accuracy >= 0.5  # the trained tiny model answers most of them (93.7% on the whole test split)
+
+
+def test_lmms_eval_cli_exits_nonzero_when_the_model_cannot_be_built(tmp_path):
+    """lmms-eval catches every Exception of a run and exits 0; the shortv model's build failures still reach the
+    exit status, with one line naming the cause (here a config made for a 40-layer model)."""
+    config = tmp_path / "shortv_config.json"
+    ShortVConfig(list(range(30, 40)), provenance={"order": list(range(40)), "model_id": "other/model"}).save(config)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "lmms_eval", "--model", "shortv", "--model_args", f"shortv_config={config}",
+               "--tasks", "mme", "--batch_size", "1"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 1, textwrap.shorten(run.stdout + run.stderr, 4000)
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("shortv: the lmms-eval model was not built: ") and "shortv_config.json" in last
