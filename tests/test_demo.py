@@ -138,7 +138,7 @@ LIMITS = {"unpatched": 0.8, "first_gap": 0.15, "text_gap": 0.15}
 
 def test_shipped_model_shows_the_paper_ablation(tmp_path, shipped):
     """The direction of the paper's ablation on the shipped model, at the operating N, on 10 test questions of each
-    type (the demo's full run is in the README): LC-ranked layers keep the accuracy, the first N layers lose it, and
+    type (the demo's full run is in docs/demo.md): LC-ranked layers keep the accuracy, the first N layers lose it, and
     text tokens frozen in the LC-ranked layers lose more. Fails if the LC ranking, the layer selection or either
     freezing stops working."""
     from shortv.calibrate import calibrate
