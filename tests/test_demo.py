@@ -27,14 +27,20 @@ def test_default_ns_include_the_operating_point():
     assert default_ns(12, lambda n: 1 - 0.075 * n) == (3, 6, 9)
 
 
-def test_demo_runs_end_to_end(tmp_path):
+@pytest.fixture
+def untrained(tmp_path):
+    """A checkpoint of the embedded architecture with fresh (untrained) weights, in a local folder."""
     folder = tmp_path / "model"
     torch.manual_seed(0)
     build.build_model(seed=0).save_pretrained(folder)
     build.build_processor().save_pretrained(folder)
+    return folder
+
+
+def test_demo_runs_end_to_end(tmp_path, untrained):
     out = tmp_path / "demo"
     report = run_demo(out, num_calib=3, num_test=6, ns=(4, 8), batch_size=6, speed_repeats=2, progress=False,
-                      model_path=folder)
+                      model_path=untrained)
     keys = [(row.selection, row.n) for row in report.rows]
     assert keys[:2] == [("unpatched", 0), ("blind", 0)]
     for n in (4, 8):
@@ -61,14 +67,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert f"LC order (ascending visual LC): {report.lc_order}" in text
 
 
-def test_demo_refuses_a_used_output_folder_unless_overwrite(tmp_path):
+def test_demo_refuses_a_used_output_folder_unless_overwrite(tmp_path, untrained):
     """An earlier demo's results are never replaced silently; with --overwrite its files go, nothing else does."""
     from shortv.cli import app
 
-    folder = tmp_path / "model"
-    torch.manual_seed(0)
-    build.build_model(seed=0).save_pretrained(folder)
-    build.build_processor().save_pretrained(folder)
     out = tmp_path / "demo"
     (out / "calibration").mkdir(parents=True)
     (out / "results.json").write_text("a 16-minute result")
@@ -79,7 +81,7 @@ def test_demo_refuses_a_used_output_folder_unless_overwrite(tmp_path):
         result.output.split())
     assert (out / "results.json").read_text() == "a 16-minute result"
     report = run_demo(out, num_calib=2, num_test=3, ns=(4,), batch_size=3, speed_repeats=0, progress=False,
-                      model_path=folder, overwrite=True)
+                      model_path=untrained, overwrite=True)
     assert json.loads((out / "results.json").read_text())["num_test"] == report.num_test == 3
     assert (out / "notes.txt").read_text() == "mine"
     assert len(report.lc_order) == 12 and (out / "calibration" / "lc.json").is_file()
