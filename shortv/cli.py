@@ -4,6 +4,7 @@ print the result. Add a subcommand by writing another ``@app.command()`` functio
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,6 +33,14 @@ TrustRemoteCode = Annotated[bool, typer.Option(
 @app.callback()
 def _main() -> None:
     """ShortV: freeze visual tokens in ineffective layers of multimodal LLMs (arXiv 2504.00502)."""
+    if "--help" in sys.argv[1:]:  # help is shown whatever the version
+        return
+    from shortv._compat import check_transformers_version
+
+    try:  # an unsupported transformers: one line before any work, whichever command
+        check_transformers_version()
+    except RuntimeError as error:
+        raise fail(str(error)) from None
 
 
 def fail(message: str) -> typer.Exit:

@@ -35,3 +35,18 @@ def test_demo_help_shows_the_default_n_the_demo_uses():
     assert ns == DEMO_DEFAULT_NS == tuple(sorted({row["n"] for row in recorded["rows"] if row["n"]}))
     result = CliRunner().invoke(app, ["demo", "--help"], terminal_width=200)
     assert "Default: " + ", ".join(map(str, ns)) + " (" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_unsupported_transformers_is_one_line_before_any_work(command, tmp_path, monkeypatch):
+    from packaging.version import Version
+
+    from shortv import _compat
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(_compat, "TRANSFORMERS_VERSION", Version("5.23.0"))
+    result = CliRunner().invoke(app, [command, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("error: shortv supports transformers >=5.24.0,<6.0.0; found 5.23.0. Install a "
+                                     "supported version: pip install 'transformers>=5.24.0,<6'")
+    assert not (tmp_path / "out").exists()
