@@ -4,6 +4,7 @@ print the result. Add a subcommand by writing another ``@app.command()`` functio
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: no type tags such as <bool> on flags, no boxes
 )
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the terminal width
@@ -31,12 +33,43 @@ TrustRemoteCode = Annotated[bool, typer.Option(
 @app.callback()
 def _main() -> None:
     """ShortV: freeze visual tokens in ineffective layers of multimodal LLMs (arXiv 2504.00502)."""
+    if "--help" in sys.argv[1:]:  # help is shown whatever the version
+        return
+    from shortv._compat import check_transformers_version
+
+    try:  # an unsupported transformers: one line before any work, whichever command
+        check_transformers_version()
+    except RuntimeError as error:
+        raise fail(str(error)) from None
 
 
 def fail(message: str) -> typer.Exit:
     """Print an error (one ``error:`` line on stderr) and return the exit to raise: ``raise fail("...")``."""
     errors.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}")
     return typer.Exit(code=1)
+
+
+def pick_threads(threads: Optional[int]) -> int:
+    """``--threads``, else torch's default, lowered to the free cores on a busy machine (saying so on stderr)."""
+    import torch
+
+    from shortv.benchmark.machine import threads_for_load
+
+    if threads is not None:
+        return threads
+    chosen, hint = threads_for_load(torch.get_num_threads())
+    if hint:
+        errors.print(f"[yellow]note:[/] {escape(hint)}")
+    return chosen
+
+
+#: The demo's default --n on the shipped model (`shortv.demo.default_ns`; tests/test_demo.py recomputes it).
+DEMO_DEFAULT_NS = (3, 6, 9)
+#: ``--threads`` of the commands that run the model on the CPU for long (demo, bench).
+Threads = Annotated[Optional[int], typer.Option(
+    help="torch CPU threads (default: torch's choice, lowered to the free cores on a busy machine).", min=1)]
+#: ``--overwrite`` of the commands that write results (demo, bench).
+Overwrite = Annotated[bool, typer.Option(help="Replace what --out already holds (refused otherwise).")]
 
 
 def load_config_option(path: Optional[Path]):  # noqa: ANN201 - ShortVConfig, imported lazily
@@ -106,8 +139,9 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed warm-up rounds per variant.", min=0)] = 1,
     dtype: Annotated[str, typer.Option(help="bf16, fp32 or fp16.")] = "bf16",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).", min=1)] = None,
+    threads: Threads = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the result as JSON here.")] = None,
+    overwrite: Overwrite = False,
     quiet: Annotated[bool, typer.Option(help="No per-repetition progress lines.")] = False,
 ) -> None:
     """Time to first token, decode tokens/s, latency and peak memory: baseline vs ShortV on the same model.
@@ -115,6 +149,7 @@ def bench(
     Without --model or --shape, benchmarks the embedded tiny LLaVA.
     """
     from shortv import benchmark as bench_lib
+    from shortv.files import refuse_existing
 
     if model is not None and shape is not None:
         raise fail("give either --model or --shape, not both")
@@ -122,13 +157,18 @@ def bench(
         raise fail(f"model not found: {model} is not a local checkpoint folder (with config.json)")
     if out is not None and out.is_dir():
         raise fail(f"--out {out} is a folder; give the JSON file to write")
+    if out is not None:
+        try:
+            refuse_existing(out, overwrite)
+        except FileExistsError as error:
+            raise fail(str(error)) from None
     if shape is None and (layers is not None or proportional):
         raise fail("--layers and --proportional apply to --shape only")
     shortv_config = load_config_option(config)
     progress = None if quiet else (lambda message: console.print(f"[dim]{escape(message)}[/]"))
     common = dict(
         config=shortv_config, n=n, batch_size=batch_size, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
-        dtype=dtype, device=device, threads=threads, progress=progress,
+        dtype=dtype, device=device, threads=pick_threads(threads), progress=progress,
     )
     try:
         if shape is not None:
@@ -260,22 +300,22 @@ def demo(
         "shortv_demo"),
     num_calib: Annotated[int, typer.Option(help="Calibration samples.", min=1)] = 32,
     num_test: Annotated[int, typer.Option(help="Test questions.", min=1)] = 700,
-    n: Annotated[Optional[list[int]], typer.Option("--n", help="ShortV layer counts to try (repeatable).")] = None,
+    n: Annotated[Optional[list[int]], typer.Option("--n", help=(
+        "ShortV layer counts to try (repeatable). Default: {} (a quarter, half and three quarters of the 12 layers, "
+        "and the N nearest 55% of the prefill FLOPs).".format(", ".join(map(str, DEMO_DEFAULT_NS)))))] = None,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.", min=1)] = 50,
     speed_repeats: Annotated[int, typer.Option(help="Repetitions of the prefill timing (0: skip).", min=0)] = 5,
     seed: Annotated[int, typer.Option(help="Seed of subsamples and random layer choices.")] = 0,
-    threads: Annotated[Optional[int], typer.Option(
-        help="torch CPU threads (default: torch's choice); on a shared machine, the free cores.", min=1)] = None,
+    threads: Threads = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """The method and the paper's ablation on the embedded tiny LLaVA: LC, layer selections, FLOPs, speed, report."""
     from shortv.demo import SPEED_CAVEAT, run_demo
     from shortv.loading import resolve_model
 
-    if threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
-
+    torch.set_num_threads(pick_threads(threads))
     try:
         num_layers = resolve_model(None).num_layers if n else 0
         outside = [value for value in n or () if not 1 <= value <= num_layers]
@@ -283,7 +323,7 @@ def demo(
             raise ValueError(f"--n {outside[0]}: the embedded model has {num_layers} decoder layers; "
                              f"give N in 1..{num_layers}")
         report = run_demo(out, num_calib=num_calib, num_test=num_test, ns=tuple(n) if n else None,
-                          batch_size=batch_size, seed=seed, speed_repeats=speed_repeats)
+                          batch_size=batch_size, seed=seed, speed_repeats=speed_repeats, overwrite=overwrite)
     except (ValueError, OSError) as error:
         raise fail(str(error)) from error
     # Plain text, never wrapped or re-styled, so that the tables survive a pipe.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -23,10 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .benchmark import BenchInputs, benchmark
+from .benchmark.report import SMALL_MODEL_CAVEAT
 from .calibrate import calibrate
 from .config import ShortVConfig
 from .data import VQASample, read_jsonl, subsample
 from .evaluation import batch_inputs, generate_answers, is_correct, token_counts
+from .files import output_folder, refuse_existing
 from .flops import LayerDims, flops_ratio
 from .loading import inputs_for
 from .patch import apply_shortv, remove_shortv
@@ -43,9 +46,9 @@ LABELS = {
     "lc_text": "LC-ranked, text tokens frozen",
 }
 #: Printed under the speed table: at this size the measured speedup is not meaningful.
-SPEED_CAVEAT = ("Not meaningful at this size: a layer of the tiny model (hidden size 128, ~50 tokens) takes "
-                "well under a millisecond, so fixed per-layer costs and the machine's noise dominate (see the "
-                "min-max spread); `shortv bench --shape` measures ShortV's speed at the paper's model shapes.")
+SPEED_CAVEAT = SMALL_MODEL_CAVEAT
+#: The files a demo writes besides its calibration/ folder.
+OUTPUTS = ("report.md", "results.json", "metrics.json", "accuracy_vs_flops.png")
 #: The paper's operating point (LLaVA-1.5-7B, N=19 of 32): 55% of the prefill FLOPs.
 OPERATING_FLOPS = 0.55
 
@@ -196,8 +199,12 @@ def run_demo(
     random_draws: int = 5,
     progress: bool = True,
     model_path: str | Path | None = None,
+    overwrite: bool = False,
 ) -> DemoReport:
     """Run the demo into ``out_dir``; ``model_path`` swaps in another checkpoint of the embedded architecture.
+
+    An ``out_dir`` that holds anything is refused unless ``overwrite``; then the files of an earlier demo there
+    (:data:`OUTPUTS` and ``calibration/``) are removed first, and nothing else.
 
     ``ns`` defaults to :func:`default_ns`. Writes results.json (every row), metrics.json (:func:`ablation_metrics`),
     report.md, accuracy_vs_flops.png and calibration/ (lc.json, shortv_config.json for the operating N, lc.png).
@@ -208,7 +215,12 @@ def run_demo(
 
     wall0, cpu0, load0 = time.perf_counter(), time.process_time(), _load()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    refuse_existing(out_dir, overwrite)
+    output_folder(out_dir)
+    for name in OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
+    if (out_dir / "calibration").is_dir():
+        shutil.rmtree(out_dir / "calibration")
     model, processor = load_embedded(path=model_path)
     samples = subsample(read_jsonl(embedded_split_path("test"), require_answer=True), num_test, seed)
     blank = subsample(read_jsonl(embedded_split_path("test", blank=True), require_answer=True), num_test, seed)
@@ -227,8 +239,7 @@ def run_demo(
     # that `shortv eval --lc OUT/calibration/lc.json` and `--config OUT/calibration/shortv_config.json` accept them.
     calibration_dir = out_dir / "calibration"
     calibration = calibrate(model, processor=processor, data=embedded_split_path("calib"), out_dir=calibration_dir,
-                            num_samples=num_calib, n=operating, seed=seed, progress=progress,
-                            resume=(calibration_dir / "lc_samples.jsonl").exists())
+                            num_samples=num_calib, n=operating, seed=seed, progress=progress)
     lc = calibration.lc
     order = lc.order
     ns = ns or default_ns(num_layers, lambda n: ratio(list(range(n))))

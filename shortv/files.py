@@ -7,6 +7,9 @@ a bad JSON file is named in its error.
 * `exclusive_output`: a lock file in the folder (`filelock`), held for the whole run (by its main process when the run
   has several, `shortv.processes.main_holds`); a second run on the same folder is refused at once instead of redoing
   all the work and writing every record twice.
+* `refuse_existing`: a command's output folder or file that already holds something is refused unless the user
+  passes ``--overwrite`` (``shortv demo``, ``shortv bench --out``; calibrate and eval refuse a folder with results
+  unless ``--resume``, `shortv.records.check_fresh`).
 * `read_json`: a user's JSON file (UTF-8, with or without a byte-order mark); every error names the file and line.
 """
 
@@ -34,6 +37,22 @@ def output_folder(path: str | Path) -> Path:
         raise NotADirectoryError(f"{path} is a file, not a folder; give an output folder")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def refuse_existing(path: str | Path, overwrite: bool) -> None:
+    """Raise `FileExistsError` if ``path`` is a file, or a folder holding anything but a lock file, unless
+    ``overwrite``: a command never replaces an earlier result without being told to."""
+    path = Path(path)
+    if overwrite or not path.exists():
+        return
+    if path.is_dir():
+        held = sorted(entry.name for entry in path.iterdir() if entry.name != LOCK_FILE)
+        if not held:
+            return
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise FileExistsError(f"{path} already holds {shown}; pass --overwrite to replace them, or choose another "
+                              "output folder")
+    raise FileExistsError(f"{path} already exists; pass --overwrite to replace it, or choose another output file")
 
 
 @contextmanager

@@ -31,25 +31,50 @@ def _kind_marks(layer_types: Sequence[str]) -> tuple[list[str], str] | None:
     return [letters[kind] for kind in layer_types], legend
 
 
-def plot_layer_contribution(
-    lc: LCResult, path: str | Path, chosen: Sequence[int] = (), title: str | None = None,
-    layer_types: Sequence[str] | None = None,
-) -> Path:
-    """Visual and text LC per layer on a log scale, ShortV layers shaded; with ``layer_types`` (the model's
-    ``config.layer_types``) each layer's kind is marked under its index where the layers differ."""
+def model_label(model_id: str | None) -> str:
+    """A model's name for a title: a hub id as it is, a local folder by its name (never a long absolute path), the
+    shipped checkpoint as the embedded tiny LLaVA."""
+    if not model_id:
+        return "model"
+    from .tiny import embedded_model_path
+
+    path = Path(model_id).expanduser()
+    if path.is_absolute() or path.exists():
+        path = path.resolve()
+        if path.parts[-3:] == embedded_model_path().parts[-3:]:  # the shipped checkpoint, in any install
+            return "embedded tiny LLaVA"
+        return path.name or model_id
+    return model_id
+
+
+def layer_contribution_figure(
+    lc: LCResult, chosen: Sequence[int] = (), title: str | None = None, layer_types: Sequence[str] | None = None,
+):  # noqa: ANN201 - a matplotlib Figure, imported lazily
+    """The figure of `plot_layer_contribution` (the caller closes it)."""
     plt = _pyplot()
     means = lc.mean
     layers = list(range(lc.num_layers))
-    floor = 1e-12  # a log axis cannot show the exact zeros (e.g. the last layer's visual LC)
+    positive = [value for token_type in lc.token_types for value in means[token_type] if value > 0]
+    # A log axis cannot show an LC of exactly 0 (e.g. a last layer's visual LC, which nothing downstream reads):
+    # such layers are drawn on the axis floor, a decade under the smallest LC, with a marker of their own.
+    floor = min(positive) / 10 if positive else 1e-12
     figure, axes = plt.subplots(figsize=(max(6.0, 0.35 * lc.num_layers + 2), 3.8))
     for layer in chosen:
         axes.axvspan(layer - 0.5, layer + 0.5, color="tab:green", alpha=0.15, lw=0)
     styles = {"visual": ("tab:blue", "o"), "text": ("tab:orange", "s")}
+    zeros = []
     for token_type in lc.token_types:
         color, marker = styles[token_type]
         values = [max(value, floor) for value in means[token_type]]
-        axes.plot(layers, values, marker=marker, color=color, label=f"{token_type} tokens")
+        shown = [index for index, value in enumerate(means[token_type]) if value > 0]
+        axes.plot(layers, values, color=color, marker=marker, markevery=shown, label=f"{token_type} tokens")
+        zeros += [(index, color) for index, value in enumerate(means[token_type]) if value <= 0]
+    if zeros:
+        axes.scatter([index for index, _ in zeros], [floor] * len(zeros), marker="v", s=60, zorder=3,
+                     facecolors="none", edgecolors=[color for _, color in zeros], linewidths=1.5,
+                     label="LC exactly 0 (drawn at the axis floor)")
     axes.set_yscale("log")
+    axes.set_ylim(bottom=floor / 2)
     marks = _kind_marks(layer_types) if layer_types is not None and len(layer_types) == lc.num_layers else None
     axes.set_xlabel("decoder layer" if marks is None else f"decoder layer and kind ({marks[1]})")
     axes.set_ylabel("layer contribution (KL)" if lc.metadata.get("divergence", "kl") == "kl" else "layer contribution")
@@ -59,13 +84,30 @@ def plot_layer_contribution(
     if chosen:
         axes.plot([], [], color="tab:green", alpha=0.3, lw=8, label=f"ShortV layers (N={len(chosen)})")
     axes.legend(loc="best", fontsize=8)
-    axes.set_title(title or f"Layer contribution, {lc.model_id or 'model'} ({len(lc.sample_ids)} samples)", fontsize=9)
+    axes.set_title(title or f"Layer contribution, {model_label(lc.model_id)} ({len(lc.sample_ids)} samples)",
+                   fontsize=9)
     figure.tight_layout()
+    return figure
+
+
+def _save(figure, path: str | Path) -> Path:  # noqa: ANN001 - a matplotlib Figure
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=120)
+    finally:
+        _pyplot().close(figure)
     return path
+
+
+def plot_layer_contribution(
+    lc: LCResult, path: str | Path, chosen: Sequence[int] = (), title: str | None = None,
+    layer_types: Sequence[str] | None = None,
+) -> Path:
+    """Visual and text LC per layer on a log scale, ShortV layers shaded, an LC of exactly 0 marked on the axis
+    floor; with ``layer_types`` (the model's ``config.layer_types``) each layer's kind is marked under its index
+    where the layers differ."""
+    return _save(layer_contribution_figure(lc, chosen, title, layer_types), path)
 
 
 def plot_accuracy_vs_flops(report, path: str | Path) -> Path:  # noqa: ANN001 - shortv.demo.DemoReport
@@ -73,12 +115,18 @@ def plot_accuracy_vs_flops(report, path: str | Path) -> Path:  # noqa: ANN001 - 
 
     The y-axis spans 0-100% so that a one-question difference does not look like a cliff; markers are hollow and
     of different sizes so that coinciding points stay visible; the text-token ablation is drawn at the FLOPs of
-    the same N of visual-token layers (it saves none itself).
+    the same N of visual-token layers (it saves none itself). The legend sits under the axes, where it covers no
+    curve (the text-frozen one falls to 0%).
     """
+    return _save(accuracy_figure(report), path)
+
+
+def accuracy_figure(report):  # noqa: ANN001, ANN201 - shortv.demo.DemoReport -> a matplotlib Figure
+    """The figure of `plot_accuracy_vs_flops` (the caller closes it)."""
     from .demo import LABELS
 
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    figure, axes = plt.subplots(figsize=(6.4, 6.0))
     ns = report.ns
     flops = {n: 100 * report.row("lc", n).flops_ratio for n in ns}
     xs = [flops[n] for n in ns]
@@ -109,9 +157,6 @@ def plot_accuracy_vs_flops(report, path: str | Path) -> Path:  # noqa: ANN001 - 
     top.set_xticks(xs, [str(n) for n in ns])
     top.set_xlabel("N (ShortV layers)", fontsize=8)
     axes.set_title(f"{report.model}: {report.num_test} test questions", fontsize=9)
-    axes.legend(fontsize=7, loc="lower left", ncol=2)
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return figure

@@ -125,8 +125,8 @@ def check_fresh(out_dir: Path, names: Sequence[str]) -> None:
     existing = [path.name for name in names for path in record_files(out_dir, name)]
     if existing:
         raise FileExistsError(
-            f"{out_dir} already holds results ({', '.join(existing)}); pass --resume (resume=True) to continue "
-            "that run, or choose another output folder"
+            f"{out_dir} already holds results ({', '.join(existing)}); to continue that run, rerun with --resume "
+            "(resume=True in Python); to start afresh, choose another output folder"
         )
 
 

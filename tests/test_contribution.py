@@ -104,7 +104,7 @@ def test_resume_after_interruption_gives_identical_result(tmp_path, monkeypatch)
         layer_contribution(model, samples, out_dir=tmp_path, progress=False)
     monkeypatch.setattr(contribution, "sample_contribution", real_sample_contribution)
     assert len((tmp_path / "lc_samples.jsonl").read_text().splitlines()) == 2
-    with pytest.raises(FileExistsError, match=r"already holds results \(lc_samples.jsonl\); pass --resume"):
+    with pytest.raises(FileExistsError, match=r"already holds results \(lc_samples.jsonl\); .*rerun with --resume"):
         layer_contribution(model, samples, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"cannot resume .*: the interrupted run had other settings \(divergence: .kl. before, .js. now\)"):
         layer_contribution(model, samples, out_dir=tmp_path, resume=True, divergence="js", progress=False)

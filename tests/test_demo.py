@@ -27,14 +27,20 @@ def test_default_ns_include_the_operating_point():
     assert default_ns(12, lambda n: 1 - 0.075 * n) == (3, 6, 9)
 
 
-def test_demo_runs_end_to_end(tmp_path):
+@pytest.fixture
+def untrained(tmp_path):
+    """A checkpoint of the embedded architecture with fresh (untrained) weights, in a local folder."""
     folder = tmp_path / "model"
     torch.manual_seed(0)
     build.build_model(seed=0).save_pretrained(folder)
     build.build_processor().save_pretrained(folder)
+    return folder
+
+
+def test_demo_runs_end_to_end(tmp_path, untrained):
     out = tmp_path / "demo"
     report = run_demo(out, num_calib=3, num_test=6, ns=(4, 8), batch_size=6, speed_repeats=2, progress=False,
-                      model_path=folder)
+                      model_path=untrained)
     keys = [(row.selection, row.n) for row in report.rows]
     assert keys[:2] == [("unpatched", 0), ("blind", 0)]
     for n in (4, 8):
@@ -59,6 +65,26 @@ def test_demo_runs_end_to_end(tmp_path):
     text = (out / "report.md").read_text()
     assert "| LC-ranked (ShortV) | 4 |" in text and "random layers, mean of 5" in text
     assert f"LC order (ascending visual LC): {report.lc_order}" in text
+
+
+def test_demo_refuses_a_used_output_folder_unless_overwrite(tmp_path, untrained):
+    """An earlier demo's results are never replaced silently; with --overwrite its files go, nothing else does."""
+    from shortv.cli import app
+
+    out = tmp_path / "demo"
+    (out / "calibration").mkdir(parents=True)
+    (out / "results.json").write_text("a 16-minute result")
+    (out / "calibration" / "lc_samples.jsonl").write_text("")
+    (out / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--num-test", "3"])
+    assert result.exit_code == 1 and "already holds calibration, notes.txt, results.json; pass --overwrite" in " ".join(
+        result.output.split())
+    assert (out / "results.json").read_text() == "a 16-minute result"
+    report = run_demo(out, num_calib=2, num_test=3, ns=(4,), batch_size=3, speed_repeats=0, progress=False,
+                      model_path=untrained, overwrite=True)
+    assert json.loads((out / "results.json").read_text())["num_test"] == report.num_test == 3
+    assert (out / "notes.txt").read_text() == "mine"
+    assert len(report.lc_order) == 12 and (out / "calibration" / "lc.json").is_file()
 
 
 def test_demo_command_reports_missing_checkpoint(tmp_path, monkeypatch):
@@ -114,7 +140,7 @@ LIMITS = {"unpatched": 0.8, "first_gap": 0.15, "text_gap": 0.15}
 
 def test_shipped_model_shows_the_paper_ablation(tmp_path, shipped):
     """The direction of the paper's ablation on the shipped model, at the operating N, on 10 test questions of each
-    type (the demo's full run is in the README): LC-ranked layers keep the accuracy, the first N layers lose it, and
+    type (the demo's full run is in docs/demo.md): LC-ranked layers keep the accuracy, the first N layers lose it, and
     text tokens frozen in the LC-ranked layers lose more. Fails if the LC ranking, the layer selection or either
     freezing stops working."""
     from shortv.calibrate import calibrate

@@ -97,7 +97,7 @@ def test_resume_after_interruption_gives_same_summary(tiny, test_samples, tmp_pa
         evaluate(model, processor, test_samples, config, batch_size=2, out_dir=tmp_path / "cut", progress=False)
     monkeypatch.setattr(evaluation, "generate_answers", real_generate)
     assert len((tmp_path / "cut" / "predictions.jsonl").read_text().splitlines()) == 4
-    with pytest.raises(FileExistsError, match=r"already holds results \(predictions.jsonl\); pass --resume"):
+    with pytest.raises(FileExistsError, match=r"already holds results \(predictions.jsonl\); .*rerun with --resume"):
         evaluate(model, processor, test_samples, config, out_dir=tmp_path / "cut", progress=False)
     resumed = evaluate(model, processor, test_samples, config, batch_size=2, out_dir=tmp_path / "cut", resume=True,
                        progress=False)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 
 from shortv import LCResult, ShortVConfig, files
-from shortv.files import OutputBusyError, atomic_write_text, exclusive_output, read_json
+from shortv.files import LOCK_FILE, OutputBusyError, atomic_write_text, exclusive_output, read_json, refuse_existing
 from shortv.records import append_records, merge_shards, read_records, record_files, shard_path, start_run
 
 
@@ -163,6 +163,26 @@ def test_records_of_several_processes_are_one_run_and_merge_in_sample_order(tmp_
     append_records(tmp_path / "records.jsonl", [{"id": "z"}])  # one process's file, no shards: left as written
     merge_shards(tmp_path, "records.jsonl", [{"id": i} for i in "abcde"])
     assert list(read_records(tmp_path / "records.jsonl")) == list("abcdez")
+
+
+def test_an_output_that_holds_something_is_refused_unless_overwrite(tmp_path):
+    refuse_existing(tmp_path / "new", overwrite=False)  # missing: fine
+    (tmp_path / "empty").mkdir()
+    refuse_existing(tmp_path / "empty", overwrite=False)
+    (tmp_path / "empty" / LOCK_FILE).write_text("")  # a lock file left by an earlier run holds no result
+    refuse_existing(tmp_path / "empty", overwrite=False)
+    folder = tmp_path / "used"
+    folder.mkdir()
+    for name in "abcdef":
+        (folder / name).write_text(name)
+    with pytest.raises(FileExistsError, match=r"used already holds a, b, c, d and 2 more; pass --overwrite"):
+        refuse_existing(folder, overwrite=False)
+    (tmp_path / "r.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"r.json already exists; pass --overwrite to replace it"):
+        refuse_existing(tmp_path / "r.json", overwrite=False)
+    refuse_existing(folder, overwrite=True)
+    refuse_existing(tmp_path / "r.json", overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == list("abcdef")  # the check itself removes nothing
 
 
 def test_output_folder_that_is_a_file(tmp_path):

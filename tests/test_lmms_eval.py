@@ -189,14 +189,20 @@ def test_reference_mode_and_sampling_run(model_path, docs, config_file):
 
 
 def test_argument_errors_come_before_loading(tmp_path):
+    """Through lmms-eval's way of building a model, every error is a `ModelLoadError` (exit status 1, since
+    lmms-eval exits 0 on an Exception) carrying the cause; the class itself raises the cause."""
+    from shortv.integrations.lmms_eval import ModelLoadError
+
+    for args, kind, message in (("pretrained=/nonexistent,shortv_cfg=x.json", TypeError, "shortv_cfg"),
+                                ("pretrained=/nonexistent,n=3", ValueError, "lc="),
+                                ("pretrained=/nonexistent,n=3,shortv_config=x.json", ValueError, "not both"),
+                                ("pretrained=/nonexistent,n=0,shortv_mode=turbo", ValueError, "shortv_mode")):
+        with pytest.raises(ModelLoadError, match=message) as error:
+            ShortV.create_from_arg_string(args)
+        assert isinstance(error.value.__cause__, kind) and isinstance(error.value, SystemExit)
+        assert str(error.value.code).startswith("shortv: the lmms-eval model was not built: ")
     with pytest.raises(TypeError, match="shortv_cfg"):
-        ShortV.create_from_arg_string("pretrained=/nonexistent,shortv_cfg=x.json")
-    with pytest.raises(ValueError, match="lc="):
-        ShortV.create_from_arg_string("pretrained=/nonexistent,n=3")
-    with pytest.raises(ValueError, match="not both"):
-        ShortV.create_from_arg_string("pretrained=/nonexistent,n=3,shortv_config=x.json")
-    with pytest.raises(ValueError, match="shortv_mode"):
-        ShortV.create_from_arg_string("pretrained=/nonexistent,n=0,shortv_mode=turbo")
+        ShortV(pretrained="/nonexistent", shortv_cfg="x.json")
 
 
 def test_config_resolution_and_generation_settings():
@@ -219,7 +225,7 @@ def test_lc_of_another_model_is_refused_and_16_bit_task_images_are_scaled(model_
     lc = LCResult(num_layers=6, token_types=("visual",), sample_ids=["a"],
                   per_sample={"visual": [[0.1 * layer for layer in range(6)]]}, model_id="tiny/six").save(tmp_path / "lc6.json")
     with pytest.raises(ValueError, match=r"lc6.json was made for a model with 6 decoder layers \(tiny/six\), but "):
-        ShortV.create_from_arg_string(f"pretrained={model_path},n=2,lc={lc}")
+        ShortV(pretrained=str(model_path), n=2, lc=str(lc))
     gradient = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)
     [image] = _as_images([Image.fromarray(gradient)])
     assert image.mode == "RGB" and len(np.unique(np.asarray(image))) == 256  # not clipped to white

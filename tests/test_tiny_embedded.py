@@ -203,7 +203,7 @@ def test_checkpoint_answers_fixed_questions(monkeypatch):
     assert correct - correct_blind >= 6, (correct, correct_blind)
     # Each type the model has learned: one of its first three questions answered correctly and only with the
     # image (the blind answer differs). Not "position" (left/right of another object): the shipped model answers
-    # it at chance (50.3% on 1000 test questions, README), always "left" here.
+    # it at chance (50.3% on 1000 test questions, docs/embedded_model.md), always "left" here.
     types = synthetic.QUESTION_TYPES
     for k, kind in enumerate(types):  # the test split cycles through the types
         if kind == "position":

@@ -30,6 +30,27 @@ def _usable_cores() -> int | None:
         return os.cpu_count()
 
 
+def threads_for_load(threads: int) -> tuple[int, str | None]:
+    """Torch threads for a run that would use ``threads``, given how busy the machine is, and a hint to print.
+
+    With more threads than free cores, every short kernel waits at an OpenMP barrier for a descheduled thread (the
+    demo ran 10x slower beside one other job on 2 cores). Free cores are the usable ones less the 1-minute load
+    average; when they are fewer than ``threads``, use them (at least 1) and say so.
+    """
+    cores = _usable_cores()
+    try:
+        load = psutil.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - no load average on this platform
+        return threads, None
+    if not cores or cores - load >= threads - 0.5:
+        return threads, None
+    free = max(1, int(cores - load + 0.5))
+    if free >= threads:
+        return threads, None
+    return free, (f"the machine is busy (load average {load:.1f} on {cores} usable cores): using {free} torch "
+                  f"thread{'s' if free > 1 else ''} instead of {threads}; pass --threads N to choose")
+
+
 def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     """CPU model, cores, torch threads, memory, load average, library versions, date (and the GPU on CUDA)."""
     import transformers

@@ -18,6 +18,7 @@ from . import shapes
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .inputs import DEFAULT_PROMPT, causal_lm_inputs, multimodal_inputs
 from .layers import choose_config, given_note, shape_shortv_config
+from .report import SMALL_MODEL_CAVEAT
 from .results import BenchResult
 from .timing import Progress, benchmark
 
@@ -54,7 +55,8 @@ def bench_shape(
     say = progress or (lambda message: None)
     say(f"building {name} shape model ({num_layers or full} of {full} layers, {dtype_name(resolve_dtype(dtype))})")
     model = shapes.build_shape_model(
-        name, num_layers=num_layers, dtype=resolve_dtype(dtype), seed=seed, device=resolve_device(device)
+        name, num_layers=num_layers, dtype=resolve_dtype(dtype), seed=seed, device=resolve_device(device),
+        progress=progress is not None,
     )
     if visual_tokens is None:
         visual_tokens = get_shape(name).visual_tokens
@@ -167,5 +169,5 @@ def bench_embedded(
     config, selection = choose_config(model, config, n, embedded_model_path())
     return benchmark(
         model, inputs, config, new_tokens=new_tokens, repeats=repeats, warmup=warmup, name="embedded tiny LLaVA",
-        source="embedded", layer_selection=selection, threads=threads, progress=progress,
+        source="embedded", layer_selection=selection, notes=[SMALL_MODEL_CAVEAT], threads=threads, progress=progress,
     )

@@ -2,6 +2,7 @@
 
 * :mod:`shortv.integrations.lmms_eval`: the ``shortv`` model of `lmms-eval <https://github.com/EvolvingLMMs-Lab/lmms-eval>`_
   (``lmms-eval --model shortv --model_args pretrained=...,shortv_config=shortv_config.json``).
+* :mod:`shortv.integrations.lmms_eval_task`: a shortv JSONL file as a local lmms-eval task (``write_task``).
 """
 
 from __future__ import annotations

@@ -249,8 +249,24 @@ def _as_images(visuals: Any) -> list[Any]:
 # --------------------------------------------------------------------------- models
 
 
+class ModelLoadError(SystemExit):
+    """The lmms-eval model could not be built from its ``--model_args``. A `SystemExit` whose code is the message
+    (Python prints it on stderr and exits with status 1), since lmms-eval swallows every ``Exception``; catch it by
+    this name when calling lmms-eval from Python."""
+
+
 class _ShortVModel(lmms):
     """Loading, batching and generation shared by the simple and chat variants (they differ in the prompt)."""
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> _ShortVModel:
+        """How lmms-eval's command line builds the model. lmms-eval 0.7.3 catches every ``Exception`` of a run,
+        prints it and exits 0, so a model that cannot be built (a wrong path, a config for another model) would
+        look like success to a script or a CI job: it ends the run here instead, with exit status 1."""
+        try:
+            return super().create_from_arg_string(arg_string, additional_config)
+        except Exception as error:  # noqa: BLE001 - every failure to build the model must reach the exit status
+            raise ModelLoadError(f"shortv: the lmms-eval model was not built: {error}") from error
 
     def __init__(
         self,
