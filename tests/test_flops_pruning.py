@@ -254,3 +254,20 @@ def test_llava_7b_fastv_vtw_and_composition_in_closed_form() -> None:
     assert both < min(shortv, fastv)
     # GQA-aware count, and the ranking cost: the ratios move by less than a tenth of a point.
     assert fastv_ratio(dims, t, v, 2, 0.5, LLAVA_7B_ORDER, "exact", ranking="last") == pytest.approx(both, abs=1e-3)
+
+
+def test_which_fastv_setting_gives_the_papers_29_percent() -> None:
+    """docs/comparisons_flops.md's finding: with ShortV N = 19, no standard FastV setting reaches 29%; at K = 2 it
+    takes at most 220 kept visual tokens (R >= 61.8%); at R = 50%, N = 24 or ~18 text tokens would."""
+    dims, t, v = get_shape("llava-1.5-7b").dims, TEXT_TOKENS, 576
+
+    def composed(k, kept, frozen=LLAVA_7B_ORDER, text=t):
+        return budget_ratio(dims, text, v, token_budget(dims, v, frozen, cut=k, kept=kept), "paper")
+
+    for k in (2, 3):
+        for ratio in (0.5, 0.75):
+            assert abs(composed(k, kept_visual_tokens(v, ratio)) - 0.29) > 0.04
+    assert composed(2, 220) <= 0.29 < composed(2, 221)
+    more = [*LLAVA_7B_ORDER, 4, 5, 6, 7, 8]  # 5 more layers after the cut: N = 24
+    assert composed(2, 288, more) == pytest.approx(0.281, abs=1e-3)
+    assert composed(2, 288, text=18) <= 0.29 < composed(2, 288, text=19)
