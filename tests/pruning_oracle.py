@@ -1,0 +1,188 @@
+"""Slow token-pruning oracle: decoder layers ``0..K-1`` on every token, then layers ``K..`` on the kept tokens only.
+
+Kept deliberately plain: it is the definition a FastV / VTW implementation must match. It records what the stock
+decoder passes to each layer in one ordinary forward (the layer-0 input and, per layer, the attention mask, the
+rotary ``(cos, sin)`` and the position ids), then calls the stock layers itself: all columns up to layer K, and from
+layer K on the kept columns only (every non-visual column and the kept visual ones), with their original positions:
+the hidden states, the rotary rows, the position ids and the mask's rows and columns are gathered, nothing is
+recomputed. Frozen (ShortV) layers run through the reference freeze: the stock layer, then the visual rows put back.
+
+Families: any whose decoder layers take ``(hidden_states, position_embeddings=, attention_mask=, position_ids=)``
+and nothing per token besides (Llama-like, Qwen-VL M-RoPE, Gemma 3 sliding windows, Qwen3.5 hybrids). Refused with
+a one-line reason: a decoder that changes the hidden states between layers (DeepStack), and a layer that takes
+other per-token inputs (Gemma 4's per-layer inputs and shared K/V).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shortv.frozen.reference import restore_positions
+from shortv.registry import find_decoder_layers, find_final_norm, find_inter_layer_update
+
+#: The tensor arguments of a layer that the oracle cuts down to the kept columns (other tensors are refused; flags
+#: and absent caches pass through).
+_PRUNED = {"hidden_states", "attention_mask", "position_embeddings", "position_ids"}
+
+
+@dataclass
+class DecoderCalls:
+    """What the stock decoder gave its layers in one forward."""
+
+    hidden_states: torch.Tensor  # input of layer 0, (batch, seq, hidden)
+    kwargs: list[dict]  # per layer
+
+
+@dataclass
+class PrunedOutput:
+    hidden_states: torch.Tensor  # after the final norm, (batch, kept columns, hidden)
+    columns: torch.Tensor  # (batch, kept columns): the original column of each row, ascending
+
+
+def _output(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+@torch.no_grad()
+def capture_decoder_calls(model: nn.Module, inputs: dict) -> DecoderCalls:
+    """Run ``model(**inputs)`` once and record the layer-0 input and every layer's keyword arguments."""
+    if find_inter_layer_update(model) is not None:
+        raise ValueError(f"{type(model).__name__} updates the hidden states between decoder layers; the oracle "
+                         "would skip that update")
+    layers = find_decoder_layers(model)
+    first: list[torch.Tensor] = []
+    kwargs: list[dict] = [{} for _ in layers]
+
+    def recorder(index: int):
+        def hook(module, args, layer_kwargs):
+            unknown = sorted(k for k, v in layer_kwargs.items() if k not in _PRUNED and isinstance(v, torch.Tensor))
+            if len(args) > 1 or unknown:
+                raise ValueError(f"decoder layer {index} takes per-token inputs the oracle cannot prune: "
+                                 f"{unknown or [f'{len(args) - 1} more positional']}")
+            if index == 0:
+                first.append(args[0] if args else layer_kwargs["hidden_states"])
+            kwargs[index] = {k: v for k, v in layer_kwargs.items() if k != "hidden_states"}
+        return hook
+
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return DecoderCalls(first[0], kwargs)
+
+
+def _gather(x: torch.Tensor, dim: int, columns: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
+    """``x`` with its sequence dimension ``dim`` cut to ``columns`` (batch, kept), per sample along ``batch_dim``
+    (a batch of 1 is broadcast first)."""
+    dim, batch_dim = dim % x.dim(), batch_dim % x.dim()
+    shape = list(x.shape)
+    shape[batch_dim] = columns.shape[0]
+    x = x.expand(shape)
+    view = [1] * x.dim()
+    view[batch_dim], view[dim] = columns.shape
+    shape[dim] = columns.shape[1]
+    return x.gather(dim, columns.view(view).expand(shape))
+
+
+def prune_kwargs(kwargs: dict, columns: torch.Tensor) -> dict:
+    """A layer's keyword arguments cut to the kept ``columns``: rotary rows, position ids, mask rows and columns."""
+    out = dict(kwargs)
+    if kwargs.get("position_embeddings") is not None:  # (cos, sin): (batch, seq, d) or (sections, batch, seq, d)
+        out["position_embeddings"] = tuple(_gather(x, -2, columns, -3) for x in kwargs["position_embeddings"])
+    if kwargs.get("position_ids") is not None:  # (batch, seq) or (sections, batch, seq)
+        out["position_ids"] = _gather(kwargs["position_ids"], -1, columns, -2)
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"the oracle prunes tensor masks only, got {type(mask).__name__}")
+        if mask.dim() == 4:  # (batch, 1, query, key)
+            mask = _gather(_gather(mask, -1, columns), -2, columns)
+        elif mask.dim() == 2:  # a padding mask (batch, seq)
+            mask = _gather(mask, -1, columns)
+        else:
+            raise ValueError(f"the oracle prunes 2-D and 4-D masks only, got {mask.dim()}-D")
+        out["attention_mask"] = mask
+    # An absent mask is the causal mask over the sequence as given (no padding, no window cut): on kept columns in
+    # ascending order it is again the causal mask.
+    return out
+
+
+def kept_columns(visual_mask: torch.Tensor, kept_visual: torch.Tensor) -> torch.Tensor:
+    """(batch, kept) ascending columns: every non-visual column and the visual columns in ``kept_visual``
+    (batch, n) (every sample must keep as many columns, so that they stack)."""
+    if kept_visual.numel() and not visual_mask.bool().gather(1, kept_visual).all():
+        raise ValueError("kept_visual lists a column that is not visual")
+    keep = ~visual_mask.bool()
+    keep = keep.scatter(1, kept_visual, True) if kept_visual.numel() else keep
+    counts = keep.sum(dim=1)
+    if not (counts == counts[0]).all():
+        raise ValueError(f"samples keep different numbers of columns {counts.tolist()}; run them one by one")
+    return keep.nonzero()[:, 1].view(len(keep), -1)
+
+
+def rank_by_attention(weights: torch.Tensor, visual_mask: torch.Tensor, keep: int, queries: str = "last"):
+    """FastV's choice: the ``keep`` visual columns that receive the most attention in ``weights`` (batch, heads,
+    query, key; eager attention of layer K - 1), averaged over heads, from the last query row (``"last"``: the last
+    prompt token, with left padding or none) or averaged over every query row (``"mean"``). Ascending columns."""
+    received = weights.mean(dim=1)
+    received = received[:, -1] if queries == "last" else received.mean(dim=1)
+    received = received.masked_fill(~visual_mask.bool(), float("-inf"))
+    return received.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+
+def stock_layer(index: int, layer: nn.Module, hidden: torch.Tensor, visual: torch.Tensor, frozen: bool,
+                kwargs: dict) -> torch.Tensor:
+    """The stock layer; a frozen one then gets its visual rows back as they entered (the reference freeze)."""
+    out = _output(layer(hidden, **kwargs))
+    return restore_positions(out, hidden, visual) if frozen else out
+
+
+RunLayer = Callable[[int, nn.Module, torch.Tensor, torch.Tensor, bool, dict], torch.Tensor]
+
+
+@torch.no_grad()
+def pruned_forward(
+    model: nn.Module,
+    calls: DecoderCalls,
+    visual_mask: torch.Tensor,
+    cut: int,
+    kept_visual: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+    frozen_layers=(),
+    run_layer: RunLayer = stock_layer,
+) -> PrunedOutput:
+    """Layers ``0..cut-1`` on every column, layers ``cut..`` on the kept ones; ``kept_visual`` is (batch, n) visual
+    columns, or a function of layer ``cut - 1``'s eager attention weights that returns them (see
+    `rank_by_attention`). ``run_layer`` runs one layer (default: `stock_layer`)."""
+    layers = find_decoder_layers(model)
+    if not 1 <= cut <= len(layers):
+        raise ValueError(f"cut must be in 1..{len(layers)}, got {cut}")
+    frozen = set(frozen_layers)
+    hidden, visual = calls.hidden_states, visual_mask.bool()
+    columns = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+    weights: list[torch.Tensor] = []
+    handle = None
+    if callable(kept_visual):
+        handle = layers[cut - 1].self_attn.register_forward_hook(lambda m, a, out: weights.append(out[1]))
+    try:
+        for index in range(cut):
+            hidden = run_layer(index, layers[index], hidden, visual, index in frozen, calls.kwargs[index])
+    finally:
+        if handle is not None:
+            handle.remove()
+    if callable(kept_visual):
+        if not weights or weights[0] is None:
+            raise ValueError("ranking by attention needs eager attention weights of layer cut - 1")
+        kept_visual = kept_visual(weights[0])
+    if cut < len(layers):
+        columns = kept_columns(visual, kept_visual.to(visual.device))
+        hidden, visual = _gather(hidden, 1, columns), visual.gather(1, columns)
+        for index in range(cut, len(layers)):
+            kwargs = prune_kwargs(calls.kwargs[index], columns)
+            hidden = run_layer(index, layers[index], hidden, visual, index in frozen, kwargs)
+    return PrunedOutput(find_final_norm(model)(hidden), columns)
