@@ -31,6 +31,20 @@ TrustRemoteCode = Annotated[bool, typer.Option(
 @app.callback()
 def _main() -> None:
     """ShortV: freeze visual tokens in ineffective layers of multimodal LLMs (arXiv 2504.00502)."""
+    import warnings
+
+    from shortv.fingerprint import WeightsWarning
+
+    shown = warnings.showwarning
+    if not getattr(shown, "shortv", False):  # shortv's warnings: one `warning:` line each on stderr
+        def show(message, category, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - warnings' signature
+            if issubclass(category, WeightsWarning):
+                errors.print(f"[bold yellow]warning:[/] {escape(' '.join(str(message).split()))}")
+            else:
+                shown(message, category, *args, **kwargs)
+
+        show.shortv = True
+        warnings.showwarning = show
 
 
 def fail(message: str) -> typer.Exit:
@@ -107,8 +121,10 @@ def bench(
     dtype: Annotated[str, typer.Option(help="bf16, fp32 or fp16.")] = "bf16",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).", min=1)] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the result as JSON here.")] = None,
+    out: Annotated[Optional[str], typer.Option(
+        help="Write the result as JSON to this file (a folder: shortv_bench.json in it).")] = None,
     quiet: Annotated[bool, typer.Option(help="No per-repetition progress lines.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Time to first token, decode tokens/s, latency and peak memory: baseline vs ShortV on the same model.
 
@@ -120,11 +136,18 @@ def bench(
         raise fail("give either --model or --shape, not both")
     if model is not None and not (Path(model).expanduser() / "config.json").is_file():
         raise fail(f"model not found: {model} is not a local checkpoint folder (with config.json)")
-    if out is not None and out.is_dir():
-        raise fail(f"--out {out} is a folder; give the JSON file to write")
     if shape is None and (layers is not None or proportional):
         raise fail("--layers and --proportional apply to --shape only")
     shortv_config = load_config_option(config)
+    if out is not None:  # checked writable before the run, not after it
+        from shortv.files import output_file
+
+        try:
+            out, created = output_file(out, "shortv_bench.json")
+        except OSError as error:
+            raise fail(f"--out: {error}") from None
+        if created is not None:
+            console.print(f"created folder {escape(str(created))} for --out")
     progress = None if quiet else (lambda message: console.print(f"[dim]{escape(message)}[/]"))
     common = dict(
         config=shortv_config, n=n, batch_size=batch_size, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
@@ -138,7 +161,8 @@ def bench(
             )
         elif model is not None:
             result = bench_lib.bench_pretrained(
-                model, visual_tokens=visual_tokens, text_tokens=text_tokens, **common
+                model, visual_tokens=visual_tokens, text_tokens=text_tokens, trust_remote_code=trust_remote_code,
+                **common,
             )
         else:
             result = bench_lib.bench_embedded(**common)
