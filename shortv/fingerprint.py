@@ -8,7 +8,8 @@ A `WeightsFingerprint` is one of three kinds of identity:
   index), and per tensor its dtype, shape, byte range and a hash of sampled bytes (`WINDOWS` windows of
   `WINDOW_BYTES` bytes: the start, the middle and the end of the tensor; all of it when smaller).
 * ``memory``: a model object (built from a config, or handed over by a library caller): the same per tensor of its
-  state dict, read from memory (a tensor on the ``meta`` device has no bytes to sample: only dtype and shape count).
+  state dict, read from memory (a tensor on the ``meta`` device, as accelerate's offloading leaves it, or without
+  plain bytes, as a quantized one, has no bytes to sample: only its dtype and shape count).
 
 Reading a folder costs a header read per file and ``WINDOWS`` small reads per tensor (random access, no readahead):
 well under a second for 7B weights (``benchmarks/bench_fingerprint.py``), never a full hash. Sampling misses a change
@@ -201,7 +202,10 @@ def _tensor_entry(tensor: Any, where: str = "") -> str:
     dtype = str(tensor.dtype).replace("torch.", "")
     if tensor.device.type == "meta":
         return f"{dtype} {shape}{where} meta"
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    try:
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    except (RuntimeError, TypeError, NotImplementedError):  # quantized, sparse...: no plain bytes to sample
+        return f"{dtype} {shape}{where} unsampled"
     chunks = [data[offset : offset + count] for offset, count in _windows(data.numel())]
     return f"{dtype} {shape}{where} {_sample_hash([chunk.cpu().numpy().tobytes() for chunk in chunks])}"
 
