@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 import torch
-from transformers import LlavaConfig
+from broken_models import corrupt_safetensors, remote_code_folder, unpicklable_bin
+from cli_output import single_error_line
 from typer.testing import CliRunner
 
 from shortv.cli import app
@@ -29,66 +30,37 @@ def flat(text):
     return "".join(text.split())
 
 
-def error_line(result):
-    """Exit code 1, no traceback, exactly one `error:` line on stderr."""
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
 @pytest.mark.parametrize("command", ["calibrate", "eval"])
-def test_device_map_cuda_without_cuda_is_one_error_line(command, tiny_llava_dir, tmp_path):
+def test_device_map_cuda_without_cuda_is_one_single_error_line(command, tiny_llava_dir, tmp_path):
     data = synthetic.write_split("calib", tmp_path / "data", n=2)
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"layers": [1]}))
     extra = ["--config", config] if command == "eval" else []
-    line = error_line(run(command, "--model", tiny_llava_dir, "--data", data, *extra, "--device-map", "cuda",
+    line = single_error_line(run(command, "--model", tiny_llava_dir, "--data", data, *extra, "--device-map", "cuda",
                           "--out", tmp_path / "out"))
     assert line == "error: device 'cuda' requested but CUDA is not available in this torch build/machine"
-    bench = error_line(run("bench", "--device", "cuda"))
+    bench = single_error_line(run("bench", "--device", "cuda"))
     assert bench == line  # the same check, in one place
-    assert "unknown device 'gpu'" in error_line(run(command, "--model", tiny_llava_dir, "--data", data, *extra,
+    assert "unknown device 'gpu'" in single_error_line(run(command, "--model", tiny_llava_dir, "--data", data, *extra,
                                                     "--device-map", "gpu", "--out", tmp_path / "out2"))
-
-
-def corrupt_safetensors(folder):
-    weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-
-
-def pickled_garbage(folder):
-    (folder / "model.safetensors").unlink()
-    (folder / "pytorch_model.bin").write_bytes(b"not a pickle" * 10)
 
 
 @pytest.mark.parametrize(("corrupt", "expected"), [
     (corrupt_safetensors, r"model/model.safetensors: not a valid safetensors file \(.*\); re-download or re-save"),
-    (pickled_garbage, r"model/pytorch_model.bin: not a loadable PyTorch checkpoint"),
+    (unpicklable_bin, r"model/pytorch_model.bin: not a loadable PyTorch checkpoint"),
 ])
 def test_bench_model_is_loaded_with_the_checks_of_every_command(corrupt, expected, tiny_llava_dir, tmp_path):
     import re
 
     folder = shutil.copytree(tiny_llava_dir, tmp_path / "model")
     corrupt(folder)
-    assert re.search(expected, error_line(run("bench", "--model", folder, *QUICK)))
+    assert re.search(expected, single_error_line(run("bench", "--model", folder, *QUICK)))
 
 
 def test_bench_runs_a_folders_own_code_only_when_trusted(tmp_path):
-    folder = tmp_path / "custom"
-    folder.mkdir()
-    marker = tmp_path / "code_ran"
-    config = LlavaConfig().to_dict()
-    config.update(model_type="custom_llava", auto_map={"AutoConfig": "configuration_custom.CustomLlavaConfig"})
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "configuration_custom.py").write_text(
-        f"open({str(marker)!r}, 'w').write('ran')\n"
-        "from transformers import LlavaConfig\n\n\n"
-        "class CustomLlavaConfig(LlavaConfig):\n    model_type = 'custom_llava'\n"
-    )
-    line = error_line(run("bench", "--model", folder, *QUICK))
+    folder, marker = remote_code_folder(tmp_path)
+    line = single_error_line(run("bench", "--model", folder, *QUICK))
     assert "custom contains custom code" in line and "unless you pass --trust-remote-code" in line
     assert not marker.exists()
     trusted = run("bench", "--model", folder, *QUICK, "--trust-remote-code")
@@ -149,11 +121,11 @@ def read_only_folder(tmp_path):
 
 def test_bench_read_only_out_is_refused_before_the_run(saved_lm, read_only_folder):
     result = bench_lm(saved_lm, read_only_folder / "r.json")
-    line = error_line(result)
+    line = single_error_line(result)
     assert line.startswith(f"error: --out: cannot write {read_only_folder / 'r.json'}: {read_only_folder} is not "
                            "writable (")
     assert "choose a location you can write to" in line
     assert "prefill" not in result.stdout  # refused before benchmarking, not after
     file_as_folder = read_only_folder.parent / "file"
     file_as_folder.write_text("")
-    assert "is a file, not a folder" in error_line(bench_lm(saved_lm, file_as_folder / "r.json"))
+    assert "is a file, not a folder" in single_error_line(bench_lm(saved_lm, file_as_folder / "r.json"))

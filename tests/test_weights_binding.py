@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from cli_output import single_error_line, warning_lines
 from typer.testing import CliRunner
 
 from shortv.cli import app
@@ -17,18 +18,6 @@ runner = CliRunner()
 
 def run(*args):
     return runner.invoke(app, [str(arg) for arg in args])
-
-
-def error_line(result):
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-def warning_lines(result):
-    assert result.exit_code == 0, result.output
-    return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
 
 
 def snapshot(folder):
@@ -61,7 +50,7 @@ def test_resumed_eval_refuses_swapped_weights(m1, data, tiny_llava_dir, tmp_path
     shutil.copy(tiny_llava_dir / "model.safetensors", m1 / "model.safetensors")
     before = snapshot(out)
 
-    line = error_line(run(*common, "--resume"))
+    line = single_error_line(run(*common, "--resume"))
     assert f"cannot resume {out}: the weights differ from the interrupted run's (model.safetensors: " in line
     assert "sampled bytes of tensors" in line and "resume with the weights it used (files " in line
     assert snapshot(out) == before  # nothing lost, nothing written
@@ -83,7 +72,7 @@ def test_resumed_calibration_refuses_other_weights(m1, tiny_llava_dir, tmp_path)
         (out / name).unlink()
     shutil.copy(tiny_llava_dir / "model.safetensors", m1 / "model.safetensors")
     before = snapshot(out)
-    line = error_line(run(*common, "--resume"))
+    line = single_error_line(run(*common, "--resume"))
     assert f"cannot resume {out}: the weights differ from the interrupted run's (model.safetensors: " in line
     assert snapshot(out) == before
 
@@ -103,7 +92,7 @@ def test_lc_and_config_from_another_checkpoint_folder_are_refused(m1, data, tiny
 
     for given in (["--lc", lc, "--n", "3"], ["--config", config]):
         args = ["eval", "--model", b, "--data", data, "--num-samples", "2", *given]
-        line = error_line(run(*args, "--out", tmp_path / "refused"))
+        line = single_error_line(run(*args, "--out", tmp_path / "refused"))
         assert f"was made for other weights: made for {a} (files " in line and f"used with {b} (files " in line
         assert "(model.safetensors: sampled bytes of tensors" in line and "--allow-other-model" in line
         assert not (tmp_path / "refused").exists()
