@@ -39,9 +39,11 @@ def llava_7b_layout(scale: float) -> list[tuple[str, list[int]]]:
     for layer in range(32):
         prefix = f"model.language_model.layers.{layer}"
         tensors += [(f"{prefix}.self_attn.{p}_proj.weight", [hidden, hidden]) for p in "qkvo"]
-        tensors += [(f"{prefix}.mlp.gate_proj.weight", [inter, hidden]), (f"{prefix}.mlp.up_proj.weight", [inter, hidden]),
+        tensors += [(f"{prefix}.mlp.gate_proj.weight", [inter, hidden]),
+                    (f"{prefix}.mlp.up_proj.weight", [inter, hidden]),
                     (f"{prefix}.mlp.down_proj.weight", [hidden, inter]),
-                    (f"{prefix}.input_layernorm.weight", [hidden]), (f"{prefix}.post_attention_layernorm.weight", [hidden])]
+                    (f"{prefix}.input_layernorm.weight", [hidden]),
+                    (f"{prefix}.post_attention_layernorm.weight", [hidden])]
     tensors += [("model.language_model.norm.weight", [hidden]), ("lm_head.weight", [vocab, hidden])]
     tower = "model.vision_tower.vision_model"
     tensors += [(f"{tower}.embeddings.class_embedding", [vision]),
@@ -140,7 +142,8 @@ def main() -> None:
         began = time.perf_counter()
         total = build(folder, args.scale)
         print(f"built {folder}: {len(list(folder.glob('*.safetensors')))} shards, "
-              f"{len(llava_7b_layout(args.scale))} tensors, {total / 1e9:.2f} GB in {time.perf_counter() - began:.1f} s")
+              f"{len(llava_7b_layout(args.scale))} tensors, {total / 1e9:.2f} GB "
+              f"in {time.perf_counter() - began:.1f} s")
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
               f"load average {os.getloadavg()[0]:.2f} (1 min) before timing")
         for cold in (True, False):

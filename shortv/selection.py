@@ -86,10 +86,11 @@ def check_matches_model(
     would mean other layers). Other weights (`shortv.fingerprint`, against the model's ``weights``) unless
     ``allow_other_model``, which warns with both identities. A file without a fingerprint: a preset is matched by
     its hub name; a file of an older shortv by its recorded model id (its last name), with one warning that its
-    weights cannot be checked; a hand-written config (no model recorded) is taken as it is. Fingerprints of different kinds (hub, files, memory) cannot be compared: one warning.
-    ``where`` names the file."""
+    weights cannot be checked; a hand-written config (no model recorded) is taken as it is. Fingerprints of
+    different kinds (hub, files, memory) cannot be compared: one warning. ``where`` names the file."""
     if isinstance(source, LCResult):
-        recorded_layers, recorded_id, recorded_weights, preset = source.num_layers, source.model_id, source.weights, None
+        recorded_layers, recorded_id, preset = source.num_layers, source.model_id, None
+        recorded_weights = source.weights
     else:
         order = source.provenance.get("order")
         recorded_layers = len(order) if isinstance(order, list) else None

@@ -74,7 +74,8 @@ def test_sharded_checkpoint_and_pickled_bin(tmp_path):
     model.save_pretrained(sharded, max_shard_size="1MB")
     shards = sorted(sharded.glob("model-*.safetensors"))
     fingerprint = fingerprint_folder(sharded)
-    assert len(shards) > 2 and set(fingerprint.files) == {path.name for path in shards} | {"model.safetensors.index.json"}
+    assert len(shards) > 2
+    assert set(fingerprint.files) == {path.name for path in shards} | {"model.safetensors.index.json"}
     last = load_file(shards[-1])
     name = sorted(last)[0]
     last[name] = last[name] * 2 + 1
