@@ -127,3 +127,34 @@ def test_a_hub_model_is_its_snapshot_commit(tiny_llava_dir, tmp_path, monkeypatc
     assert fingerprint.label() == f"hub owner/tiny@{commit[:12]}"
     other = WeightsFingerprint("hub", repo="owner/tiny", revision="f" * 40)
     assert describe_difference(fingerprint, other) == f"owner/tiny: revision {commit} before, {'f' * 40} now"
+
+
+def test_a_library_run_on_a_model_object_resumes_only_with_the_same_tensors(tmp_path):
+    """No files: the run records the memory fingerprint; changed tensors are refused on resume, unchanged resume."""
+    from tiny_models import build_inputs, build_model
+
+    from shortv.contribution import RUN_FILE, SAMPLES_FILE, CalibrationSample, layer_contribution
+
+    model = build_model("llama", init_std=0.2)
+    samples = []
+    for index in range(2):
+        inputs = build_inputs(model, "llama", batch_layouts=[dict(n_text_before=3, images=1, n_text_after=4)],
+                              seed=index)
+        samples.append(CalibrationSample(id=f"s{index}", inputs=dict(inputs), visual_mask=inputs.visual_mask))
+    first = layer_contribution(model, samples[:1], out_dir=tmp_path, progress=False)
+    assert first.weights == fingerprint_model(model)
+    assert json.loads((tmp_path / RUN_FILE).read_text())["weights"] == first.weights.to_dict()
+    records = (tmp_path / SAMPLES_FILE).read_bytes()
+    name, parameter = next(iter(model.named_parameters()))
+    original = parameter.detach().clone()
+    with torch.no_grad():
+        parameter.mul_(1.5)
+    with pytest.raises(ValueError, match=rf"cannot resume .*: the weights differ from the interrupted run's "
+                                         rf"\(\(memory\): sampled bytes of tensor {name}\)"):
+        layer_contribution(model, samples, out_dir=tmp_path, resume=True, progress=False)
+    assert (tmp_path / SAMPLES_FILE).read_bytes() == records
+    with torch.no_grad():
+        parameter.copy_(original)
+    assert fingerprint_model(model) == first.weights
+    resumed = layer_contribution(model, samples, out_dir=tmp_path, resume=True, progress=False)
+    assert resumed.sample_ids == ["s0", "s1"] and resumed.per_sample["visual"][0] == first.per_sample["visual"][0]
