@@ -156,6 +156,8 @@ def main() -> None:
                   f"{1e3 * statistics.median(times):.1f} ms, min {1e3 * min(times):.1f} ms, max "
                   f"{1e3 * max(times):.1f} ms over {args.repeats} runs")
         print(f"fingerprint: {fingerprint.label()}, digest {fingerprint.digest}")
+        print(f"recorded size: {len(json.dumps(fingerprint.to_dict())) / 1e3:.1f} kB of JSON (compact), "
+              f"{len(json.dumps(fingerprint.to_dict(), indent=2)) / 1e3:.1f} kB indented as in shortv_config.json")
         print(f"load average {os.getloadavg()[0]:.2f} (1 min) after timing")
     finally:
         shutil.rmtree(folder)

@@ -252,7 +252,8 @@ def evaluate_command(
     device_map: Annotated[Optional[str], typer.Option(help="accelerate device map, e.g. auto or cuda.")] = None,
     trust_remote_code: TrustRemoteCode = False,
     allow_other_model: Annotated[bool, typer.Option(
-        help="Accept a --config/--lc file recorded for another model id (same layer count).")] = False,
+        help="Accept a --config/--lc file made on other weights (same layer count), with a warning naming "
+        "both.")] = False,
 ) -> None:
     """Accuracy of the unpatched model vs ShortV on the same samples, side by side.
 
