@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import ShortVConfig
-from .contribution import DIVERGENCES, SAMPLES_FILE, LCResult, layer_contribution
+from .contribution import DIVERGENCES, RUN_FILE, SAMPLES_FILE, LCResult, layer_contribution
 from .data import POSITIONS, CalibrationSamples, check_context, file_sha256, read_jsonl, subsample
 from .files import exclusive_output, replaced_on_success
 from .loading import context_length, load_model, model_id_of, resolve_model
 from .processes import is_main_process, main_holds, on_main, process_device_map
-from .records import check_fresh
+from .records import check_fresh, check_weights
 from .registry import find_decoder_layers
 from .selection import select_layers
 
@@ -93,6 +93,8 @@ def calibrate(
     with main_holds(exclusive_output, out_dir) as out_dir:  # several processes: the main one writes the results
         if not resume:
             on_main(check_fresh, out_dir, (SAMPLES_FILE, LC_FILE, CONFIG_FILE))
+        elif source is not None:  # other weights than the interrupted run's: refused before they load
+            on_main(check_weights, out_dir, RUN_FILE, source.fingerprint)
         if source is not None:
             model, processor, model_id = load_model(source, dtype=dtype, device_map=process_device_map(device_map))
         check_context(processor, samples, context_length(model.config), with_answer=position == "answer")
@@ -106,6 +108,7 @@ def calibrate(
             progress=progress,
             metadata={"data": str(Path(data).resolve()), "data_sha256": file_sha256(data), "position": position,
                       "seed": seed, "num_samples_requested": num_samples},
+            weights=None if source is None else source.fingerprint,
         )
         config = select_layers(lc, n=n)
         config.provenance["lc"] = str(out_dir / LC_FILE)

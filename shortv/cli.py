@@ -33,6 +33,20 @@ TrustRemoteCode = Annotated[bool, typer.Option(
 @app.callback()
 def _main() -> None:
     """ShortV: freeze visual tokens in ineffective layers of multimodal LLMs (arXiv 2504.00502)."""
+    import warnings
+
+    from shortv.fingerprint import WeightsWarning
+
+    shown = warnings.showwarning
+    if not getattr(shown, "shortv", False):  # shortv's warnings: one `warning:` line each on stderr
+        def show(message, category, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - warnings' signature
+            if issubclass(category, WeightsWarning):
+                errors.print(f"[bold yellow]warning:[/] {escape(' '.join(str(message).split()))}")
+            else:
+                shown(message, category, *args, **kwargs)
+
+        show.shortv = True
+        warnings.showwarning = show
     if "--help" in sys.argv[1:]:  # help is shown whatever the version
         return
     from shortv._compat import check_transformers_version
@@ -140,9 +154,11 @@ def bench(
     dtype: Annotated[str, typer.Option(help="bf16, fp32 or fp16.")] = "bf16",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     threads: Threads = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the result as JSON here.")] = None,
+    out: Annotated[Optional[str], typer.Option(
+        help="Write the result as JSON to this file (a folder: shortv_bench.json in it).")] = None,
     overwrite: Overwrite = False,
     quiet: Annotated[bool, typer.Option(help="No per-repetition progress lines.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Time to first token, decode tokens/s, latency and peak memory: baseline vs ShortV on the same model.
 
@@ -155,16 +171,22 @@ def bench(
         raise fail("give either --model or --shape, not both")
     if model is not None and not (Path(model).expanduser() / "config.json").is_file():
         raise fail(f"model not found: {model} is not a local checkpoint folder (with config.json)")
-    if out is not None and out.is_dir():
-        raise fail(f"--out {out} is a folder; give the JSON file to write")
-    if out is not None:
+    if shape is None and (layers is not None or proportional):
+        raise fail("--layers and --proportional apply to --shape only")
+    shortv_config = load_config_option(config)
+    if out is not None:  # checked writable before the run, not after it
+        from shortv.files import output_file
+
+        try:
+            out, created = output_file(out, "shortv_bench.json")
+        except OSError as error:
+            raise fail(f"--out: {error}") from None
+        if created is not None:
+            console.print(f"created folder {escape(str(created))} for --out")
         try:
             refuse_existing(out, overwrite)
         except FileExistsError as error:
             raise fail(str(error)) from None
-    if shape is None and (layers is not None or proportional):
-        raise fail("--layers and --proportional apply to --shape only")
-    shortv_config = load_config_option(config)
     progress = None if quiet else (lambda message: console.print(f"[dim]{escape(message)}[/]"))
     common = dict(
         config=shortv_config, n=n, batch_size=batch_size, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
@@ -178,7 +200,8 @@ def bench(
             )
         elif model is not None:
             result = bench_lib.bench_pretrained(
-                model, visual_tokens=visual_tokens, text_tokens=text_tokens, **common
+                model, visual_tokens=visual_tokens, text_tokens=text_tokens, trust_remote_code=trust_remote_code,
+                **common,
             )
         else:
             result = bench_lib.bench_embedded(**common)
@@ -268,7 +291,8 @@ def evaluate_command(
     device_map: Annotated[Optional[str], typer.Option(help="accelerate device map, e.g. auto or cuda.")] = None,
     trust_remote_code: TrustRemoteCode = False,
     allow_other_model: Annotated[bool, typer.Option(
-        help="Accept a --config/--lc file recorded for another model id (same layer count).")] = False,
+        help="Accept a --config/--lc file made on other weights (same layer count), with a warning naming "
+        "both.")] = False,
 ) -> None:
     """Accuracy of the unpatched model vs ShortV on the same samples, side by side.
 

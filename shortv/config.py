@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import atomic_write_text, read_json
+from .fingerprint import WeightsFingerprint, recorded_fingerprint
 
 CONFIG_FORMAT_VERSION = 1
 MODES = ("fast", "reference")
@@ -60,7 +61,7 @@ class ShortVConfig:
     ``mode="fast"`` skips the frozen tokens' compute; ``mode="reference"`` runs the layer and restores them
     (slow, architecture-agnostic, the oracle). ``frozen_tokens="text"`` freezes the *text* tokens instead, the
     paper's "which tokens" ablation (reference mode only: it saves no compute). ``provenance`` records where the
-    layers came from.
+    layers came from (LC file, model id, and the weights' fingerprint: `weights`).
     """
 
     layers: list[int] = field(default_factory=list)
@@ -94,10 +95,17 @@ class ShortVConfig:
             )
         if not isinstance(self.provenance, dict):
             raise TypeError(f"ShortVConfig.provenance must be a dict, got {type(self.provenance).__name__}")
+        self.weights  # noqa: B018 - a malformed fingerprint is refused when the config is made, not when it is used
 
     @property
     def frozen_layers(self) -> frozenset[int]:
         return frozenset(self.layers)
+
+    @property
+    def weights(self) -> WeightsFingerprint | None:
+        """The weights the layers were chosen on (``provenance["weights"]``, from the LC file); None when unknown
+        (a preset, a hand-written config, or one written by an older shortv)."""
+        return recorded_fingerprint(self.provenance.get("weights"), 'provenance["weights"]')
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .files import atomic_write_text, exclusive_output, read_json
+from .fingerprint import WeightsFingerprint, fingerprint_model, recorded_fingerprint
 from .layout import TokenLayout
 from .loading import inputs_for
 from .patch import disable_shortv, get_shortv_state
@@ -72,6 +73,8 @@ class LCResult:
     model_id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     version: int = LC_FORMAT_VERSION
+    #: The weights it was computed on (`shortv.fingerprint`); None in files of older versions.
+    weights: WeightsFingerprint | None = None
 
     def __post_init__(self) -> None:
         """Shapes agree and every value is a finite number, so no NaN is ever saved or ranked."""
@@ -117,6 +120,7 @@ class LCResult:
             "sample_ids": self.sample_ids,
             "per_sample": self.per_sample,
             "metadata": self.metadata,
+            "weights": None if self.weights is None else self.weights.to_dict(),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -142,6 +146,7 @@ class LCResult:
                 per_sample={key: [list(map(float, row)) for row in rows] for key, rows in data["per_sample"].items()},
                 model_id=data.get("model_id"),
                 metadata=dict(data.get("metadata") or {}),
+                weights=recorded_fingerprint(data.get("weights"), "weights"),
             )
         except KeyError as error:
             raise ValueError(f"{path}: not an LC file from shortv calibrate (missing {error.args[0]})") from None
@@ -442,11 +447,14 @@ def layer_contribution(
     progress: bool = True,
     max_variants_per_batch: int = 16,
     metadata: Mapping[str, Any] | None = None,
+    weights: WeightsFingerprint | None = None,
 ) -> LCResult:
     """LC per layer for ``token_types`` over ``samples``, averaged.
 
     With ``out_dir``, every finished sample is appended to ``lc_samples.jsonl`` at once; ``resume=True`` skips the
-    samples already there, so an interrupted calibration continues and ends with the same result.
+    samples already there, so an interrupted calibration continues and ends with the same result, and refuses
+    other weights than the interrupted run's. ``weights``: the model's identity (`shortv.fingerprint`), recorded in
+    the run and the result; default: the fingerprint of the model's tensors in memory.
     """
     token_types = tuple(token_types)
     unknown = [token_type for token_type in token_types if token_type not in TOKEN_TYPES]
@@ -455,6 +463,7 @@ def layer_contribution(
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
     run = _run_metadata(model, token_types, divergence, {"model_id": model_id, **(metadata or {})})
+    weights = fingerprint_model(model) if weights is None else weights
 
     samples = list(samples) if not isinstance(samples, Sequence) else samples
     # A lazy sequence (shortv.data.CalibrationSamples) knows its ids without building inputs.
@@ -469,7 +478,7 @@ def layer_contribution(
     with ExitStack() as stack:
         if out_dir is not None:  # one run per folder; finished samples (of any process) are skipped on resume
             out_dir = stack.enter_context(main_holds(exclusive_output, out_dir))
-            records = on_main(start_run, out_dir, SAMPLES_FILE, RUN_FILE, run, resume)
+            records = on_main(start_run, out_dir, SAMPLES_FILE, RUN_FILE, run, resume, weights=weights)
             finished = {key: record["lc"] for key, record in records.items()}
             records_path = shard_path(out_dir, SAMPLES_FILE, process_index())
         if get_shortv_state(model) is not None:  # calibrate the unmodified model
@@ -506,4 +515,5 @@ def layer_contribution(
         model_id=model_id,
         metadata={**run, "num_samples": len(sample_ids), "processes": process_count(),
                   "layer_evaluations_this_run": sum(count for _, _, count in computed)},
+        weights=weights,
     )

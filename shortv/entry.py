@@ -8,8 +8,9 @@ that can decide does so, once per forward; inner entries reuse its decision. The
 1. an explicit ``visual_mask=`` argument of this call: a bool ``(batch, seq)`` tensor for exactly this call's
    tokens, or ``(batch, past + seq)`` covering every position so far (chunked prefill: either rule, nothing else);
 2. else the mask of ``using_visual_mask`` / ``generate(visual_mask=...)``: it covers absolute positions
-   ``[0, width)`` of the prompt; later positions (generated tokens) are text; generate's beam and
-   ``num_return_sequences`` expansion (``repeat_interleave`` of the batch) is applied to it;
+   ``[0, width)`` of the prompt; later positions (generated tokens) are text, also when ``generate(use_cache=False)``
+   re-runs the whole sequence (the first forward under the mask is the prompt, which it must cover); generate's beam
+   and ``num_return_sequences`` expansion (``repeat_interleave`` of the batch) is applied to it;
 3. else ``input_ids`` and the model's visual token ids (in a cached step without ``pixel_values*``, i.e. while
    decoding, a placeholder id is a generated token and counts as text).
 
@@ -44,6 +45,8 @@ class ShortVState:
     enabled: bool = True
     #: Explicit mask set by `using_visual_mask` or `generate(visual_mask=...)`, covering absolute positions [0, width).
     context_visual_mask: torch.Tensor | None = None
+    #: Whether a forward under ``context_visual_mask`` ran (the prompt): later ones may be longer (no-cache decoding).
+    context_checked: bool = False
     #: Layout of the forward in flight (None: nothing to freeze); meaningful only while ``decided``.
     layout: TokenLayout | None = None
     decided: bool = False
@@ -78,8 +81,9 @@ def call_mask_chunk(mask: Any, shape: tuple[int, int], past_length: int) -> torc
     return mask[:, -seq:]
 
 
-def context_mask_chunk(mask: Any, shape: tuple[int, int], past_length: int) -> torch.Tensor:
-    """The visual mask of this call's tokens from a prompt-wide mask (rule 2 of the module docstring)."""
+def context_mask_chunk(mask: Any, shape: tuple[int, int], past_length: int, grown: bool = False) -> torch.Tensor:
+    """The visual mask of this call's tokens from a prompt-wide mask (rule 2 of the module docstring). ``grown``: the
+    prompt was seen, so a longer uncached call holds generated (text) tokens after it."""
     mask = _as_bool_mask(mask)
     batch, seq = shape
     if mask.dim() != 2:
@@ -91,7 +95,7 @@ def context_mask_chunk(mask: Any, shape: tuple[int, int], past_length: int) -> t
                 "prompt (generate's beams / num_return_sequences copies are expanded automatically)"
             )
         mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
-    if past_length == 0 and mask.shape[1] < seq:
+    if past_length == 0 and mask.shape[1] < seq and not grown:
         raise ValueError(f"visual_mask covers {mask.shape[1]} positions but the prompt has {seq} tokens")
     chunk = mask[:, past_length : past_length + seq]
     if chunk.shape[1] < seq:  # positions past the mask (generated tokens) are text
@@ -127,7 +131,8 @@ def _decide(state: ShortVState, explicit: Any, args: tuple[Any, ...], kwargs: di
         if isinstance(context, torch.Tensor) and past_length >= context.shape[-1]:  # past the prompt: text, no sync
             state.layout = None
             return True
-        visual = context_mask_chunk(context, shape, past_length)
+        visual = context_mask_chunk(context, shape, past_length, grown=state.context_checked)
+        state.context_checked = True
     elif input_ids is not None:
         # A bare language model has no visual ids: nothing is visual unless the caller says so. In a cached step
         # without pixels (decoding), a placeholder id is a generated token, embedded as text, not vision features.

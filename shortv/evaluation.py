@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 from .config import ShortVConfig
 from .data import VQASample, check_context, file_sha256, load_images, prompt_text, read_jsonl, subsample, visual_token_count
 from .files import atomic_write_text, exclusive_output
+from .fingerprint import WeightsFingerprint, fingerprint_model
 from .flops import LayerDims, flops_ratio
 from .loading import context_length, inputs_for, load_model, model_id_of, resolve_model
 from .patch import apply_shortv, disable_shortv, get_shortv_state
 from .processes import is_main_process, main_holds, on_main, process_device_map, process_index, share
-from .records import append_records, check_fresh, merge_shards, shard_path, start_run
+from .records import append_records, check_fresh, check_weights, merge_shards, shard_path, start_run
 from .registry import find_decoder_layers, visual_token_ids
 from .selection import check_matches_model, select_layers
 
@@ -194,11 +195,13 @@ def evaluate(
     progress: bool = True,
     model_id: str | None = None,
     metadata: dict[str, Any] | None = None,
+    weights: WeightsFingerprint | None = None,
 ) -> EvalSummary:
     """Baseline vs ShortV on ``samples``. With ``config`` ShortV is applied first; otherwise the model must have it.
 
     With ``out_dir``: the folder is locked for this run; ``resume=True`` continues from its predictions after
-    checking the interrupted run had the same settings (model, layers, samples, ``max_new_tokens``, ``metadata``).
+    checking the interrupted run had the same settings (model, layers, samples, ``max_new_tokens``, ``metadata``)
+    and the same ``weights`` (`shortv.fingerprint`; default: the fingerprint of the model's tensors in memory).
     Every input's length is checked against the model's context before generating. Under a distributed launcher
     each process generates its share of the samples (`shortv.processes`); every process returns the whole summary,
     and the main process writes the files.
@@ -220,7 +223,8 @@ def evaluate(
         return _summarize(model, _predict(model, processor, samples, batch_size, max_new_tokens, None, {}, progress))
     with main_holds(exclusive_output, out_dir) as out_dir:  # several processes: the main one writes the results
         settings = _run_settings(model, state.config, samples, max_new_tokens, model_id, metadata)
-        done = on_main(start_run, out_dir, PREDICTIONS_FILE, RUN_FILE, settings, resume, FINAL_FILES)
+        weights = fingerprint_model(model) if weights is None else weights
+        done = on_main(start_run, out_dir, PREDICTIONS_FILE, RUN_FILE, settings, resume, FINAL_FILES, weights)
         predictions_path = shard_path(out_dir, PREDICTIONS_FILE, process_index())
         records = _predict(model, processor, samples, batch_size, max_new_tokens, predictions_path, done, progress)
         summary = _summarize(model, records)
@@ -315,7 +319,7 @@ def evaluate_files(
     of ``lc``'s order, on ``data`` (default: the embedded test split).
 
     Checked before the model loads: the flags agree, the config or LC file was made for this model (layer count,
-    model id unless ``allow_other_model``), every data line parses and every image opens, the output folder is free.
+    weights unless ``allow_other_model``), every data line parses and every image opens, the output folder is free.
     """
     from .contribution import LCResult
 
@@ -328,10 +332,12 @@ def evaluate_files(
     source = resolve_model(model, trust_remote_code)
     if config is not None:
         shortv_config = ShortVConfig.load(config)
-        check_matches_model(shortv_config, source.num_layers, source.model_id, str(config), allow_other_model)
+        check_matches_model(shortv_config, source.num_layers, source.model_id, str(config), allow_other_model,
+                            source.fingerprint)
     else:
         lc_result = LCResult.load(lc)
-        check_matches_model(lc_result, source.num_layers, source.model_id, str(lc), allow_other_model)
+        check_matches_model(lc_result, source.num_layers, source.model_id, str(lc), allow_other_model,
+                            source.fingerprint)
         shortv_config = select_layers(lc_result, n=n)
         shortv_config.provenance["lc"] = str(lc)
     if data is None:
@@ -342,9 +348,11 @@ def evaluate_files(
     with main_holds(exclusive_output, out_dir) as out_dir:
         if not resume:
             on_main(check_fresh, out_dir, (PREDICTIONS_FILE, *FINAL_FILES))
+        else:  # other weights than the interrupted run's: refused before they load
+            on_main(check_weights, out_dir, RUN_FILE, source.fingerprint)
         loaded, processor, model_id = load_model(source, dtype=dtype, device_map=process_device_map(device_map))
         metadata = {"data": str(Path(data).resolve()), "data_sha256": file_sha256(data), "seed": seed,
                     "num_samples_requested": num_samples}
         return evaluate(loaded, processor, samples, shortv_config, batch_size=batch_size,
                         max_new_tokens=max_new_tokens, out_dir=out_dir, resume=resume, progress=progress,
-                        model_id=model_id, metadata=metadata)
+                        model_id=model_id, metadata=metadata, weights=source.fingerprint)

@@ -11,6 +11,8 @@ a bad JSON file is named in its error.
   passes ``--overwrite`` (``shortv demo``, ``shortv bench --out``; calibrate and eval refuse a folder with results
   unless ``--resume``, `shortv.records.check_fresh`).
 * `read_json`: a user's JSON file (UTF-8, with or without a byte-order mark); every error names the file and line.
+* `output_file`: where a command writes the one file the user named (a folder means a default name in it), checked
+  writable before the work starts, so that a long run never ends unable to save.
 """
 
 from __future__ import annotations
@@ -114,3 +116,32 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno})") from None
+
+
+def output_file(path: str | Path, default_name: str) -> tuple[Path, Path | None]:
+    """(file to write, folder created for it or None) for an output file the user named.
+
+    ``path`` names the file, or a folder to write ``default_name`` into when it is an existing folder or ends with a
+    path separator. A missing folder is created, as the commands create their output folders, and returned so that
+    the caller says so. The folder is checked writable now by creating and removing a probe file (permissions,
+    read-only file systems); every problem is one OSError saying what to do instead.
+    """
+    text = str(path)
+    target = Path(text).expanduser()
+    if text.endswith(("/", os.sep)) or target.is_dir():
+        target = target / default_name
+    folder = target.parent
+    missing = next((ancestor for ancestor in reversed((folder, *folder.parents)) if not ancestor.exists()), None)
+    try:
+        output_folder(folder)
+        probe = folder / f".{target.name}.{uuid.uuid4().hex[:12]}.probe"
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except NotADirectoryError:
+        raise NotADirectoryError(f"cannot write {target}: part of {folder} is a file, not a folder") from None
+    except OSError as error:
+        raise OSError(f"cannot write {target}: {missing or folder} is not writable ({error.strerror}); choose a "
+                      "location you can write to, e.g. a file in the current folder") from None
+    if target.is_dir():
+        raise IsADirectoryError(f"cannot write {target}: it is a folder")
+    return target, missing

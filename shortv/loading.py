@@ -8,13 +8,14 @@ shipped inside a model folder never runs unless the caller opts in with ``trust_
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .placement import execution_device, parameter_dtype
+from .fingerprint import WeightsFingerprint, fingerprint_folder, fingerprint_hub
+from .placement import check_device_map, execution_device, parameter_dtype
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -38,6 +39,26 @@ class ModelSource:
     model_id: str
     config: Any
     trust_remote_code: bool = False
+    _fingerprint: WeightsFingerprint | None = field(default=None, repr=False)
+
+    @property
+    def fingerprint(self) -> WeightsFingerprint:
+        """The weights' identity (`shortv.fingerprint`): the files of a local folder, the commit of a hub snapshot.
+        Read once, on first use."""
+        if self._fingerprint is None:
+            local = isinstance(self.location, Path)
+            self._fingerprint = fingerprint_folder(self.location) if local else fingerprint_hub(str(self.location))
+        return self._fingerprint
+
+    @property
+    def is_multimodal(self) -> bool:
+        """Whether transformers loads it as an image-text-to-text model (else: a causal LM, e.g. a bare LLM)."""
+        from transformers import AutoModelForImageTextToText
+
+        try:
+            return type(self.config) in AutoModelForImageTextToText._model_mapping
+        except Exception:  # noqa: BLE001 - lazy mapping lookups can raise for unknown configs
+            return False
 
     @property
     def num_layers(self) -> int:
@@ -117,12 +138,14 @@ def load_model(
     device_map: str | dict | None = None,
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    multimodal: bool = True,
 ) -> tuple[Any, Any, str]:
     """(model in eval mode, processor, model id). ``None`` loads the embedded tiny model shipped with shortv.
 
     ``trust_remote_code=True`` lets a model folder or hub repo run its own Python code; only for sources you trust.
+    ``multimodal=False`` loads a causal LM (``AutoModelForCausalLM``, e.g. a bare LLM) and no processor (None).
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
     source = model if isinstance(model, ModelSource) else resolve_model(model, trust_remote_code)
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation,
@@ -130,13 +153,16 @@ def load_model(
     if dtype is not None:
         kwargs["dtype"] = parse_dtype(dtype)
     if device_map is not None:
+        check_device_map(device_map)
         kwargs["device_map"] = device_map
     folder = Path(source.location) if isinstance(source.location, Path) else None
     if folder is not None:
         _check_weight_files(folder)
     try:
-        loaded = AutoModelForImageTextToText.from_pretrained(source.location, **kwargs).eval()
-        processor = AutoProcessor.from_pretrained(source.location, trust_remote_code=source.trust_remote_code)
+        auto_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+        loaded = auto_class.from_pretrained(source.location, **kwargs).eval()
+        processor = (AutoProcessor.from_pretrained(source.location, trust_remote_code=source.trust_remote_code)
+                     if multimodal else None)
     except (pickle.UnpicklingError, EOFError) as error:
         weights = sorted(folder.glob("*.bin")) if folder is not None else []
         where = ", ".join(map(str, weights)) or str(source.location)

@@ -169,12 +169,12 @@ class ShortVGenerate(_InstanceOverride):
     def __call__(self, *args: Any, visual_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         if visual_mask is None:
             return self.original()(*args, **kwargs)
-        previous = self.state.context_visual_mask
-        self.state.context_visual_mask = visual_mask
+        previous = self.state.context_visual_mask, self.state.context_checked
+        self.state.context_visual_mask, self.state.context_checked = visual_mask, False
         try:
             return self.original()(*args, **kwargs)
         finally:
-            self.state.context_visual_mask = previous
+            self.state.context_visual_mask, self.state.context_checked = previous
 
 
 def get_shortv_state(model: nn.Module) -> ShortVState | None:
@@ -269,9 +269,9 @@ def using_visual_mask(model: nn.Module, visual_mask: torch.Tensor) -> Iterator[n
     expanded automatically.
     """
     state = _require_state(model)
-    previous = state.context_visual_mask
-    state.context_visual_mask = visual_mask
+    previous = state.context_visual_mask, state.context_checked
+    state.context_visual_mask, state.context_checked = visual_mask, False
     try:
         yield model
     finally:
-        state.context_visual_mask = previous
+        state.context_visual_mask, state.context_checked = previous

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import atomic_write_text, read_json
+from .fingerprint import WeightsFingerprint, describe_difference, recorded_fingerprint, warn
 
 
 def _tail_start(data: bytes) -> int:
@@ -137,12 +138,14 @@ def start_run(
     settings: Mapping[str, Any],
     resume: bool,
     outputs: Sequence[str] = (),
+    weights: WeightsFingerprint | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Check ``out_dir`` for a run with ``settings`` and record them; returns the finished records to skip.
 
     Without ``resume``, a folder that already holds the records or any of ``outputs`` is refused. With it, the
-    interrupted run's settings (``run_name``) must equal ``settings``; the message names every difference.
-    The caller holds the folder's lock (`shortv.files.exclusive_output`).
+    interrupted run's settings (``run_name``) must equal ``settings``; the message names every difference. So must
+    its ``weights`` (`shortv.fingerprint`), recorded beside the settings; a run file without them (an older shortv)
+    is resumed with one warning. The caller holds the folder's lock (`shortv.files.exclusive_output`).
     """
     run_path = out_dir / run_name
     settings = _as_json(settings)
@@ -152,6 +155,9 @@ def start_run(
         previous = read_json(run_path)
         if not isinstance(previous, dict):
             raise ValueError(f"{run_path}: expected a JSON object of run settings; choose another output folder")
+        if weights is not None:
+            check_weights(out_dir, run_name, weights, previous, warn_unknown=True)
+        previous.pop("weights", None)
         differences = [
             f"{key}: {previous.get(key)!r} before, {settings.get(key)!r} now"
             for key in sorted(set(previous) | set(settings))
@@ -167,5 +173,32 @@ def start_run(
             f"cannot resume {out_dir}: {existing[0]} has no {run_name} recording the settings that made it; "
             "choose another output folder"
         )
+    if weights is not None:
+        settings["weights"] = weights.to_dict()
     atomic_write_text(run_path, json.dumps(settings, indent=1) + "\n")
     return read_run_records(out_dir, records_name) if resume else {}
+
+
+def check_weights(out_dir: Path, run_name: str, weights: WeightsFingerprint, previous: Any = None,
+                  warn_unknown: bool = False) -> None:
+    """Refuse to resume the run in ``out_dir`` with weights other than the interrupted run's (read from its run file
+    ``run_name``, or given as ``previous``). Commands call it before the model loads; `start_run` again, and
+    ``warn_unknown`` there warns once when the run recorded no weights."""
+    run_path = out_dir / run_name
+    if previous is None:
+        if not run_path.exists():
+            return
+        previous = read_json(run_path)
+    if not isinstance(previous, dict):
+        return  # start_run names the problem
+    recorded = recorded_fingerprint(previous.get("weights"), str(run_path))
+    if recorded is None:
+        if warn_unknown:
+            warn(f"{run_path} records no weights fingerprint (written by an older shortv): cannot check that the "
+                 "interrupted run used these weights")
+    elif recorded.digest != weights.digest:
+        raise ValueError(
+            f"cannot resume {out_dir}: the weights differ from the interrupted run's "
+            f"({describe_difference(recorded, weights)}); resume with the weights it used ({recorded.label()}), "
+            "or choose another output folder"
+        )

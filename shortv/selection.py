@@ -12,6 +12,7 @@ from typing import Any
 from .config import ShortVConfig
 from .contribution import LCResult
 from . import flops as flops_model
+from .fingerprint import WeightsFingerprint, describe_difference, warn
 from .flops import LayerDims
 
 
@@ -40,6 +41,8 @@ def select_layers(
         raise ValueError("give exactly one of n= or flops_ratio=")
     order = lc.order
     provenance: dict[str, Any] = {"lc": lc_path, "model_id": lc.model_id, "order": order}
+    if lc.weights is not None:
+        provenance["weights"] = lc.weights.to_dict()
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= lc.num_layers:
             raise ValueError(f"n must be in 0..{lc.num_layers} (the model's decoder layers), got {n!r}")
@@ -70,22 +73,29 @@ def select_layers(
     return ShortVConfig(layers=order[:n], mode=mode, provenance=provenance)
 
 
-def _same_model(recorded: str, model_id: str) -> bool:
-    """Same id, or the same name (a hub id ``owner/name`` and a local download ``.../name`` are one model)."""
+def _same_name(recorded: str, model_id: str) -> bool:
+    """Same id, or the same last name (a preset's hub id ``owner/name`` and a local download ``.../name``)."""
     return recorded == model_id or Path(recorded.rstrip("/")).name == Path(model_id.rstrip("/")).name
 
 
 def check_matches_model(
-    source: LCResult | ShortVConfig, num_layers: int, model_id: str | None, where: str, allow_other_model: bool = False
+    source: LCResult | ShortVConfig, num_layers: int, model_id: str | None, where: str, allow_other_model: bool = False,
+    weights: WeightsFingerprint | None = None,
 ) -> None:
-    """Refuse an LC result or config made for another model: a different layer count always (its layer indices
-    would mean other layers), a different model id unless ``allow_other_model``. ``where`` names the file."""
+    """Refuse an LC result or config made for another model. A different layer count always (its layer indices
+    would mean other layers). Other weights (`shortv.fingerprint`, against the model's ``weights``) unless
+    ``allow_other_model``, which warns with both identities. A file without a fingerprint: a preset is matched by
+    its hub name; a file of an older shortv by its recorded model id (its last name), with one warning that its
+    weights cannot be checked; a hand-written config (no model recorded) is taken as it is. Fingerprints of
+    different kinds (hub, files, memory) cannot be compared: one warning. ``where`` names the file."""
     if isinstance(source, LCResult):
-        recorded_layers, recorded_id = source.num_layers, source.model_id
+        recorded_layers, recorded_id, preset = source.num_layers, source.model_id, None
+        recorded_weights = source.weights
     else:
         order = source.provenance.get("order")
         recorded_layers = len(order) if isinstance(order, list) else None
-        recorded_id = source.provenance.get("model_id") or source.provenance.get("preset")
+        preset = source.provenance.get("preset")
+        recorded_id, recorded_weights = source.provenance.get("model_id") or preset, source.weights
         too_deep = [layer for layer in source.layers if layer >= num_layers]
         if too_deep:
             raise ValueError(f"{where}: layer(s) {too_deep} do not exist in {model_id} ({num_layers} decoder layers, "
@@ -93,6 +103,24 @@ def check_matches_model(
     if recorded_layers is not None and recorded_layers != num_layers:
         raise ValueError(f"{where} was made for a model with {recorded_layers} decoder layers ({recorded_id}), but "
                          f"{model_id} has {num_layers}; calibrate this model (shortv calibrate)")
-    if recorded_id and model_id and not allow_other_model and not _same_model(str(recorded_id), str(model_id)):
+    if recorded_weights is not None and weights is not None:
+        if recorded_weights.digest == weights.digest:
+            return
+        identities = (f"made for {recorded_id} ({recorded_weights.label()}), used with {model_id} "
+                      f"({weights.label()})")
+        if recorded_weights.kind != weights.kind:
+            warn(f"{where}: {identities}: cannot check that these are the same weights")
+        elif allow_other_model:
+            warn(f"{where}: {identities}, other weights accepted by --allow-other-model "
+                 f"({describe_difference(recorded_weights, weights)})")
+        else:
+            raise ValueError(f"{where} was made for other weights: {identities} "
+                             f"({describe_difference(recorded_weights, weights)}); calibrate this model, or pass "
+                             "--allow-other-model (allow_other_model=True) to use it anyway")
+        return
+    if recorded_id and model_id and not allow_other_model and not _same_name(str(recorded_id), str(model_id)):
         raise ValueError(f"{where} was made for {recorded_id}, not {model_id}; calibrate this model, or pass "
                          "--allow-other-model (allow_other_model=True) if the two are the same model")
+    if recorded_id and recorded_weights is None and preset is None and weights is not None:
+        warn(f"{where} records no weights fingerprint (written by an older shortv): cannot check that it was made "
+             f"for the weights of {model_id}")

@@ -5,6 +5,8 @@ import re
 import shutil
 
 import pytest
+from broken_models import corrupt_safetensors, unpicklable_bin
+from cli_output import single_error_line
 from typer.testing import CliRunner
 
 from shortv.cli import app
@@ -55,25 +57,6 @@ def test_clear_errors(tmp_path, model_dir):
     config.write_text(json.dumps({"layers": [1]}))
     result = runner.invoke(app, ["eval", "--model", str(model_dir), "--data", str(empty), "--config", str(config)])
     assert result.exit_code == 1 and "no samples (empty file)" in flat(result)
-
-
-def single_error_line(result):
-    """The CLI's report of a user mistake: exit code 1 and exactly one `error:` line, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-def corrupt_safetensors(folder):
-    weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-
-
-def unpicklable_bin(folder):
-    (folder / "model.safetensors").unlink()
-    (folder / "pytorch_model.bin").write_bytes(b"not a pickle" * 10)
 
 
 @pytest.mark.parametrize(

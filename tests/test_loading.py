@@ -1,9 +1,9 @@
 """Loading checkpoints: broken weight files are named, and a model folder's own code never runs unasked."""
 
-import json
 import shutil
 
 import pytest
+from broken_models import remote_code_folder, unpicklable_bin
 from transformers import LlavaConfig
 
 from shortv.loading import load_model, model_id_of, resolve_model
@@ -34,24 +34,13 @@ def test_truncated_safetensors_is_named(tiny_llava_dir, tmp_path):
 
 def test_unloadable_bin_tiny_llava_dir_is_named(tiny_llava_dir, tmp_path):
     folder = copy_of(tiny_llava_dir, tmp_path)
-    (folder / "model.safetensors").unlink()
-    (folder / "pytorch_model.bin").write_bytes(b"not a pickle" * 10)
+    unpicklable_bin(folder)
     with pytest.raises(ValueError, match=r"model/pytorch_model.bin: not a loadable PyTorch checkpoint"):
         load_model(folder)
 
 
 def test_a_folders_own_code_runs_only_when_trusted(tmp_path):
-    folder = tmp_path / "custom"
-    folder.mkdir()
-    marker = tmp_path / "code_ran"
-    config = LlavaConfig().to_dict()
-    config.update(model_type="custom_llava", auto_map={"AutoConfig": "configuration_custom.CustomLlavaConfig"})
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "configuration_custom.py").write_text(
-        f"open({str(marker)!r}, 'w').write('ran')\n"
-        "from transformers import LlavaConfig\n\n\n"
-        "class CustomLlavaConfig(LlavaConfig):\n    model_type = 'custom_llava'\n"
-    )
+    folder, marker = remote_code_folder(tmp_path)
     with pytest.raises(ValueError, match=r"custom contains custom code .* unless you pass --trust-remote-code"):
         resolve_model(folder)
     with pytest.raises(ValueError, match="--trust-remote-code"):

@@ -123,10 +123,10 @@ class BenchResult:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n")
-        return path
+        """Write the JSON form atomically (a crash never leaves half a file)."""
+        from ..files import atomic_write_text
+
+        return atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BenchResult:

@@ -15,7 +15,8 @@ from torch import nn
 from ..config import ShortVConfig
 from ..flops import get_shape
 from . import shapes
-from .devices import dtype_name, resolve_device, resolve_dtype
+from ..placement import available_device as resolve_device
+from .devices import dtype_name, resolve_dtype
 from .inputs import DEFAULT_PROMPT, causal_lm_inputs, multimodal_inputs
 from .layers import choose_config, given_note, shape_shortv_config
 from .report import SMALL_MODEL_CAVEAT
@@ -68,16 +69,6 @@ def bench_shape(
     )
 
 
-def _is_multimodal_config(config: Any) -> bool:
-    from transformers import AutoModelForImageTextToText
-
-    mapping = getattr(AutoModelForImageTextToText, "_model_mapping", None)
-    try:
-        return mapping is not None and type(config) in mapping
-    except Exception:  # noqa: BLE001 - lazy mapping lookups can raise for unknown configs
-        return False
-
-
 def bench_pretrained(
     path: str | Path,
     *,
@@ -94,29 +85,27 @@ def bench_pretrained(
     prompt: str = DEFAULT_PROMPT,
     threads: int | None = None,
     progress: Progress | None = None,
+    trust_remote_code: bool = False,
 ) -> BenchResult:
-    """A local checkpoint folder. Multimodal models (``AutoModelForImageTextToText``) get a synthetic image and
-    ``prompt`` through their processor, which sets the token counts; a bare causal LM gets ``text_tokens`` random
-    text ids around a block of ``visual_tokens`` (default 576) ids declared visual with an explicit mask."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+    """A local checkpoint folder, loaded and checked as every command loads one (`shortv.loading.load_model`).
+    Multimodal models (``AutoModelForImageTextToText``) get a synthetic image and ``prompt`` through their
+    processor, which sets the token counts; a bare causal LM gets ``text_tokens`` random text ids around a block of
+    ``visual_tokens`` (default 576) ids declared visual with an explicit mask."""
+    from ..loading import load_model, resolve_model
 
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     path = str(path)
-    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if _is_multimodal_config(hf_config):
+    source = resolve_model(path, trust_remote_code)
+    if source.is_multimodal:
         if visual_tokens is not None:
             raise ValueError(
                 f"{path} is a multimodal model: its processor decides how many visual tokens an image becomes, so "
                 "visual_tokens (--visual-tokens) applies only to a bare causal LM or to shape mode"
             )
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
-        try:
-            processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
-        except (OSError, ValueError, TypeError) as error:
-            raise ValueError(f"{path} holds a multimodal model but no usable processor: {error}") from error
+        model, processor, _ = load_model(source, dtype=torch_dtype)
         inputs = multimodal_inputs(model, processor, batch_size, prompt)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+        model, _, _ = load_model(source, dtype=torch_dtype, multimodal=False)
         vocab = model.config.get_text_config().vocab_size
         visual_tokens = 576 if visual_tokens is None else visual_tokens
         inputs = causal_lm_inputs(batch_size, text_tokens, visual_tokens, vocab)

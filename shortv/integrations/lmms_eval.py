@@ -23,7 +23,7 @@ Model arguments (``--model_args key=value,...``):
 ``trust_remote_code``
     ``true`` lets the model folder or hub repo run its own Python code (off by default; only for trusted sources).
 ``allow_other_model``
-    ``true`` accepts an ``lc``/``shortv_config`` file recorded for another model id (the layer count must match).
+    ``true`` accepts an ``lc``/``shortv_config`` file recorded for other weights (the layer count must match).
 ``dtype`` (``float16``, ``bfloat16``, ``float32``; default: the checkpoint's), ``device`` (default: ``cuda`` when
 available), ``device_map`` (e.g. ``auto`` to shard one model over the visible GPUs), ``attn_implementation``
 (default ``sdpa``), ``max_new_tokens`` (default when a task does not set it: 1024), ``chat_template`` (a Jinja
@@ -328,7 +328,8 @@ class _ShortVModel(lmms):
         source = resolve_model(pretrained, trust_remote_code)
         if self.shortv_config is not None:  # a file made for another model would freeze the wrong layers
             where = next((str(v) for v in (shortv_config, lc) if not _is_none(v)), "the ShortV preset")
-            check_matches_model(self.shortv_config, source.num_layers, source.model_id, where, allow_other_model)
+            check_matches_model(self.shortv_config, source.num_layers, source.model_id, where, allow_other_model,
+                                source.fingerprint)
         model, processor, self.model_id = load_model(
             source, dtype=None if _is_none(dtype) else dtype, device_map=None if _is_none(device_map) else device_map,
             attn_implementation=attn_implementation,
