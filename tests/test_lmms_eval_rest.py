@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("lmms_eval")
 
-from lmms_eval.api.instance import Instance  # noqa: E402
+from lmms_eval.api.instance import Instance, unwrap_generation_output  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from shortv import ShortVConfig, apply_shortv, remove_shortv  # noqa: E402
@@ -67,6 +67,13 @@ def loglikelihood_requests(docs, greedy_word):
     return requests
 
 
+def scores(lm, requests):
+    """``lm.loglikelihood(requests)`` as lmms-eval's evaluator reads it: (loss, is_greedy) pairs."""
+    pairs = [unwrap_generation_output(result)[0] for result in lm.loglikelihood(requests)]
+    assert all(isinstance(loss, float) and isinstance(greedy, bool) for loss, greedy in pairs), pairs
+    return pairs
+
+
 def oracle(model, processor, docs, request):
     """Mean loss and greedy flag of one request, from the model's forward over prompt + continuation (batch of one;
     the prompt's length from the processor's own expansion of the prompt alone)."""
@@ -122,9 +129,9 @@ def test_loglikelihood_matches_the_reference_oracle_at_batch_sizes_1_and_8(model
     requests = loglikelihood_requests(docs, greedy_word)
     lm = make_model(ShortV, model_path, docs, f"shortv_config={ShortVConfig(LAYERS).save(tmp_path / 'c.json')}")
     assert lm.shortv_layers == LAYERS and lm.shortv_config.mode == "fast"
-    alone = lm.loglikelihood(requests)
+    alone = scores(lm, requests)
     lm._batch_size = 8
-    batched = lm.loglikelihood(requests)
+    batched = scores(lm, requests)
     assert [greedy for _, greedy in alone] == [greedy for _, greedy in batched]
     torch.testing.assert_close(torch.tensor([v for v, _ in batched]), torch.tensor([v for v, _ in alone]),
                                rtol=0, atol=1e-5)
@@ -151,7 +158,7 @@ def test_loglikelihood_through_the_chat_class_and_errors(model_path, docs, greed
     requests = loglikelihood_requests(docs, greedy_word)[:3]
     simple = make_model(ShortV, model_path, docs, "n=0", batch_size=2)
     chat = make_model(ShortVChat, model_path, docs, "n=0", batch_size=2)
-    assert chat.loglikelihood(requests) == simple.loglikelihood(requests)
+    assert scores(chat, requests) == scores(simple, requests)
     empty = Instance(request_type="loglikelihood", idx=0, metadata={"task": TASK, "doc_id": 0, "repeats": 1},
                      arguments=(docs[0]["question"], "", doc_to_visual, 0, TASK, SPLIT))
     with pytest.raises(ValueError, match="adds no token to its prompt"):

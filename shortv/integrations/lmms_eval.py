@@ -65,6 +65,7 @@ import torch
 from accelerate import Accelerator
 
 try:
+    from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
     from lmms_eval.api.model import lmms
     from loguru import logger
 except ImportError as _error:  # pragma: no cover - exercised only without the extra
@@ -83,6 +84,10 @@ from ..selection import check_matches_model
 __all__ = ["ShortV", "ShortVChat", "GenerationSettings", "Visuals", "resolve_shortv_config"]
 
 DEFAULT_MAX_NEW_TOKENS = 1024
+#: lmms-eval 0.7.3's evaluator passes every model output through ``unwrap_generation_output``, which turns a
+#: loglikelihood tuple ``(loss, is_greedy)`` into its ``str``: multiple-choice scoring then fails for every model.
+#: Where it does, the tuples go out wrapped as ``GenerationResult(text=(loss, is_greedy))``, which it unwraps intact.
+_WRAP_SCORES = unwrap_generation_output((0.0, True))[0] != (0.0, True)
 #: Image placeholders lmms-eval prompts may carry (besides the processor's own image token).
 _PROMPT_IMAGE_TOKENS = ("<image>",)
 _NONE_VALUES = ("", "none", "null", "baseline")
@@ -621,7 +626,8 @@ class _ShortVModel(lmms):
         return the mean loss: so the first element is the loss, lower meaning more likely (times the token count
         and negated, it is the continuation's log-probability). ``is_greedy``: every continuation token is the
         model's argmax. Batched (``batch_size``, longest first, right-padded: each row keeps the positions it has
-        alone), with the same results at every batch size up to float rounding."""
+        alone), with the same results at every batch size up to float rounding. Under lmms-eval 0.7.3 each pair comes
+        wrapped as ``GenerationResult(text=pair)`` (see ``_WRAP_SCORES``); ``unwrap_generation_output`` gives it back."""
         from tqdm.auto import tqdm
 
         parts = [self._scoring_parts(request) for request in requests]
@@ -634,6 +640,8 @@ class _ShortVModel(lmms):
                     results[i] = result
                     self.cache_hook.add_partial("loglikelihood", parts[i][:2], result)
                 bar.update(len(chunk))
+        if _WRAP_SCORES:
+            return [GenerationResult(text=result) for result in results]  # type: ignore[misc]
         return results  # type: ignore[return-value]
 
     @torch.no_grad()
