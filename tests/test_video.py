@@ -113,12 +113,14 @@ def test_evaluate_on_video_samples(family, frames, tmp_path):
     assert any(record["baseline"] != record["shortv"] for record in records), records  # ShortV changes answers
 
 
-def test_video_file_is_read_into_frames(frames, tmp_path):
+@pytest.fixture(scope="module")
+def clip(frames, tmp_path_factory):
+    """The six frames as an MPEG-4 video file (needs PyAV, which also reads it back)."""
     av = pytest.importorskip("av")
     import numpy as np
     from PIL import Image
 
-    path = tmp_path / "clip.mp4"
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("mpeg4", rate=4)
         stream.width = stream.height = 96
@@ -128,6 +130,15 @@ def test_video_file_is_read_into_frames(frames, tmp_path):
                 frame = av.VideoFrame.from_ndarray(np.asarray(image.convert("RGB")), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
+    return path
+
+
+def test_video_file_is_read_into_frames(clip, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    path = Path(shutil.copy(clip, tmp_path / "clip.mp4"))
     rows = [{"video": "clip.mp4", "num_frames": 4, "prompt": "what color is the circle ?", "answer": "red"},
             {"video": "clip.mp4", "prompt": "what color is the circle ?", "answer": "red"}]
     samples = read_jsonl(write_jsonl(tmp_path, rows), require_answer=True)
@@ -226,3 +237,28 @@ def test_lmms_eval_refuses_video_for_a_family_without_video(tiny_llava_dir, fram
                        arguments=("what moves ?", messages, {"max_new_tokens": 2}, 0, "t", "test"))
     with pytest.raises(ValueError, match="LlavaProcessor takes no video"):
         lm.generate_until([request])
+
+
+def test_lmms_eval_simple_model_reads_video_files(clip, monkeypatch, tmp_path):
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+
+    import shortv.integrations.lmms_eval as integration
+    from shortv.loading import ModelSource
+
+    torch.manual_seed(0)
+    model, processor = build_model("qwen2_vl", init_std=0.2), build_processor("qwen2_vl")
+    prompts = ["what color is the circle ?", "is there a red square ?"]
+    rows = [{"video": str(clip), "num_frames": 4, "prompt": prompt, "answer": "red"} for prompt in prompts]
+    samples = read_jsonl(write_jsonl(tmp_path, rows), require_answer=True)
+    apply_shortv(model, LAYERS)
+    expected = generate_answers(model, processor, samples, max_new_tokens=4)[0]
+    source = ModelSource("tiny-qwen2_vl", "tiny-qwen2_vl", model.config)
+    monkeypatch.setattr(integration, "resolve_model", lambda *args, **kwargs: source)
+    monkeypatch.setattr(integration, "load_model", lambda *args, **kwargs: (model, processor, "tiny-qwen2_vl"))
+    lm = integration.ShortV(pretrained="tiny-qwen2_vl", device="cpu", batch_size=2, num_frames=4)
+    lm.task_dict = {"t": {"test": [{"video": str(clip), "question": prompt} for prompt in prompts]}}
+    requests = [Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1},
+                         arguments=(prompt, {"max_new_tokens": 4}, lambda doc: [doc["video"]], i, "t", "test"))
+                for i, prompt in enumerate(prompts)]
+    assert lm.generate_until(requests) == expected  # lmms-eval's usual video visual: a file path
