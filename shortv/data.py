@@ -304,7 +304,8 @@ def model_inputs(processor: Any, sample: VQASample, with_answer: bool = False) -
     text = prompt_text(processor, sample)
     prompt = _process(processor, sample, images, text)
     if visual_token_count(processor, prompt["input_ids"]) == 0:
-        raise sample.error("no image or video token in the input after applying the chat template")
+        visual = "image or video" if sample.video is not None else "image"
+        raise sample.error(f"no {visual} token in the input after applying the chat template")
     prompt_length = prompt["input_ids"].shape[1]
     if not with_answer:
         return dict(prompt), prompt_length
