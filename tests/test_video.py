@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from shortv import ShortVConfig, apply_shortv, disable_shortv, get_shortv_state, remove_shortv
 from shortv.cli import app
-from shortv.data import SampleError, load_video_frames, read_jsonl
+from shortv.contribution import layer_contribution
+from shortv.data import CalibrationSamples, SampleError, load_video_frames, read_jsonl
 from shortv.evaluation import batch_inputs, evaluate, generate_answers, token_counts
 from shortv.loading import inputs_for
 from shortv.registry import find_decoder_layers, visual_token_ids
@@ -131,6 +132,13 @@ def clip(frames, tmp_path_factory):
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return path
+
+
+def test_calibration_counts_video_tokens_as_visual(family, frames, tmp_path):
+    name, model, processor = family
+    samples = read_jsonl(write_jsonl(tmp_path, video_rows(name, frames)[:2]))  # video only
+    result = layer_contribution(model, CalibrationSamples(processor, samples), progress=False)
+    assert result.num_layers == len(find_decoder_layers(model)) and max(result.mean["visual"]) > 1e-6
 
 
 def test_video_file_is_read_into_frames(clip, tmp_path):
