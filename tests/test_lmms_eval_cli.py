@@ -35,28 +35,45 @@ LAYERS = [6, 7, 8, 9, 10, 11]
 TASK = "shortv_tiny_vqa"
 REPO = Path(shortv.__file__).resolve().parents[1]
 
-TASK_YAML = """\
+#: The part every local task shares: the JSONL file as the dataset, images through doc_to_visual.
+TASK_HEADER = """\
 task: {task}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
+doc_to_visual: !function shortv_tiny_utils.doc_to_visual
+metadata:
+  - version: 0.0
+"""
+
+TASK_YAML = """\
 output_type: generate_until
-doc_to_visual: !function {task}_utils.doc_to_visual
-doc_to_text: !function {task}_utils.doc_to_text
+doc_to_text: !function shortv_tiny_utils.doc_to_text
 doc_to_target: answer
 generation_kwargs:
   max_new_tokens: 8
   temperature: 0
   do_sample: false
-process_results: !function {task}_utils.process_results
+process_results: !function shortv_tiny_utils.process_results
 metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
-metadata:
-  - version: 0.0
+"""
+
+MC_TASK = "shortv_tiny_mc"
+MC_QUESTIONS = 12
+MC_YAML = """\
+output_type: multiple_choice
+doc_to_text: question
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
 """
 
 TASK_UTILS = """\
@@ -77,13 +94,36 @@ def process_results(doc, results):
 """
 
 
-def write_task(folder: Path, samples) -> Path:
-    rows = [{"question": s.prompt, "answer": s.answer, "image": str(s.images[0].resolve())} for s in samples]
-    data = folder / "questions.jsonl"
+def write_task(folder: Path, task: str, body: str, rows: list[dict]) -> Path:
+    """A local lmms-eval task in ``folder``: ``rows`` as its JSONL dataset, the YAML, the utils module."""
+    folder.mkdir(exist_ok=True)
+    data = folder / f"{task}.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (folder / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data))
-    (folder / f"{TASK}_utils.py").write_text(TASK_UTILS)
+    (folder / f"{task}.yaml").write_text(TASK_HEADER.format(task=task, data=data) + body)
+    (folder / "shortv_tiny_utils.py").write_text(TASK_UTILS)
     return folder
+
+
+def run_lmms_eval(tmp_path: Path, *args: str, processes: int = 1):
+    """lmms-eval's command line, offline (``processes`` > 1: under torchrun); (completed run, shortened log)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf"),
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    run = subprocess.run([sys.executable, *launcher, "-m", "lmms_eval", *args], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=tmp_path)
+    return run, textwrap.shorten(run.stdout + run.stderr, 4000, placeholder=" ... ")
+
+
+def read_results(out: Path, task: str, count: int, log: str) -> tuple[dict, list[dict]]:
+    """The results file and the per-document records (by doc_id), after checking every document was answered."""
+    [results_file] = out.rglob("*_results.json")
+    results = json.loads(results_file.read_text())
+    assert results["n-samples"][task] == {"original": count, "effective": count}, log
+    [samples_file] = out.rglob(f"*_samples_{task}.jsonl")
+    logged = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda r: r["doc_id"])
+    assert [record["doc_id"] for record in logged] == list(range(count)), log  # every question answered once
+    return results, logged
 
 
 def expected_answers(samples) -> list[str]:
@@ -94,27 +134,15 @@ def expected_answers(samples) -> list[str]:
 
 def test_lmms_eval_cli_runs_shortv_in_two_processes_on_a_local_task(tmp_path):
     samples = read_jsonl(embedded_split_path("test"), require_answer=True)[:QUESTIONS]
-    (tmp_path / "task").mkdir()
-    task_dir = write_task(tmp_path / "task", samples)
+    rows = [{"question": s.prompt, "answer": s.answer, "image": str(s.images[0].resolve())} for s in samples]
+    task_dir = write_task(tmp_path / "task", TASK, TASK_YAML, rows)
     config = ShortVConfig(LAYERS).save(tmp_path / "shortv_config.json")
     out = tmp_path / "results"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf"),
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmms_eval",
-               "--model", "shortv", "--model_args", f"shortv_config={config},device=cpu",
-               "--tasks", TASK, "--include_path", str(task_dir), "--batch_size", "4",
-               "--output_path", str(out), "--log_samples"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    log = textwrap.shorten(run.stdout + run.stderr, 4000, placeholder=" ... ")
+    run, log = run_lmms_eval(tmp_path, "--model", "shortv", "--model_args", f"shortv_config={config},device=cpu",
+                             "--tasks", TASK, "--include_path", str(task_dir), "--batch_size", "4",
+                             "--output_path", str(out), "--log_samples", processes=2)
     assert run.returncode == 0, log
-
-    [results_file] = out.rglob("*_results.json")
-    results = json.loads(results_file.read_text())
-    assert results["n-samples"][TASK] == {"original": QUESTIONS, "effective": QUESTIONS}, log
-    [samples_file] = out.rglob(f"*_samples_{TASK}.jsonl")
-    logged = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda r: r["doc_id"])
-    assert [record["doc_id"] for record in logged] == list(range(QUESTIONS)), log  # every question answered once
+    results, logged = read_results(out, TASK, QUESTIONS, log)
     assert "Running on rank 1" in run.stdout + run.stderr  # by two processes
 
     expected = expected_answers(samples)
@@ -124,48 +152,6 @@ def test_lmms_eval_cli_runs_shortv_in_two_processes_on_a_local_task(tmp_path):
     accuracy = sum(a.strip().lower() == s.answer.lower() for a, s in zip(answers, samples)) / QUESTIONS
     assert results["results"][TASK]["exact_match,none"] == pytest.approx(accuracy)
     assert accuracy >= 0.5  # the trained tiny model answers most of them (93.7% on the whole test split)
-
-
-MC_TASK = "shortv_tiny_mc"
-MC_QUESTIONS = 12
-
-MC_YAML = """\
-task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_visual: !function {task}_utils.doc_to_visual
-doc_to_text: question
-doc_to_choice: choices
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  - version: 0.0
-"""
-
-MC_UTILS = """\
-from PIL import Image
-
-
-def doc_to_visual(doc):
-    with Image.open(doc["image"]) as image:
-        return [image.convert("RGB")]
-"""
-
-
-def run_lmms_eval(tmp_path, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf"),
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, "-m", "lmms_eval", *args], capture_output=True, text=True, timeout=600,
-                         env=env, cwd=tmp_path)
-    return run, textwrap.shorten(run.stdout + run.stderr, 4000, placeholder=" ... ")
 
 
 def choice_losses(model, processor, sample, choices):
@@ -193,24 +179,14 @@ def test_lmms_eval_cli_scores_a_local_multiple_choice_task(tmp_path):
     samples = read_jsonl(embedded_split_path("test"), require_answer=True)[:MC_QUESTIONS]
     rows = [{"question": s.prompt, "answer": s.answer, "choices": list(synthetic.ANSWERS[s.type]),
              "image": str(s.images[0].resolve())} for s in samples]
-    task_dir = tmp_path / "task"
-    task_dir.mkdir()
-    data = task_dir / "questions.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (task_dir / f"{MC_TASK}.yaml").write_text(MC_YAML.format(task=MC_TASK, data=data))
-    (task_dir / f"{MC_TASK}_utils.py").write_text(MC_UTILS)
+    task_dir = write_task(tmp_path / "task", MC_TASK, MC_YAML, rows)
     config = ShortVConfig(LAYERS).save(tmp_path / "shortv_config.json")
     out = tmp_path / "results"
     run, log = run_lmms_eval(tmp_path, "--model", "shortv", "--force_simple", "--model_args",
                              f"shortv_config={config},device=cpu", "--tasks", MC_TASK, "--include_path", str(task_dir),
                              "--batch_size", "8", "--output_path", str(out), "--log_samples")
     assert run.returncode == 0, log
-    [results_file] = out.rglob("*_results.json")
-    results = json.loads(results_file.read_text())
-    assert results["n-samples"][MC_TASK] == {"original": MC_QUESTIONS, "effective": MC_QUESTIONS}, log
-    [samples_file] = out.rglob(f"*_samples_{MC_TASK}.jsonl")
-    logged = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda r: r["doc_id"])
-    assert [record["doc_id"] for record in logged] == list(range(MC_QUESTIONS)), log
+    results, logged = read_results(out, MC_TASK, MC_QUESTIONS, log)
 
     # Independently: the same ShortV layers in reference mode, one forward per choice.
     model, processor = load_embedded()

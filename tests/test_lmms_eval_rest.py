@@ -10,41 +10,21 @@ import torch
 pytest.importorskip("lmms_eval")
 
 from lmms_eval.api.instance import Instance, unwrap_generation_output  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from shortv import ShortVConfig, apply_shortv, remove_shortv  # noqa: E402
 from shortv.integrations.lmms_eval import ShortV, ShortVChat  # noqa: E402
-from shortv.tiny import build, synthetic  # noqa: E402
 
-TASK, SPLIT = "tiny_vqa", "test"
+from test_lmms_eval import SPLIT, TASK, docs, make_model, model_path  # noqa: E402,F401  (the same model, docs)
+
 LAYERS = [1, 3, 5, 7]
 CHOICES = ["red", "blue", "circle square", "yes"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llava")
-    build.build_model(seed=0, text_init_std=0.02).save_pretrained(folder)
-    build.build_processor().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory):
-    rows = synthetic.read_split(synthetic.write_split("calib", tmp_path_factory.mktemp("data"), n=3))
-    docs = []
-    for index, row in enumerate(rows):
-        with Image.open(row["image"]) as image:
-            docs.append({"image": image.convert("RGB"), "question": row["prompt"], "rounds": index + 1})
-    docs[2]["question"] = "please answer with a single word . " + docs[2]["question"]
-    return docs
-
-
-def make_model(cls, model_path, docs, args, batch_size=1):
-    lm = cls.create_from_arg_string(f"pretrained={model_path},{args}", {"batch_size": batch_size, "device": "cpu"})
-    lm.task_dict = {TASK: {SPLIT: docs}}
-    return lm
+def round_docs(docs):
+    """The docs, each with its number of rounds for the multi-round task (1, 2 and 3)."""
+    return [dict(doc, rounds=index + 1) for index, doc in enumerate(docs)]
 
 
 def doc_to_visual(doc):
@@ -212,7 +192,8 @@ def chat_multi_round_requests(docs, gen_kwargs):
             for doc_id, doc in enumerate(docs)]
 
 
-def test_multi_round_answers_every_round_like_single_rounds(model_path, docs, tmp_path):
+def test_multi_round_answers_every_round_like_single_rounds(model_path, round_docs, tmp_path):
+    docs = round_docs
     config = ShortVConfig(LAYERS).save(tmp_path / "c.json")
     gen_kwargs = {"max_new_tokens": 3, "temperature": 0}
     lm = make_model(ShortV, model_path, docs, f"shortv_config={config}", batch_size=3)

@@ -193,13 +193,10 @@ def test_shortv_eval_refuses_video_for_a_family_without_video(tiny_llava_dir, fr
     assert "data.jsonl:1: the sample has a video, but LlavaProcessor takes no video" in output, output
 
 
-def test_lmms_eval_model_takes_videos(family, frames, monkeypatch, tmp_path):
+def test_lmms_eval_model_takes_videos(family, frames, tiny_lmms_eval, tmp_path):
     pytest.importorskip("lmms_eval")
     from lmms_eval.api.instance import Instance
     from PIL import Image
-
-    import shortv.integrations.lmms_eval as integration
-    from shortv.loading import ModelSource
 
     name, model, processor = family
     samples = read_jsonl(write_jsonl(tmp_path, video_rows(name, frames)[:3]), require_answer=True)
@@ -208,10 +205,7 @@ def test_lmms_eval_model_takes_videos(family, frames, monkeypatch, tmp_path):
         expected = generate_answers(model, processor, samples, max_new_tokens=4)[0]
     finally:
         remove_shortv(model)
-    source = ModelSource(f"tiny-{name}", f"tiny-{name}", model.config)
-    monkeypatch.setattr(integration, "resolve_model", lambda *args, **kwargs: source)
-    monkeypatch.setattr(integration, "load_model", lambda *args, **kwargs: (model, processor, f"tiny-{name}"))
-    lm = integration.ShortVChat(pretrained=f"tiny-{name}", n=0, device="cpu", batch_size=2, max_new_tokens=4)
+    lm = tiny_lmms_eval("ShortVChat", name, model, processor, n=0, batch_size=2, max_new_tokens=4)
     apply_shortv(model, LAYERS)
     docs = [{"frames": [Image.open(frame).convert("RGB") for frame in sample.video], "question": sample.prompt}
             for sample in samples]
@@ -247,12 +241,9 @@ def test_lmms_eval_refuses_video_for_a_family_without_video(tiny_llava_dir, fram
         lm.generate_until([request])
 
 
-def test_lmms_eval_simple_model_reads_video_files(clip, monkeypatch, tmp_path):
+def test_lmms_eval_simple_model_reads_video_files(clip, tiny_lmms_eval, tmp_path):
     pytest.importorskip("lmms_eval")
     from lmms_eval.api.instance import Instance
-
-    import shortv.integrations.lmms_eval as integration
-    from shortv.loading import ModelSource
 
     torch.manual_seed(0)
     model, processor = build_model("qwen2_vl", init_std=0.2), build_processor("qwen2_vl")
@@ -261,10 +252,7 @@ def test_lmms_eval_simple_model_reads_video_files(clip, monkeypatch, tmp_path):
     samples = read_jsonl(write_jsonl(tmp_path, rows), require_answer=True)
     apply_shortv(model, LAYERS)
     expected = generate_answers(model, processor, samples, max_new_tokens=4)[0]
-    source = ModelSource("tiny-qwen2_vl", "tiny-qwen2_vl", model.config)
-    monkeypatch.setattr(integration, "resolve_model", lambda *args, **kwargs: source)
-    monkeypatch.setattr(integration, "load_model", lambda *args, **kwargs: (model, processor, "tiny-qwen2_vl"))
-    lm = integration.ShortV(pretrained="tiny-qwen2_vl", device="cpu", batch_size=2, num_frames=4)
+    lm = tiny_lmms_eval("ShortV", "qwen2_vl", model, processor, batch_size=2, num_frames=4)
     lm.task_dict = {"t": {"test": [{"video": str(clip), "question": prompt} for prompt in prompts]}}
     requests = [Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1},
                          arguments=(prompt, {"max_new_tokens": 4}, lambda doc: [doc["video"]], i, "t", "test"))
