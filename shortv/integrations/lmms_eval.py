@@ -608,12 +608,11 @@ class _ShortVModel(lmms):
         if len(args) == 2:
             return str(args[0]), str(args[1]), None
         context, target, doc_to_visual, doc_id, task, split = args
-        if callable(target) or callable(doc_to_visual):
-            doc = self._doc(task, split, doc_id)
-        continuation = target(doc) if callable(target) else target
+        continuation = target(self._doc(task, split, doc_id)) if callable(target) else target
         if isinstance(continuation, (list, tuple)):
             raise ValueError(f"a loglikelihood request needs one continuation string, got {continuation!r}")
-        return str(context), str(continuation), (doc if callable(doc_to_visual) else None, doc_to_visual)
+        # The document (and its images) is read when its batch is scored, not all at once here.
+        return str(context), str(continuation), (doc_to_visual, task, split, doc_id) if doc_to_visual else None
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
         """Per request, ``(mean negative log-likelihood of the continuation's tokens, is_greedy)``, in request order.
@@ -646,17 +645,17 @@ class _ShortVModel(lmms):
 
     @torch.no_grad()
     def _score(self, parts: list[tuple[str, str, Any]]) -> list[tuple[float, bool]]:
-        prompts, fulls, visuals, counts = [], [], [], []
+        fulls, visuals, counts = [], [], []
+        loaded: dict[Any, Visuals] = {None: Visuals([], [])}  # a document's choices share its visuals: read once
         for context, continuation, source in parts:
-            if source is None or source[1] is None:
-                found = Visuals([], [])
-            else:
-                found = _as_visuals(source[1](source[0]), self.num_frames)
+            if source not in loaded:
+                doc_to_visual, task, split, doc_id = source
+                loaded[source] = _as_visuals(doc_to_visual(self._doc(task, split, doc_id)), self.num_frames)
+            found = loaded[source]
             prompt = self._render([{"role": "user", "content": self._content(context, found)}])
             count = len(self.tokenizer(prompt + continuation)["input_ids"]) - len(self.tokenizer(prompt)["input_ids"])
             if count < 1:
                 raise ValueError(f"the continuation {continuation!r} adds no token to its prompt; nothing to score")
-            prompts.append(prompt)
             fulls.append(prompt + continuation)
             visuals.append(found)
             counts.append(count)
