@@ -237,7 +237,7 @@ def test_lmms_eval_refuses_video_for_a_family_without_video(tiny_llava_dir, fram
                                              {"type": "text", "text": "what moves ?"}]}]
     request = Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": 0, "repeats": 1},
                        arguments=("what moves ?", messages, {"max_new_tokens": 2}, 0, "t", "test"))
-    with pytest.raises(ValueError, match="LlavaProcessor takes no video"):
+    with pytest.raises(ValueError, match="this task gives a video, but LlavaProcessor takes no video"):
         lm.generate_until([request])
 
 

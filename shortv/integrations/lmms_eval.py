@@ -76,7 +76,7 @@ except ImportError as _error:  # pragma: no cover - exercised only without the e
     ) from _error
 
 from ..config import MODES, PRESET_ALIASES, PRESET_LAYER_ORDERS, ShortVConfig
-from ..data import DEFAULT_VIDEO_FRAMES, encode, read_video, to_rgb
+from ..data import DEFAULT_VIDEO_FRAMES, check_takes_video, encode, read_video, to_rgb
 from ..loading import inputs_for, load_model, resolve_model
 from ..patch import apply_shortv, get_shortv_state
 from ..selection import check_matches_model
@@ -514,6 +514,8 @@ class _ShortVModel(lmms):
     def _encode(self, prompts: list[str], visuals: list[Visuals], padding_side: str) -> dict[str, Any]:
         """Model inputs for rendered prompts and their visuals, padded on ``padding_side``, on the model's device."""
         videos = [video for item in visuals for video in item.videos]
+        if videos:
+            check_takes_video(self._processor, "this task gives a video")
         batch = encode(self._processor, prompts, [item.images for item in visuals], videos, padding=True,
                        padding_side=padding_side)
         return inputs_for(self._model, dict(batch))
