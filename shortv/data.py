@@ -10,7 +10,7 @@ For the families that take video (Qwen2/2.5/3-VL, LLaVA-OneVision, ...), a sampl
 (or besides) ``image``: a list of frame image files (all used, in order), or one video file, decoded with
 transformers' ``load_video`` into ``num_frames`` (default 8) uniformly spaced frames::
 
-    {"video": ["clip/000.png", "clip/001.png", "clip/002.png", "clip/003.png"], "prompt": "What moves?", "answer": "ball"}
+    {"video": ["clip/000.png", "clip/001.png", "clip/002.png"], "prompt": "What moves?", "answer": "ball"}
     {"video": "clips/0002.mp4", "num_frames": 16, "prompt": "What moves?", "answer": "car"}
 Everything that can be checked without the model is checked up front (every line parses, every image opens), and
 `check_context` checks every input's length against the model's context before any compute. Every error names the
@@ -219,7 +219,8 @@ def read_video(path: str | Path, num_frames: int = DEFAULT_VIDEO_FRAMES) -> Any:
     try:
         frames, _ = load_video(str(path), num_frames=num_frames, backend=backend)
     except Exception as error:  # noqa: BLE001 - each decoder raises its own errors for a bad file
-        raise ValueError(f"cannot read video file {path} ({backend}): {str(error).strip() or type(error).__name__}") from None
+        reason = str(error).strip() or type(error).__name__
+        raise ValueError(f"cannot read video file {path} ({backend}): {reason}") from None
     return frames
 
 

@@ -183,7 +183,8 @@ def chat_multi_round_requests(docs, gen_kwargs):
             return None, True, previous_output, previous_round_info
         else:
             text = round_context(doc, round_idx, previous_output)
-        messages = [{"role": "user", "content": [{"type": "image", "url": doc["image"]}, {"type": "text", "text": text}]}]
+        content = [{"type": "image", "url": doc["image"]}, {"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
         return messages if round_idx is None else (messages, False, previous_output, None)
 
     return [Instance(request_type="generate_until_multi_round", idx=0,
@@ -205,7 +206,8 @@ def test_multi_round_answers_every_round_like_single_rounds(model_path, round_do
     lm._batch_size = 1
     for doc_id, (doc, rounds) in enumerate(zip(docs, answers)):
         contexts = [doc["question"]] + [round_context(doc, r, rounds[:r]) for r in range(1, doc["rounds"])]
-        single = [Instance(request_type="generate_until", idx=0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1},
+        single = [Instance(request_type="generate_until", idx=0,
+                           metadata={"task": TASK, "doc_id": doc_id, "repeats": 1},
                            arguments=(context, dict(gen_kwargs), doc_to_visual, doc_id, TASK, SPLIT))
                   for context in contexts]
         assert [lm.generate_until([request])[0] for request in single] == rounds

@@ -76,7 +76,8 @@ def test_video_tokens_are_visual_and_fast_equals_reference(family, frames, tmp_p
     assert VIDEO_TOKEN_ID in visual_token_ids(model) and IMAGE_TOKEN_ID in visual_token_ids(model)
     assert (ids == VIDEO_TOKEN_ID).sum(1).tolist()[:3] == [expected_video_tokens(name, n) for n in FRAMES[name]]
     counts = token_counts(processor, batch, visual_token_ids(model))
-    assert [c["visual_tokens"] for c in counts] == torch.isin(ids, torch.tensor([IMAGE_TOKEN_ID, VIDEO_TOKEN_ID])).sum(1).tolist()
+    visual = torch.isin(ids, torch.tensor([IMAGE_TOKEN_ID, VIDEO_TOKEN_ID]))
+    assert [c["visual_tokens"] for c in counts] == visual.sum(1).tolist()
 
     inputs = inputs_for(model, batch)
     apply_shortv(model, ShortVConfig(LAYERS, mode="reference"))
@@ -96,7 +97,7 @@ def test_video_tokens_are_visual_and_fast_equals_reference(family, frames, tmp_p
     finally:
         hook.remove()
         remove_shortv(model)
-    assert seen[0] is not None and torch.equal(seen[0], torch.isin(ids, torch.tensor([IMAGE_TOKEN_ID, VIDEO_TOKEN_ID])))
+    assert seen[0] is not None and torch.equal(seen[0], visual)
     assert torch.equal(fast, reference), name
     video_only = [index for index, sample in enumerate(samples) if not sample.images]
     assert (frozen[video_only] - plain[video_only]).abs().amax(dim=(1, 2)).min() > 1e-3  # video alone is frozen

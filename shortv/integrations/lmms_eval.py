@@ -290,7 +290,9 @@ def _as_visuals(visuals: Any, num_frames: int = DEFAULT_VIDEO_FRAMES, kind: str 
                 raise ValueError(f"a task image cannot be opened: {error}") from None
         elif item is not None:
             kind_name = "audio" if isinstance(item, (str, Path, dict)) else type(item).__name__
-            raise NotImplementedError(f"the shortv lmms-eval model takes images and videos; this task gives {kind_name}")
+            raise NotImplementedError(
+                f"the shortv lmms-eval model takes images and videos; this task gives {kind_name}"
+            )
     return found
 
 
@@ -627,8 +629,9 @@ class _ShortVModel(lmms):
         return the mean loss: so the first element is the loss, lower meaning more likely (times the token count
         and negated, it is the continuation's log-probability). ``is_greedy``: every continuation token is the
         model's argmax. Batched (``batch_size``, longest first, right-padded: each row keeps the positions it has
-        alone), with the same results at every batch size up to float rounding. Under lmms-eval 0.7.3 each pair comes
-        wrapped as ``GenerationResult(text=pair)`` (see ``_WRAP_SCORES``); ``unwrap_generation_output`` gives it back."""
+        alone), with the same results at every batch size up to float rounding. Under lmms-eval 0.7.3 each pair
+        comes wrapped as ``GenerationResult(text=pair)`` (see ``_WRAP_SCORES``); ``unwrap_generation_output`` gives
+        it back."""
         from tqdm.auto import tqdm
 
         parts = [self._scoring_parts(request) for request in requests]
