@@ -6,6 +6,12 @@ One JSON object per line::
 
 ``image`` is a path or a list of paths, relative to the JSONL file's folder; ``answer`` is optional for
 calibration and required for evaluation; ``id``, ``type`` and ``choices`` (multiple choice) are optional.
+For the families that take video (Qwen2/2.5/3-VL, LLaVA-OneVision, ...), a sample may have a ``video`` instead of
+(or besides) ``image``: a list of frame image files (all used, in order), or one video file, decoded with
+transformers' ``load_video`` into ``num_frames`` (default 8) uniformly spaced frames::
+
+    {"video": ["clip/000.png", "clip/001.png", "clip/002.png"], "prompt": "What moves?", "answer": "ball"}
+    {"video": "clips/0002.mp4", "num_frames": 16, "prompt": "What moves?", "answer": "car"}
 Everything that can be checked without the model is checked up front (every line parses, every image opens), and
 `check_context` checks every input's length against the model's context before any compute. Every error names the
 file and line. Sample order is the file's; subsampling is seeded, so runs are reproducible and an image always stays
@@ -27,6 +33,10 @@ import numpy as np
 from .contribution import CalibrationSample
 
 POSITIONS = ("last_prompt", "answer")
+#: Frames sampled from a video file when a sample does not say (``num_frames``).
+DEFAULT_VIDEO_FRAMES = 8
+#: transformers' video decoders, in the order tried (the first one installed reads video files).
+VIDEO_BACKENDS = (("torchcodec", "torchcodec"), ("pyav", "av"), ("decord", "decord"), ("opencv", "cv2"))
 
 
 class SampleError(ValueError):
@@ -43,6 +53,9 @@ class VQASample:
     choices: list[str] | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: A video: its frame image files, or one video file (read with ``num_frames`` frames); None: no video.
+    video: list[Path] | Path | None = None
+    num_frames: int = DEFAULT_VIDEO_FRAMES
 
     def error(self, message: str) -> SampleError:
         return SampleError(f"{self.source}: {message}")
@@ -79,12 +92,15 @@ def read_jsonl(path: str | Path, require_answer: bool = False, check_images: boo
             raise SampleError(f"{where}: not valid JSON ({error.msg})") from error
         if not isinstance(record, dict):
             raise SampleError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        missing = [key for key in ("image", "prompt") + (("answer",) if require_answer else ()) if key not in record]
+        visual = () if "video" in record else ("image",)
+        missing = [key for key in visual + ("prompt",) + (("answer",) if require_answer else ()) if key not in record]
         if missing:
             raise SampleError(f"{where}: missing field(s) {', '.join(missing)}")
-        images = record["image"] if isinstance(record["image"], list) else [record["image"]]
-        if not images or not all(isinstance(image, str) and image for image in images):
+        images = record.get("image", [])
+        images = images if isinstance(images, list) else [images]
+        if ("image" in record and not images) or not all(isinstance(image, str) and image for image in images):
             raise SampleError(f"{where}: 'image' must be a path or a non-empty list of paths")
+        video, num_frames = _video_field(record, path.parent, where)
         if not isinstance(record["prompt"], str) or not record["prompt"].strip():
             raise SampleError(f"{where}: 'prompt' must be a non-empty string")
         sample_id = str(record.get("id", f"{path.name}:{number}"))
@@ -94,7 +110,7 @@ def read_jsonl(path: str | Path, require_answer: bool = False, check_images: boo
         choices = record.get("choices")
         if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
             raise SampleError(f"{where}: 'choices' must be a list of strings")
-        known = {"id", "image", "prompt", "answer", "type", "choices"}
+        known = {"id", "image", "prompt", "answer", "type", "choices", "video", "num_frames"}
         samples.append(
             VQASample(
                 id=sample_id,
@@ -105,15 +121,34 @@ def read_jsonl(path: str | Path, require_answer: bool = False, check_images: boo
                 choices=choices,
                 source=where,
                 extra={key: value for key, value in record.items() if key not in known},
+                video=video,
+                num_frames=num_frames,
             )
         )
     if not samples:
         raise SampleError(f"{path}: no samples (empty file)")
     if check_images:
         for sample in samples:
-            for image_path in sample.images:
+            for image_path in [*sample.images, *(sample.video if isinstance(sample.video, list) else [])]:
                 _open_image(sample, image_path, decode=False)
+            if isinstance(sample.video, Path) and not sample.video.is_file():
+                raise sample.error(f"video file not found: {sample.video}")
     return samples
+
+
+def _video_field(record: dict[str, Any], folder: Path, where: str) -> tuple[list[Path] | Path | None, int]:
+    """(video, num_frames) of one JSONL record: frame files or one video file, relative to ``folder``."""
+    num_frames = record.get("num_frames", DEFAULT_VIDEO_FRAMES)
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise SampleError(f"{where}: 'num_frames' must be a positive integer, got {num_frames!r}")
+    if "video" not in record:
+        return None, num_frames
+    video = record["video"]
+    if isinstance(video, str) and video:
+        return folder / video, num_frames
+    if isinstance(video, list) and video and all(isinstance(frame, str) and frame for frame in video):
+        return [folder / frame for frame in video], num_frames
+    raise SampleError(f"{where}: 'video' must be a video file or a non-empty list of frame image files")
 
 
 def subsample(samples: Sequence[VQASample], num_samples: int | None, seed: int = 0) -> list[VQASample]:
@@ -170,9 +205,63 @@ def load_images(sample: VQASample) -> list[Any]:
     return [_open_image(sample, image_path) for image_path in sample.images]
 
 
+def read_video(path: str | Path, num_frames: int = DEFAULT_VIDEO_FRAMES) -> Any:
+    """``num_frames`` uniformly spaced RGB frames of a video file, as a ``(frames, height, width, 3)`` uint8 array,
+    decoded by transformers' ``load_video`` with the first installed backend of `VIDEO_BACKENDS`."""
+    import importlib.util
+
+    from transformers.video_utils import load_video
+
+    backend = next((name for name, module in VIDEO_BACKENDS if importlib.util.find_spec(module)), None)
+    if backend is None:
+        raise ValueError(f"cannot read video file {path}: no video decoder is installed; `pip install av` (or "
+                         "torchcodec, decord, opencv-python), or give the frames as image files")
+    try:
+        frames, _ = load_video(str(path), num_frames=num_frames, backend=backend)
+    except Exception as error:  # noqa: BLE001 - each decoder raises its own errors for a bad file
+        reason = str(error).strip() or type(error).__name__
+        raise ValueError(f"cannot read video file {path} ({backend}): {reason}") from None
+    return frames
+
+
+def load_video_frames(sample: VQASample) -> Any:
+    """The sample's video as frames (RGB PIL images from frame files, or an array read from a video file)."""
+    if isinstance(sample.video, list):
+        return [_open_image(sample, frame) for frame in sample.video]
+    try:
+        return read_video(sample.video, sample.num_frames)
+    except ValueError as error:
+        raise sample.error(str(error)) from None
+
+
+def takes_video(processor: Any) -> bool:
+    """Whether ``processor`` turns videos into model inputs (a video processor and a video placeholder)."""
+    return getattr(processor, "video_processor", None) is not None and bool(getattr(processor, "video_token", None))
+
+
+def check_takes_video(processor: Any, what: str = "a sample has a video") -> None:
+    if not takes_video(processor):
+        raise ValueError(
+            f"{what}, but {type(processor).__name__} takes no video (no video processor; transformers' video "
+            "processors need torchvision); video works with the families that take it (Qwen2/2.5/3-VL, "
+            "LLaVA-OneVision, ...)"
+        )
+
+
+def encode(processor: Any, texts: list[str], images: list[list[Any]], videos: list[Any], **kwargs: Any) -> Any:
+    """The processor's outputs for prompts with their images (one list per prompt) and videos (in prompt order).
+
+    Images go in as one list per prompt: processors that check each prompt's image count (Gemma 3, SmolVLM) need
+    that nesting, and all others accept it."""
+    if videos:
+        check_takes_video(processor)
+        kwargs["videos"] = videos
+    return processor(images=images if any(images) else None, text=texts, return_tensors="pt", **kwargs)
+
+
 def prompt_text(processor: Any, sample: VQASample) -> str:
     """The templated prompt, ending where the model's answer starts."""
-    content = [{"type": "image"} for _ in sample.images]
+    content = [{"type": "image"} for _ in sample.images] + ([{"type": "video"}] if sample.video is not None else [])
     if sample.choices:
         letters = "".join(f"\n{chr(65 + index)}. {choice}" for index, choice in enumerate(sample.choices))
         content.append({"type": "text", "text": sample.prompt + letters})
@@ -184,20 +273,28 @@ def prompt_text(processor: Any, sample: VQASample) -> str:
 
 def visual_token_count(processor: Any, input_ids: Any, token_ids: Sequence[int] = ()) -> int:
     """Visual placeholder tokens in ``input_ids``: those of ``token_ids`` (the model's image and video ids, from
-    `shortv.registry.visual_token_ids`) when given, else the processor's image token."""
+    `shortv.registry.visual_token_ids`) when given, else the processor's image and video tokens."""
     if token_ids:
         import torch
 
         return int(torch.isin(input_ids, torch.tensor(list(token_ids), device=input_ids.device)).sum())
-    image_token_id = getattr(processor, "image_token_id", None)
-    if image_token_id is None:
-        image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    return int((input_ids == image_token_id).sum())
+    count = 0
+    for kind in ("image", "video"):
+        token_id = getattr(processor, f"{kind}_token_id", None)
+        token = getattr(processor, f"{kind}_token", None)
+        if token_id is None and token:
+            token_id = processor.tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None:
+            count += int((input_ids == token_id).sum())
+    return count
 
 
 def _process(processor: Any, sample: VQASample, images: list[Any], text: str) -> Any:
+    videos = [load_video_frames(sample)] if sample.video is not None else []
+    if videos:
+        check_takes_video(processor, f"{sample.source}: the sample has a video")
     try:
-        return processor(images=images, text=text, return_tensors="pt")
+        return encode(processor, [text], [images], videos)
     except ValueError as error:
         raise sample.error(f"the processor rejected the sample: {error}") from error
 
@@ -208,7 +305,8 @@ def model_inputs(processor: Any, sample: VQASample, with_answer: bool = False) -
     text = prompt_text(processor, sample)
     prompt = _process(processor, sample, images, text)
     if visual_token_count(processor, prompt["input_ids"]) == 0:
-        raise sample.error("no image token in the input after applying the chat template")
+        visual = "image or video" if sample.video is not None else "image"
+        raise sample.error(f"no {visual} token in the input after applying the chat template")
     prompt_length = prompt["input_ids"].shape[1]
     if not with_answer:
         return dict(prompt), prompt_length

@@ -25,7 +25,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ShortVConfig
-from .data import VQASample, check_context, file_sha256, load_images, prompt_text, read_jsonl, subsample, visual_token_count
+from .data import (
+    VQASample,
+    check_context,
+    check_takes_video,
+    encode,
+    file_sha256,
+    load_images,
+    load_video_frames,
+    prompt_text,
+    read_jsonl,
+    subsample,
+    visual_token_count,
+)
 from .files import atomic_write_text, exclusive_output
 from .fingerprint import WeightsFingerprint, fingerprint_model
 from .flops import LayerDims, flops_ratio
@@ -80,17 +92,15 @@ def is_correct(prediction: str, sample: VQASample) -> bool:
 
 
 def batch_inputs(processor: Any, samples: Sequence[VQASample]) -> dict[str, Any]:
-    """Processor outputs for a batch of prompts, left-padded for generation.
-
-    Images go in as one list per prompt: processors that check each prompt's image count (Gemma 3, SmolVLM) need
-    that nesting, and all others accept it."""
+    """Processor outputs for a batch of prompts (with their images and videos), left-padded for generation."""
     tokenizer = processor.tokenizer
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         images = [load_images(sample) for sample in samples]
+        videos = [load_video_frames(sample) for sample in samples if sample.video is not None]
         texts = [prompt_text(processor, sample) for sample in samples]
-        return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+        return dict(encode(processor, texts, images, videos, padding=True))
     finally:
         tokenizer.padding_side = previous_side
 
@@ -218,6 +228,9 @@ def evaluate(
     state = get_shortv_state(model)
     if state is None:
         raise ValueError("give a ShortV config (or apply_shortv first) to compare against the baseline")
+    video = next((sample for sample in samples if sample.video is not None), None)
+    if video is not None:
+        check_takes_video(processor, f"{video.source}: the sample has a video")
     check_context(processor, samples, context_length(model.config), new_tokens=max_new_tokens)
     if out_dir is None:
         return _summarize(model, _predict(model, processor, samples, batch_size, max_new_tokens, None, {}, progress))

@@ -8,6 +8,9 @@
 ``tiny_llava_dir``: an untrained tiny LLaVA checkpoint folder (weights and processor), as a user's model folder is.
 
 ``one_thread``: torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+``tiny_lmms_eval``: a factory ``(class_name, name, model, processor, **model_args)`` -> the shortv lmms-eval model
+(``"ShortV"`` or ``"ShortVChat"``) serving an already built model and processor (e.g. a tiny family's), on the CPU.
 """
 
 from __future__ import annotations
@@ -61,3 +64,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def tiny_lmms_eval(monkeypatch):
+    def make(class_name, name, model, processor, **model_args):
+        import shortv.integrations.lmms_eval as integration
+        from shortv.loading import ModelSource
+
+        source = ModelSource(f"tiny-{name}", f"tiny-{name}", model.config)
+        monkeypatch.setattr(integration, "resolve_model", lambda *args, **kwargs: source)
+        monkeypatch.setattr(integration, "load_model", lambda *args, **kwargs: (model, processor, f"tiny-{name}"))
+        return getattr(integration, class_name)(pretrained=f"tiny-{name}", device="cpu", **model_args)
+
+    return make

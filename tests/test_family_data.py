@@ -105,20 +105,13 @@ def test_calibration_through_the_processor_matches_the_oracle(family, samples):
     assert max(efficient["visual"]) > 1e-6
 
 
-def test_lmms_eval_model_through_the_processor(family, samples, monkeypatch):
+def test_lmms_eval_model_through_the_processor(family, samples, tiny_lmms_eval):
     pytest.importorskip("lmms_eval")
     from lmms_eval.api.instance import Instance
     from PIL import Image
 
-    import shortv.integrations.lmms_eval as integration
-
     name, model, processor = family
-    from shortv.loading import ModelSource
-
-    source = ModelSource(f"tiny-{name}", f"tiny-{name}", model.config)
-    monkeypatch.setattr(integration, "resolve_model", lambda *args, **kwargs: source)
-    monkeypatch.setattr(integration, "load_model", lambda *args, **kwargs: (model, processor, f"tiny-{name}"))
-    lm = integration.ShortV(pretrained=f"tiny-{name}", n=0, device="cpu", batch_size=2, max_new_tokens=3)
+    lm = tiny_lmms_eval("ShortV", name, model, processor, n=0, batch_size=2, max_new_tokens=3)
     apply_shortv(model, LAYERS)
     docs = [{"images": [Image.open(path).convert("RGB") for path in sample.images], "question": sample.prompt}
             for sample in samples[:3]]

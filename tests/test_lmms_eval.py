@@ -120,8 +120,8 @@ def test_shortv_is_applied(shortv_lm, docs):
     assert state is not None and state.config.layers == LAYERS and state.config.mode == "fast"
     assert shortv_lm.shortv_layers == LAYERS
     # The frozen layers really change the computation.
-    messages, images = shortv_lm._messages(simple_requests(docs)[0])
-    inputs = shortv_lm.processor(images=images, text=[shortv_lm._render(messages)], return_tensors="pt")
+    messages, visuals = shortv_lm._messages(simple_requests(docs)[0])
+    inputs = shortv_lm.processor(images=visuals.images, text=[shortv_lm._render(messages)], return_tensors="pt")
     with torch.no_grad():
         frozen = model(**inputs).logits
         with disable_shortv(model):
@@ -182,10 +182,6 @@ def test_reference_mode_and_sampling_run(model_path, docs, config_file):
     assert get_shortv_state(lm.model).config.mode == "reference" and lm.shortv_layers == LAYERS
     sampled = lm.generate_until(simple_requests(docs, {"max_new_tokens": 2, "temperature": 0.7, "top_p": 0.9}))
     assert len(sampled) == len(docs) and all(isinstance(answer, str) for answer in sampled)
-    with pytest.raises(NotImplementedError, match="generate_until only"):
-        lm.loglikelihood([])
-    with pytest.raises(NotImplementedError, match="generate_until only"):
-        lm.generate_until_multi_round([])
 
 
 def test_argument_errors_come_before_loading(tmp_path):
@@ -220,12 +216,12 @@ def test_lc_of_another_model_is_refused_and_16_bit_task_images_are_scaled(model_
     import numpy as np
 
     from shortv import LCResult
-    from shortv.integrations.lmms_eval import _as_images
+    from shortv.integrations.lmms_eval import _as_visuals
 
     lc = LCResult(num_layers=6, token_types=("visual",), sample_ids=["a"],
                   per_sample={"visual": [[0.1 * layer for layer in range(6)]]}, model_id="tiny/six").save(tmp_path / "lc6.json")
     with pytest.raises(ValueError, match=r"lc6.json was made for a model with 6 decoder layers \(tiny/six\), but "):
         ShortV(pretrained=str(model_path), n=2, lc=str(lc))
     gradient = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)
-    [image] = _as_images([Image.fromarray(gradient)])
+    [image] = _as_visuals([Image.fromarray(gradient)]).images
     assert image.mode == "RGB" and len(np.unique(np.asarray(image))) == 256  # not clipped to white

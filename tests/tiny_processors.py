@@ -35,15 +35,17 @@ _TEMPLATE = (
     "{{ BEGIN }}{{ message['role'] }}{{ ':' }}"
     "{%- if message['content'] is string -%}{{ ' ' + message['content'] }}"
     "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ ' ' + IMAGE }}{%- else -%}{{ ' ' + part['text'] }}{%- endif -%}"
+    "{%- if part['type'] == 'image' -%}{{ ' ' + IMAGE }}{%- elif part['type'] == 'video' -%}{{ ' ' + VIDEO }}"
+    "{%- else -%}{{ ' ' + part['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}{{ END }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ BEGIN }}{{ 'assistant:' }}{%- endif -%}"
 )
 
 
-def _template(image: str, begin: str = " ", end: str = " ") -> str:
-    return _TEMPLATE.replace("IMAGE", repr(image)).replace("BEGIN", repr(begin)).replace("END", repr(end))
+def _template(image: str, begin: str = " ", end: str = " ", video: str = "") -> str:
+    return (_TEMPLATE.replace("IMAGE", repr(image)).replace("VIDEO", repr(video)).replace("BEGIN", repr(begin))
+            .replace("END", repr(end)))
 
 
 def _tokenizer(specials: dict[str, int], named: dict[str, str], chat_template: str, words: tuple = ()) -> Any:
@@ -95,9 +97,100 @@ def _no_video_processor(*others: str):
         ProcessorMixin.check_argument_for_proper_class = check
 
 
+def _frames(video: Any) -> list[Any]:
+    """A video (PIL frames, or a (frames, height, width, 3) array) as a list of RGB PIL frames."""
+    from PIL import Image
+
+    return [frame.convert("RGB") if isinstance(frame, Image.Image) else Image.fromarray(frame) for frame in video]
+
+
+def _normalized(frame: Any, size: tuple[int, int], mean: Any, std: Any) -> Any:
+    """(3, height, width) float32: resized bicubic, scaled to [0, 1], normalized."""
+    import numpy as np
+
+    pixels = np.asarray(frame.resize((size[1], size[0]), resample=3), dtype=np.float32) / 255.0
+    return ((pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)).transpose(2, 0, 1)
+
+
+class PatchGridVideos:
+    """Stands in for Qwen2-VL's video processor (transformers' needs torchvision, which this environment lacks):
+    the same arithmetic, in numpy. Frames are resized to the image processor's ``smart_resize`` size of the first
+    frame, normalized, padded to a multiple of ``temporal_patch_size`` by repeating the last frame, and cut into
+    rows of ``temporal_patch_size`` x ``patch_size``^2 pixels in merge order, with ``video_grid_thw`` (t, h, w)."""
+
+    def __init__(self, images: Any):
+        self.images = images
+        self.patch_size, self.temporal_patch_size = images.patch_size, images.temporal_patch_size
+        self.merge_size = images.merge_size
+
+    def __call__(self, videos: Any, **kwargs: Any) -> dict[str, Any]:
+        import numpy as np
+        import torch
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        from transformers.video_utils import make_batched_videos
+
+        p, tp, m = self.patch_size, self.temporal_patch_size, self.merge_size
+        rows, grids = [], []
+        for video in make_batched_videos(videos):
+            frames = _frames(video)
+            height, width = smart_resize(frames[0].height, frames[0].width, factor=p * m,
+                                         min_pixels=self.images.size["shortest_edge"],
+                                         max_pixels=self.images.size["longest_edge"])
+            array = np.stack([_normalized(f, (height, width), self.images.image_mean, self.images.image_std)
+                              for f in frames])
+            if len(array) % tp:
+                array = np.concatenate([array, np.repeat(array[-1:], tp - len(array) % tp, axis=0)])
+            t, h, w = len(array) // tp, height // p, width // p
+            patches = array.reshape(t, tp, 3, h // m, m, p, w // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+            rows.append(patches.reshape(t * h * w, 3 * tp * p * p))
+            grids.append((t, h, w))
+        return {"pixel_values_videos": torch.from_numpy(np.concatenate(rows)),
+                "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+
+class FrameVideos:
+    """Stands in for LLaVA-OneVision's video processor (needs torchvision): every frame resized to the vision
+    tower's square side and normalized; ``pixel_values_videos`` (videos, frames, 3, side, side)."""
+
+    def __init__(self, side: int, mean: Any, std: Any):
+        self.side, self.mean, self.std = side, mean, std
+
+    def __call__(self, videos: Any, **kwargs: Any) -> dict[str, Any]:
+        import numpy as np
+        import torch
+        from transformers.video_utils import make_batched_videos
+
+        stacked = [np.stack([_normalized(f, (self.side, self.side), self.mean, self.std) for f in _frames(video)])
+                   for video in make_batched_videos(videos)]
+        return {"pixel_values_videos": torch.from_numpy(np.stack(stacked))}
+
+
 def build_processor(family: str) -> Any:
-    """The processor of ``family`` (a key of tiny_models.FAMILIES, multimodal) for its tiny model."""
+    """The processor of ``family`` (a key of tiny_models.FAMILIES, multimodal) for its tiny model. ``qwen2_vl`` and
+    ``llava_onevision`` take videos too (through the stand-in video processors above)."""
     import transformers as tf
+
+    if family == "qwen2_vl":
+        specials = {"<|image_pad|>": IMAGE_TOKEN_ID, "<|video_pad|>": VIDEO_TOKEN_ID,
+                    "<|vision_start|>": VISION_START_ID, "<|vision_end|>": VISION_END_ID}
+        template = _template("<|vision_start|><|image_pad|><|vision_end|>",
+                             video="<|vision_start|><|video_pad|><|vision_end|>")
+        images = tf.Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2,
+                                             size={"shortest_edge": 16 * 16, "longest_edge": 24 * 24})
+        with _no_video_processor():
+            return tf.Qwen2VLProcessor(image_processor=images, tokenizer=_tokenizer(specials, {}, template),
+                                       video_processor=PatchGridVideos(images), chat_template=template)
+    if family == "llava_onevision":
+        specials = {"<image>": IMAGE_TOKEN_ID, "<video>": VIDEO_TOKEN_ID}
+        template = _template("<image>", video="<video>")
+        pinpoints = [[12, 12], [12, 24], [24, 12], [24, 24]]
+        images = tf.LlavaOnevisionImageProcessorPil(size={"height": 12, "width": 12}, image_grid_pinpoints=pinpoints)
+        videos = FrameVideos(12, images.image_mean, images.image_std)
+        with _no_video_processor():
+            return tf.LlavaOnevisionProcessor(image_processor=images, tokenizer=_tokenizer(specials, {}, template),
+                                              video_processor=videos, num_image_tokens=9,
+                                              vision_feature_select_strategy="full", chat_template=template)
 
     if family.startswith(("qwen3_vl", "qwen3_5")) or family == "glm4v":  # patch grids: 4 px patches, 2 x 2 merge
         qwen = family != "glm4v"

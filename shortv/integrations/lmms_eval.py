@@ -27,13 +27,25 @@ Model arguments (``--model_args key=value,...``):
 ``dtype`` (``float16``, ``bfloat16``, ``float32``; default: the checkpoint's), ``device`` (default: ``cuda`` when
 available), ``device_map`` (e.g. ``auto`` to shard one model over the visible GPUs), ``attn_implementation``
 (default ``sdpa``), ``max_new_tokens`` (default when a task does not set it: 1024), ``chat_template`` (a Jinja
-template or a file holding one, for processors without a chat template), ``system_prompt`` (text or a file).
+template or a file holding one, for processors without a chat template), ``system_prompt`` (text or a file),
+``num_frames`` (frames read, uniformly spaced, from each video file a task gives; default 8).
 
 No config at all runs the unmodified model (the baseline); ``n=0`` (or a config with no layers) applies ShortV with
-nothing frozen, which computes exactly the baseline. Batches (``--batch_size``) are left-padded; decoding is greedy
-unless a task's ``temperature`` is > 0. ``until`` stop strings cut the answer at their first occurrence (and stop
-generating that answer early). Only ``generate_until`` is implemented: likelihood-scored multiple-choice tasks
-(``loglikelihood``) and multi-round tasks raise `NotImplementedError`.
+nothing frozen, which computes exactly the baseline. The whole model interface of lmms-eval is implemented:
+
+* ``generate_until``: batches (``--batch_size``) are left-padded; decoding is greedy unless a task's
+  ``temperature`` is > 0. ``until`` stop strings cut the answer at their first occurrence (and stop generating that
+  answer early).
+* ``loglikelihood`` (``output_type: multiple_choice`` and ``loglikelihood`` tasks; lmms-eval builds them for the
+  simple model only, so run them with ``--force_simple``): ShortV applies to the context's prefill, the continuation
+  is text. Returns lmms-eval's convention, the mean loss of the continuation's tokens (lower is likelier), with
+  ``is_greedy``. Right-padded batches, the same results at any batch size.
+* ``generate_until_multi_round``: each round's prompt from the task, answers of all rounds per request.
+* Videos (families that take them: Qwen2/2.5/3-VL, LLaVA-OneVision, ...): video files the task names (read into
+  ``num_frames`` frames by transformers' ``load_video``), or frames; their tokens are visual, like image tokens.
+  A family without video support says so in one line.
+
+Full reference, with a local-task recipe: docs/lmms_eval.md.
 
 Data-parallel runs (``accelerate launch --multi_gpu -m lmms_eval ...``, or ``torchrun --nproc_per_node N -m
 lmms_eval ...``, also on CPU) work as with lmms-eval's own models: the model's ``accelerator`` joins the process group
@@ -53,6 +65,7 @@ import torch
 from accelerate import Accelerator
 
 try:
+    from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
     from lmms_eval.api.model import lmms
     from loguru import logger
 except ImportError as _error:  # pragma: no cover - exercised only without the extra
@@ -63,14 +76,18 @@ except ImportError as _error:  # pragma: no cover - exercised only without the e
     ) from _error
 
 from ..config import MODES, PRESET_ALIASES, PRESET_LAYER_ORDERS, ShortVConfig
-from ..data import to_rgb
+from ..data import DEFAULT_VIDEO_FRAMES, check_takes_video, encode, read_video, to_rgb
 from ..loading import inputs_for, load_model, resolve_model
 from ..patch import apply_shortv, get_shortv_state
 from ..selection import check_matches_model
 
-__all__ = ["ShortV", "ShortVChat", "GenerationSettings", "resolve_shortv_config"]
+__all__ = ["ShortV", "ShortVChat", "GenerationSettings", "Visuals", "resolve_shortv_config"]
 
 DEFAULT_MAX_NEW_TOKENS = 1024
+#: lmms-eval 0.7.3's evaluator passes every model output through ``unwrap_generation_output``, which turns a
+#: loglikelihood tuple ``(loss, is_greedy)`` into its ``str``: multiple-choice scoring then fails for every model.
+#: Where it does, the tuples go out wrapped as ``GenerationResult(text=(loss, is_greedy))``, which it unwraps intact.
+_WRAP_SCORES = unwrap_generation_output((0.0, True))[0] != (0.0, True)
 #: Image placeholders lmms-eval prompts may carry (besides the processor's own image token).
 _PROMPT_IMAGE_TOKENS = ("<image>",)
 _NONE_VALUES = ("", "none", "null", "baseline")
@@ -225,25 +242,70 @@ def _stop_strings_criterion(tokenizer: Any, stops: tuple[str, ...], prompt_lengt
 # --------------------------------------------------------------------------- prompts
 
 
-def _as_images(visuals: Any) -> list[Any]:
-    """lmms-eval visuals (possibly nested lists) as RGB PIL images; anything else is refused clearly."""
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_AUDIO_EXTENSIONS = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
+
+
+@dataclass
+class Visuals:
+    """A prompt's images (RGB PIL) and videos (frames), in the order the task gives them."""
+
+    images: list[Any]
+    videos: list[Any]
+
+    def __add__(self, other: Visuals) -> Visuals:
+        return Visuals(self.images + other.images, self.videos + other.videos)
+
+
+def _as_visuals(visuals: Any, num_frames: int = DEFAULT_VIDEO_FRAMES, kind: str | None = None) -> Visuals:
+    """lmms-eval visuals (possibly nested lists) as images and videos: PIL images; image files; video files (read
+    into ``num_frames`` frames) or ``{"type": "video", "url": ...}``; ``kind="video"``: the item is one video (a
+    file, or a list of frames). Audio is refused clearly."""
     from PIL import Image
 
-    flat: list[Any] = []
+    found = Visuals([], [])
+    if kind == "video" and isinstance(visuals, (list, tuple)) and visuals:  # one video given as its frames
+        found.videos.append([_rgb(frame) for frame in visuals])
+        return found
     pending = [visuals] if visuals is not None else []
     while pending:
         item = pending.pop(0)
         if isinstance(item, (list, tuple)):
             pending[:0] = list(item)
         elif isinstance(item, Image.Image):
+            found.images.append(_rgb(item))
+        elif isinstance(item, dict) and item.get("type") in ("image", "video") and ("url" in item or "path" in item):
+            found += _as_visuals(item.get("url", item.get("path")), num_frames, item["type"])
+        elif isinstance(item, (str, Path)) and (kind == "video" or not str(item).lower().endswith(
+                _IMAGE_EXTENSIONS + _AUDIO_EXTENSIONS)):
             try:
-                flat.append(to_rgb(item))  # 16-bit grayscale scaled to 8 bits, not clipped to white
+                found.videos.append(read_video(item, num_frames))
             except ValueError as error:
-                raise ValueError(f"a task image cannot be used: {error}") from None
+                raise ValueError(f"a task video cannot be used: {error}") from None
+        elif isinstance(item, (str, Path)) and str(item).lower().endswith(_IMAGE_EXTENSIONS):
+            try:
+                with Image.open(item) as image:
+                    found.images.append(_rgb(image))
+            except OSError as error:
+                raise ValueError(f"a task image cannot be opened: {error}") from None
         elif item is not None:
-            kind = "a video (path)" if isinstance(item, str) else "audio" if isinstance(item, dict) else type(item).__name__
-            raise NotImplementedError(f"the shortv lmms-eval model takes images only; this task gives {kind}")
-    return flat
+            kind_name = "audio" if isinstance(item, (str, Path, dict)) else type(item).__name__
+            raise NotImplementedError(
+                f"the shortv lmms-eval model takes images and videos; this task gives {kind_name}"
+            )
+    return found
+
+
+def _rgb(image: Any) -> Any:
+    """An RGB PIL image (16-bit grayscale scaled to 8 bits, not clipped to white); numpy frames pass through."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        return image
+    try:
+        return to_rgb(image)
+    except ValueError as error:
+        raise ValueError(f"a task image cannot be used: {error}") from None
 
 
 # --------------------------------------------------------------------------- models
@@ -288,6 +350,7 @@ class _ShortVModel(lmms):
         torch_dtype: str | None = None,
         trust_remote_code: bool = False,
         allow_other_model: bool = False,
+        num_frames: int = DEFAULT_VIDEO_FRAMES,
         **unknown: Any,
     ) -> None:
         super().__init__()
@@ -296,7 +359,7 @@ class _ShortVModel(lmms):
                 f"unknown model argument(s) for the shortv lmms-eval model: {', '.join(sorted(unknown))}. Known: "
                 "pretrained, shortv_config, n, lc, preset, shortv_mode, dtype, device, device_map, "
                 "attn_implementation, batch_size, max_new_tokens, chat_template, system_prompt, trust_remote_code, "
-                "allow_other_model"
+                "allow_other_model, num_frames"
             )
         if not isinstance(trust_remote_code, bool) or not isinstance(allow_other_model, bool):
             raise ValueError("trust_remote_code and allow_other_model take true or false")
@@ -309,6 +372,9 @@ class _ShortVModel(lmms):
         if self._batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         self.max_new_tokens = int(max_new_tokens)
+        self.num_frames = int(num_frames)
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1 (frames read from each video file), got {num_frames!r}")
         if torch_dtype is not None and dtype is None:
             dtype = torch_dtype
 
@@ -400,11 +466,18 @@ class _ShortVModel(lmms):
 
     # prompts ---------------------------------------------------------------------------------------------------
     def _request_parts(self, request: Any) -> tuple[str, dict[str, Any] | None, Any]:
-        """(context, gen_kwargs, prompt source) of one request."""
+        """(context, gen_kwargs, prompt source) of one generation request."""
         raise NotImplementedError
 
-    def _messages(self, request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
-        """Chat messages in transformers' format (images as ``{"type": "image"}`` parts) and the images, in order."""
+    def _messages(self, request: Any) -> tuple[list[dict[str, Any]], Visuals]:
+        """Chat messages in transformers' format (``{"type": "image"}`` / ``{"type": "video"}`` parts) and the
+        visuals, in order: the prompt of a generation request (the first round of a multi-round one)."""
+        raise NotImplementedError
+
+    def _next_round(self, request: Any, round_idx: int, outputs: list[str], info: Any
+                    ) -> tuple[list[dict[str, Any]], Visuals, Any] | None:
+        """(messages, visuals, round info) of round ``round_idx`` (>= 1) of a multi-round request, from the task's
+        answers so far; None when the task says the request is done."""
         raise NotImplementedError
 
     def _doc(self, task: str, split: str, doc_id: int) -> Any:
@@ -412,6 +485,29 @@ class _ShortVModel(lmms):
             return self.task_dict[task][split][doc_id]
         except (KeyError, IndexError, TypeError) as error:
             raise KeyError(f"lmms-eval gave no document {task}/{split}/{doc_id} (lm.task_dict): {error}") from None
+
+    def _content(self, context: str, visuals: Visuals) -> list[dict[str, Any]]:
+        """One user turn's parts for a context string and its visuals: the images at the context's ``<image>``
+        placeholders when it has exactly one per image, otherwise before the text; videos before the text."""
+        n_images = len(visuals.images)
+        videos = [{"type": "video"} for _ in visuals.videos]
+        placeholders = sorted({self.image_token, *_PROMPT_IMAGE_TOKENS}, key=len, reverse=True)
+        pieces = re.split("|".join(re.escape(token) for token in placeholders), context)
+        if n_images and len(pieces) - 1 == n_images:
+            content: list[dict[str, Any]] = list(videos)
+            for index, piece in enumerate(pieces):
+                if index:
+                    content.append({"type": "image"})
+                if piece.strip():
+                    content.append({"type": "text", "text": piece.strip()})
+            return content
+        if len(pieces) > 1 and n_images:
+            self._warn_once(
+                f"shortv: a prompt has {len(pieces) - 1} image placeholder(s) for {n_images} image(s); "
+                "the placeholders are dropped and the images put before the text"
+            )
+        text = "".join(pieces).strip() if len(pieces) > 1 else context
+        return [{"type": "image"} for _ in range(n_images)] + videos + [{"type": "text", "text": text}]
 
     def _render(self, messages: list[dict[str, Any]]) -> str:
         if self.system_prompt:
@@ -426,8 +522,34 @@ class _ShortVModel(lmms):
                 parts.append(content)
                 continue
             for part in content:
-                parts.append(f"{self.image_token}\n" if part["type"] == "image" else part["text"])
+                if part["type"] == "text":
+                    parts.append(part["text"])
+                elif part["type"] == "image":
+                    parts.append(f"{self.image_token}\n")
+                else:
+                    parts.append(f"{getattr(self._processor, 'video_token', None) or '<video>'}\n")
         return "".join(parts)
+
+    def _encode(self, prompts: list[str], visuals: list[Visuals], padding_side: str) -> dict[str, Any]:
+        """Model inputs for rendered prompts and their visuals, padded on ``padding_side``, on the model's device."""
+        videos = [video for item in visuals for video in item.videos]
+        if videos:
+            check_takes_video(self._processor, "this task gives a video")
+        batch = encode(self._processor, prompts, [item.images for item in visuals], videos, padding=True,
+                       padding_side=padding_side)
+        return inputs_for(self._model, dict(batch))
+
+    def _settings_groups(self, requests: list[Any]) -> dict[GenerationSettings, list[int]]:
+        """Request indices by generation settings (only equal settings share a batch), longest prompts first."""
+        groups: dict[GenerationSettings, list[int]] = {}
+        for index, request in enumerate(requests):
+            settings, ignored = GenerationSettings.from_kwargs(self._request_parts(request)[1], self.max_new_tokens)
+            if ignored:
+                self._warn_once(f"shortv: ignoring generation kwargs {ignored}")
+            groups.setdefault(settings, []).append(index)
+        for indices in groups.values():
+            indices.sort(key=lambda i: -len(self._request_parts(requests[i])[0]))
+        return groups
 
     # lmms-eval's interface ---------------------------------------------------------------------------------------
     def generate_until(self, requests: list[Any]) -> list[str]:
@@ -436,18 +558,11 @@ class _ShortVModel(lmms):
         from tqdm.auto import tqdm
 
         results: list[str | None] = [None] * len(requests)
-        groups: dict[GenerationSettings, list[int]] = {}
-        for index, request in enumerate(requests):
-            settings, ignored = GenerationSettings.from_kwargs(self._request_parts(request)[1], self.max_new_tokens)
-            if ignored:
-                self._warn_once(f"shortv: ignoring generation kwargs {ignored}")
-            groups.setdefault(settings, []).append(index)
         with tqdm(total=len(requests), desc="Model Responding", disable=self.rank != 0) as bar:
-            for settings, indices in groups.items():
-                indices.sort(key=lambda i: -len(self._request_parts(requests[i])[0]))
+            for settings, indices in self._settings_groups(requests).items():
                 for start in range(0, len(indices), self.batch_size):
                     chunk = indices[start : start + self.batch_size]
-                    answers = self._generate([requests[i] for i in chunk], settings)
+                    answers = self._generate([self._messages(requests[i]) for i in chunk], settings)
                     for i, answer in zip(chunk, answers):
                         results[i] = answer
                         context, gen_kwargs, _ = self._request_parts(requests[i])
@@ -455,16 +570,45 @@ class _ShortVModel(lmms):
                     bar.update(len(chunk))
         return results  # type: ignore[return-value]
 
+    def generate_until_multi_round(self, requests: list[Any]) -> list[list[str]]:
+        """Per request, the answer of every round, in request order. Round 0 is the request's prompt; each later
+        round's prompt (and visuals) comes from the task (``doc_to_text`` of a simple task, ``doc_to_messages`` of a
+        chat task, called with ``round_idx``, ``previous_output`` and ``previous_round_info``) until it says the
+        request is done. Each round is a fresh prompt, as in lmms-eval's own models: the task puts whatever history
+        it wants into it. The requests of a batch run their rounds together; a finished one leaves the batch."""
+        from tqdm.auto import tqdm
+
+        results: list[list[str] | None] = [None] * len(requests)
+        with tqdm(total=len(requests), desc="Model Responding", disable=self.rank != 0) as bar:
+            for settings, indices in self._settings_groups(requests).items():
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start : start + self.batch_size]
+                    prompts = {i: self._messages(requests[i]) for i in chunk}
+                    outputs: dict[int, list[str]] = {i: [] for i in chunk}
+                    info: dict[int, Any] = dict.fromkeys(chunk)
+                    active, round_idx = list(chunk), 0
+                    while active:
+                        for i, answer in zip(active, self._generate([prompts[i] for i in active], settings)):
+                            outputs[i].append(answer)
+                        round_idx += 1
+                        still = []
+                        for i in active:
+                            following = self._next_round(requests[i], round_idx, list(outputs[i]), info[i])
+                            if following is not None:
+                                *prompts[i], info[i] = following
+                                still.append(i)
+                        active = still
+                    for i in chunk:
+                        results[i] = outputs[i]
+                        context, gen_kwargs, _ = self._request_parts(requests[i])
+                        self.cache_hook.add_partial("generate_until_multi_round", (context, gen_kwargs), outputs[i])
+                    bar.update(len(chunk))
+        return results  # type: ignore[return-value]
+
     @torch.no_grad()
-    def _generate(self, requests: list[Any], settings: GenerationSettings) -> list[str]:
-        prompts, images = [], []
-        for request in requests:
-            messages, request_images = self._messages(request)
-            prompts.append(self._render(messages))
-            images.append(request_images)  # one list per prompt: Gemma 3 and SmolVLM check each prompt's count
-        batch = self._processor(images=images if any(images) else None, text=prompts, padding=True,
-                                return_tensors="pt")
-        inputs = inputs_for(self._model, dict(batch))
+    def _generate(self, prompts: list[tuple[list[dict[str, Any]], Visuals]], settings: GenerationSettings) -> list[str]:
+        inputs = self._encode([self._render(messages) for messages, _ in prompts],
+                              [visuals for _, visuals in prompts], padding_side="left")
         prompt_length = inputs["input_ids"].shape[1]
         kwargs = settings.generate_kwargs()
         if settings.until and settings.num_beams == 1:
@@ -477,60 +621,132 @@ class _ShortVModel(lmms):
         texts = self.tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
         return [truncate_at_stops(text, settings.until).strip() for text in texts]
 
-    def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
-        raise NotImplementedError(
-            "the shortv lmms-eval model implements generate_until only; loglikelihood (likelihood-scored "
-            "multiple-choice tasks) is not supported. Use the task's generation variant."
-        )
+    def _scoring_parts(self, request: Any) -> tuple[str, str, Any]:
+        """(context, continuation, visual source) of a loglikelihood request: ``(context, continuation or
+        doc_to_target, doc_to_visual, doc_id, task, split)``, or ``(context, continuation)`` (no visuals; lmms-eval's
+        unconditional requests for ``acc_mutual_info``)."""
+        args = request.args
+        if len(args) == 2:
+            return str(args[0]), str(args[1]), None
+        context, target, doc_to_visual, doc_id, task, split = args
+        continuation = target(self._doc(task, split, doc_id)) if callable(target) else target
+        if isinstance(continuation, (list, tuple)):
+            raise ValueError(f"a loglikelihood request needs one continuation string, got {continuation!r}")
+        # The document (and its images) is read when its batch is scored, not all at once here.
+        return str(context), str(continuation), (doc_to_visual, task, split, doc_id) if doc_to_visual else None
 
-    def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
-        raise NotImplementedError(
-            "the shortv lmms-eval model implements generate_until only; multi-round generation is not supported."
-        )
+    def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        """Per request, ``(mean negative log-likelihood of the continuation's tokens, is_greedy)``, in request order.
+
+        The context is the prompt ``generate_until`` gives the model (its visuals, the chat template, the generation
+        prompt); the continuation follows it as the answer's text. One forward over both: ShortV freezes the
+        visual tokens of the context's prefill, and the continuation's tokens, being text, are computed in full, so
+        their probabilities are those the patched model gives while decoding them. lmms-eval's multiple-choice
+        scoring takes the choice with the *lowest* value (``argmin``), as for its own Hugging Face models, which
+        return the mean loss: so the first element is the loss, lower meaning more likely (times the token count
+        and negated, it is the continuation's log-probability). ``is_greedy``: every continuation token is the
+        model's argmax. Batched (``batch_size``, longest first, right-padded: each row keeps the positions it has
+        alone), with the same results at every batch size up to float rounding. Under lmms-eval 0.7.3 each pair
+        comes wrapped as ``GenerationResult(text=pair)`` (see ``_WRAP_SCORES``); ``unwrap_generation_output`` gives
+        it back."""
+        from tqdm.auto import tqdm
+
+        parts = [self._scoring_parts(request) for request in requests]
+        order = sorted(range(len(parts)), key=lambda i: -(len(parts[i][0]) + len(parts[i][1])))
+        results: list[tuple[float, bool] | None] = [None] * len(parts)
+        with tqdm(total=len(requests), desc="Model Responding", disable=self.rank != 0) as bar:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                for i, result in zip(chunk, self._score([parts[i] for i in chunk])):
+                    results[i] = result
+                    self.cache_hook.add_partial("loglikelihood", parts[i][:2], result)
+                bar.update(len(chunk))
+        if _WRAP_SCORES:
+            return [GenerationResult(text=result) for result in results]  # type: ignore[misc]
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _score(self, parts: list[tuple[str, str, Any]]) -> list[tuple[float, bool]]:
+        fulls, visuals, counts = [], [], []
+        loaded: dict[Any, Visuals] = {None: Visuals([], [])}  # a document's choices share its visuals: read once
+        for context, continuation, source in parts:
+            if source not in loaded:
+                doc_to_visual, task, split, doc_id = source
+                loaded[source] = _as_visuals(doc_to_visual(self._doc(task, split, doc_id)), self.num_frames)
+            found = loaded[source]
+            prompt = self._render([{"role": "user", "content": self._content(context, found)}])
+            count = len(self.tokenizer(prompt + continuation)["input_ids"]) - len(self.tokenizer(prompt)["input_ids"])
+            if count < 1:
+                raise ValueError(f"the continuation {continuation!r} adds no token to its prompt; nothing to score")
+            fulls.append(prompt + continuation)
+            visuals.append(found)
+            counts.append(count)
+        inputs = self._encode(fulls, visuals, padding_side="right")
+        ids, lengths = inputs["input_ids"], inputs["attention_mask"].sum(dim=1).tolist()
+        # Logits only from the first position that predicts a continuation token on: less memory than all of them.
+        first = min(length - count - 1 for length, count in zip(lengths, counts))
+        keep = ids.shape[1] - first
+        logits = self._model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        results = []
+        for row, (length, count) in enumerate(zip(lengths, counts)):
+            positions = torch.arange(length - count - 1, length - 1, device=logits.device)
+            log_probs = logits[row, positions - first].float().log_softmax(dim=-1)
+            targets = ids[row, positions + 1].to(logits.device)
+            token_log_probs = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+            greedy = bool((log_probs.argmax(dim=-1) == targets).all())
+            results.append((float(-token_log_probs.mean()), greedy))
+        return results
 
 
 class ShortV(_ShortVModel):
-    """lmms-eval "simple" model: requests carry ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``.
+    """lmms-eval "simple" model: requests carry ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``
+    (multi-round: ``doc_to_text`` after ``doc_to_visual``; loglikelihood: ``(context, continuation, doc_to_visual,
+    doc_id, task, split)``).
 
-    The prompt is the context in one user turn of the processor's chat template, with one image part per visual:
-    at the context's ``<image>`` placeholders when it has exactly one per image, otherwise before the text.
+    The prompt is the context in one user turn of the processor's chat template, with one image part per image:
+    at the context's ``<image>`` placeholders when it has exactly one per image, otherwise before the text; videos
+    (video files, read into ``num_frames`` frames) before the text.
     """
 
     is_simple = True
 
     def _request_parts(self, request: Any) -> tuple[str, dict[str, Any] | None, Any]:
-        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+        args = request.args
+        if len(args) == 7:  # generate_until_multi_round: doc_to_text makes the later rounds
+            context, gen_kwargs, doc_to_visual, _, doc_id, task, split = args
+        else:
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = args
         return context, gen_kwargs, (doc_to_visual, doc_id, task, split)
 
-    def _messages(self, request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+    def _messages(self, request: Any) -> tuple[list[dict[str, Any]], Visuals]:
         context, _, (doc_to_visual, doc_id, task, split) = self._request_parts(request)
         visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else None
-        images = _as_images(visuals)
-        return [{"role": "user", "content": self._content(context, len(images))}], images
+        found = _as_visuals(visuals, self.num_frames)
+        return [{"role": "user", "content": self._content(context, found)}], found
 
-    def _content(self, context: str, n_images: int) -> list[dict[str, Any]]:
-        placeholders = sorted({self.image_token, *_PROMPT_IMAGE_TOKENS}, key=len, reverse=True)
-        pieces = re.split("|".join(re.escape(token) for token in placeholders), context)
-        if n_images and len(pieces) - 1 == n_images:
-            content: list[dict[str, Any]] = []
-            for index, piece in enumerate(pieces):
-                if index:
-                    content.append({"type": "image"})
-                if piece.strip():
-                    content.append({"type": "text", "text": piece.strip()})
-            return content
-        if len(pieces) > 1 and n_images:
-            self._warn_once(
-                f"shortv: a prompt has {len(pieces) - 1} image placeholder(s) for {n_images} image(s); "
-                "the placeholders are dropped and the images put before the text"
-            )
-        text = "".join(pieces).strip() if len(pieces) > 1 else context
-        return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    def _next_round(self, request: Any, round_idx: int, outputs: list[str], info: Any
+                    ) -> tuple[list[dict[str, Any]], Visuals, Any] | None:
+        if len(request.args) != 7:
+            raise ValueError("a multi-round request carries (context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, "
+                             f"task, split); got {len(request.args)} arguments")
+        _, _, _, doc_to_text, doc_id, task, split = request.args
+        payload = doc_to_text(self._doc(task, split, doc_id), previous_output=outputs, round_idx=round_idx,
+                              previous_round_info=info)
+        if not (isinstance(payload, tuple) and len(payload) == 5):
+            raise ValueError("a multi-round task's doc_to_text must return (visuals, context, terminal, "
+                             f"previous_output, round_info) for round {round_idx}, got {type(payload).__name__}")
+        visuals, context, terminal, _, info = payload
+        if terminal:
+            return None
+        found = _as_visuals(visuals, self.num_frames)
+        return [{"role": "user", "content": self._content(context, found)}], found, info
 
 
 class ShortVChat(_ShortVModel):
     """lmms-eval "chat" model: requests carry ``(context, doc_to_messages, gen_kwargs, doc_id, task, split)``; the
-    messages (text and image parts, any roles) go through the processor's chat template as they are."""
+    messages (text, image and video parts, any roles) go through the processor's chat template as they are.
+    lmms-eval's chat tasks only generate: likelihood tasks (``multiple_choice``, ``loglikelihood``) need
+    ``--force_simple``, which picks `ShortV`."""
 
     is_simple = False
 
@@ -538,12 +754,29 @@ class ShortVChat(_ShortVModel):
         context, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
         return context, gen_kwargs, (doc_to_messages, doc_id, task, split)
 
-    def _messages(self, request: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+    def _messages(self, request: Any) -> tuple[list[dict[str, Any]], Visuals]:
         _, _, (doc_to_messages, doc_id, task, split) = self._request_parts(request)
         raw = doc_to_messages(self._doc(task, split, doc_id)) if callable(doc_to_messages) else doc_to_messages
+        return self._convert(raw)
+
+    def _next_round(self, request: Any, round_idx: int, outputs: list[str], info: Any
+                    ) -> tuple[list[dict[str, Any]], Visuals, Any] | None:
+        _, (doc_to_messages, doc_id, task, split) = self._request_parts(request)[1:]
+        if not callable(doc_to_messages):
+            return None
+        payload = doc_to_messages(self._doc(task, split, doc_id), round_idx=round_idx, previous_output=outputs,
+                                  previous_round_info=info)
+        if not (isinstance(payload, tuple) and len(payload) == 4):  # lmms-eval's protocol: anything else ends it
+            return None
+        raw, terminal, _, info = payload
+        if terminal or raw is None:
+            return None
+        return (*self._convert(raw), info)
+
+    def _convert(self, raw: Any) -> tuple[list[dict[str, Any]], Visuals]:
         if hasattr(raw, "model_dump"):  # lmms_eval.protocol.ChatMessages
             raw = raw.model_dump()["messages"]
-        messages, images = [], []
+        messages, found = [], Visuals([], [])
         for message in raw:
             if hasattr(message, "model_dump"):
                 message = message.model_dump()
@@ -557,13 +790,13 @@ class ShortVChat(_ShortVModel):
                     part = part.model_dump()
                 if part["type"] == "text":
                     parts.append({"type": "text", "text": part["text"]})
-                elif part["type"] == "image":
-                    for image in _as_images(part.get("url", part.get("image"))):
-                        images.append(image)
-                        parts.append({"type": "image"})
+                elif part["type"] in ("image", "video"):
+                    visuals = _as_visuals(part.get("url", part.get(part["type"])), self.num_frames, part["type"])
+                    found += visuals
+                    parts += [{"type": "image"} for _ in visuals.images] + [{"type": "video"} for _ in visuals.videos]
                 else:
                     raise NotImplementedError(
-                        f"the shortv lmms-eval model takes text and images only; this task gives {part['type']}"
+                        f"the shortv lmms-eval model takes text, images and videos; this task gives {part['type']}"
                     )
             messages.append({"role": message["role"], "content": parts})
-        return messages, images
+        return messages, found
