@@ -5,7 +5,7 @@ Builds, in a temporary folder, the tensor layout of LLaVA-1.5-7B (CLIP ViT-L/336
 checkpoint is stored; fingerprints it with the files in the page cache (warm) and after evicting them from it
 (cold, ``posix_fadvise(DONTNEED)``: every sampled window is read from the disk); prints the times and the
 fingerprint; deletes the files. The tensor bytes are a repeated random block (what they hold does not change the
-cost). Run:
+cost); prints the size of the recorded fingerprint, full (run files) and compact (configs, LC files). Run:
 
     python benchmarks/bench_fingerprint.py [--scale 1.0] [--repeats 5] [--dir /tmp]
 
@@ -156,8 +156,11 @@ def main() -> None:
                   f"{1e3 * statistics.median(times):.1f} ms, min {1e3 * min(times):.1f} ms, max "
                   f"{1e3 * max(times):.1f} ms over {args.repeats} runs")
         print(f"fingerprint: {fingerprint.label()}, digest {fingerprint.digest}")
-        print(f"recorded size: {len(json.dumps(fingerprint.to_dict())) / 1e3:.1f} kB of JSON (compact), "
-              f"{len(json.dumps(fingerprint.to_dict(), indent=2)) / 1e3:.1f} kB indented as in shortv_config.json")
+        full, compact = fingerprint.to_dict(), fingerprint.compact().to_dict()
+        print(f"recorded size, full (run files): {len(json.dumps(full)) / 1e3:.1f} kB of JSON, "
+              f"{len(json.dumps(full, indent=1)) / 1e3:.1f} kB indented as in lc_run.json")
+        print(f"recorded size, compact (shortv_config.json, lc.json): {len(json.dumps(compact))} bytes of JSON, "
+              f"{len(json.dumps(compact, indent=2))} bytes indented as in shortv_config.json")
         print(f"load average {os.getloadavg()[0]:.2f} (1 min) after timing")
     finally:
         shutil.rmtree(folder)

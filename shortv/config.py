@@ -95,7 +95,9 @@ class ShortVConfig:
             )
         if not isinstance(self.provenance, dict):
             raise TypeError(f"ShortVConfig.provenance must be a dict, got {type(self.provenance).__name__}")
-        self.weights  # noqa: B018 - a malformed fingerprint is refused when the config is made, not when it is used
+        weights = self.weights  # a malformed fingerprint is refused when the config is made, not when it is used
+        if weights is not None:  # a config records the compact form (`shortv.fingerprint`): a few hundred bytes
+            self.provenance = {**self.provenance, "weights": weights.compact().to_dict()}
 
     @property
     def frozen_layers(self) -> frozenset[int]:

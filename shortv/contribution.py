@@ -120,7 +120,7 @@ class LCResult:
             "sample_ids": self.sample_ids,
             "per_sample": self.per_sample,
             "metadata": self.metadata,
-            "weights": None if self.weights is None else self.weights.to_dict(),
+            "weights": None if self.weights is None else self.weights.compact().to_dict(),
         }
 
     def save(self, path: str | Path) -> Path:

@@ -16,6 +16,10 @@ well under a second for 7B weights (``benchmarks/bench_fingerprint.py``), never 
 confined to bytes between the windows (one edited weight); any training, re-initialisation, re-quantisation or
 swapped file changes every window. Two fingerprints are the same weights when their `digest` is equal;
 `describe_difference` names what differs (which file, which tensor; size, header or sampled bytes).
+
+Run files record the full fingerprint (one line per tensor: about 90 kB for 7B weights), so that a refused resume
+names the tensors; configs and LC files record its `compact` form (per file its size and a short digest of those
+lines: a few hundred bytes), which names the files. Both give the same `digest`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +49,43 @@ def warn(message: str) -> None:
 
 @dataclass
 class FileFingerprint:
-    """One weight file: its size, a hash of its header, and per tensor ``"DTYPE [shape] @begin-end samples"``."""
+    """One weight file: its size and a short `digest` of its content. In full (run files) also a hash of its header
+    and per tensor ``"DTYPE [shape] @begin-end samples"``, which `digest` hashes; compact (configs, LC files) without.
+    """
 
     size: int
-    header: str
+    digest: str = ""
+    header: str | None = None
     tensors: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.header is None:  # compact: the digest is all there is
+            if not self.digest or self.tensors:
+                raise ValueError("a weight file needs its digest, or its header and tensors")
+            return
+        digest = hashlib.sha256(json.dumps([self.header, self.tensors], sort_keys=True).encode()).hexdigest()[:16]
+        if self.digest and self.digest != digest:
+            raise ValueError("weights fingerprint: a file's digest does not match its tensors (edited by hand?)")
+        self.digest = digest
 
-@dataclass
+    def to_dict(self) -> dict[str, Any]:
+        compact = {"size": self.size, "digest": self.digest}
+        return compact if self.header is None else {**compact, "header": self.header, "tensors": self.tensors}
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> FileFingerprint:
+        header = entry.get("header")
+        return cls(int(entry["size"]), str(entry.get("digest", "")), None if header is None else str(header),
+                   {str(name): str(line) for name, line in entry.get("tensors", {}).items()})
+
+
+@dataclass(eq=False)
 class WeightsFingerprint:
+    """One model's weights; equal when their digests are (a full fingerprint and its `compact` form are equal)."""
+
     kind: str
-    #: sha256 over everything below: equal digests, same weights.
+    #: sha256 over the kind, repo, revision and each file's name, size and digest: equal digests, same weights, in
+    #: full and compact form alike.
     digest: str = ""
     repo: str | None = None
     revision: str | None = None
@@ -64,39 +94,63 @@ class WeightsFingerprint:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown weights fingerprint kind {self.kind!r}; expected one of {KINDS}")
-        body = json.dumps([self.kind, self.repo, self.revision, {name: asdict(entry) for name, entry in
-                                                                  sorted(self.files.items())}], sort_keys=True)
-        digest = hashlib.sha256(body.encode()).hexdigest()
+        files = {name: [entry.size, entry.digest] for name, entry in sorted(self.files.items())}
+        digest = hashlib.sha256(json.dumps([self.kind, self.repo, self.revision, files]).encode()).hexdigest()
         if self.digest and self.digest != digest:
             raise ValueError("weights fingerprint: its digest does not match its content (edited by hand?)")
         self.digest = digest
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WeightsFingerprint) and other.digest == self.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def compact(self) -> WeightsFingerprint:
+        """The same identity without the per-tensor lines (a few hundred bytes): what configs and LC files record."""
+        return replace(self, files={name: FileFingerprint(entry.size, entry.digest)
+                                    for name, entry in self.files.items()})
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"kind": self.kind, "digest": self.digest, "repo": self.repo, "revision": self.revision,
+                "files": {name: entry.to_dict() for name, entry in self.files.items()}}
 
     @classmethod
     def from_dict(cls, data: Any) -> WeightsFingerprint:
-        """The inverse of `to_dict`; a malformed value is a ValueError."""
+        """The inverse of `to_dict` (full or compact, and the full form of the first version, whose digest was
+        computed otherwise); a malformed value is a ValueError."""
         try:
-            files = {str(name): FileFingerprint(int(entry["size"]), str(entry["header"]),
-                                                {str(k): str(v) for k, v in entry["tensors"].items()})
-                     for name, entry in data.get("files", {}).items()}
-            return cls(kind=data["kind"], digest=str(data.get("digest", "")), repo=data.get("repo"),
+            entries = data.get("files", {})
+            legacy = any("digest" not in entry for entry in entries.values())
+            if legacy and data.get("digest") != _first_version_digest(data):
+                raise ValueError("its digest does not match its content (edited by hand?)")
+            files = {str(name): FileFingerprint.from_dict(entry) for name, entry in entries.items()}
+            return cls(kind=data["kind"], digest="" if legacy else str(data.get("digest", "")), repo=data.get("repo"),
                        revision=data.get("revision"), files=files)
         except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise ValueError(f"not a weights fingerprint: {error}") from None
 
     def label(self) -> str:
-        """A short identity for messages: ``hub owner/name@commit``, ``files 3f2a9c1b0d4e (2 files, 291 tensors)``."""
+        """A short identity for messages: ``hub owner/name@commit``, ``files 3f2a9c1b0d4e (4 files, 14.1 GB)``."""
         if self.kind == "hub":
             return f"hub {self.repo}@{(self.revision or 'unknown')[:12]}"
-        tensors = sum(len(entry.tensors) for entry in self.files.values())
         where = f"{len(self.files)} file{'s' * (len(self.files) != 1)}, " if self.kind == "files" else ""
-        return f"{self.kind} {self.digest[:12]} ({where}{tensors} tensors)"
+        size = sum(entry.size for entry in self.files.values())
+        amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        return f"{self.kind} {self.digest[:12]} ({where}{amount})"
+
+
+def _first_version_digest(data: dict[str, Any]) -> str:
+    """The digest of a fingerprint written by the first version (every file in full, no per-file digest)."""
+    files = {name: {"size": entry["size"], "header": entry["header"], "tensors": entry["tensors"]}
+             for name, entry in sorted(data["files"].items())}
+    body = json.dumps([data["kind"], data.get("repo"), data.get("revision"), files], sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def describe_difference(a: WeightsFingerprint, b: WeightsFingerprint) -> str:
-    """What differs from ``a`` to ``b``, in one line ("" when they are the same weights)."""
+    """What differs from ``a`` to ``b``, in one line ("" when they are the same weights): the files, and when both
+    are full, the tensors."""
     if a.digest == b.digest:
         return ""
     if a.kind != b.kind:
@@ -111,15 +165,17 @@ def describe_difference(a: WeightsFingerprint, b: WeightsFingerprint) -> str:
         parts.append(f"{_names(new)} new")
     for name in sorted(set(a.files) & set(b.files)):
         before, now = a.files[name], b.files[name]
-        if before == now:
+        if (before.size, before.digest) == (now.size, now.digest):
             continue
         changes = []
         if before.size != now.size:
             changes.append(f"size {before.size} before, {now.size} now")
-        for kind, tensors in _tensor_changes(before.tensors, now.tensors).items():
-            changes.append(f"{kind} of tensor{'s' * (len(tensors) > 1)} {_names(tensors)}")
+        full = before.header is not None and now.header is not None  # a compact one names the file, not tensors
+        if full:
+            for kind, tensors in _tensor_changes(before.tensors, now.tensors).items():
+                changes.append(f"{kind} of tensor{'s' * (len(tensors) > 1)} {_names(tensors)}")
         if not changes:
-            changes.append("header differs")
+            changes.append("header differs" if full else "header or sampled bytes differ")
         parts.append(f"{name}: {'; '.join(changes)}")
     return "; ".join(parts)
 
@@ -191,7 +247,7 @@ def _safetensors_file(path: Path) -> FileFingerprint:
         raise ValueError(f"{path}: not a valid safetensors file ({error}); re-download or re-save the model") from None
     finally:
         os.close(fd)
-    return FileFingerprint(size, hashlib.sha256(raw).hexdigest(), tensors)
+    return FileFingerprint(size, header=hashlib.sha256(raw).hexdigest(), tensors=tensors)
 
 
 def _tensor_entry(tensor: Any, where: str = "") -> str:
@@ -222,14 +278,14 @@ def _pickled_file(path: Path) -> FileFingerprint:
         tensors = {str(name): _tensor_entry(value) for name, value in sorted(state.items())
                    if isinstance(value, torch.Tensor)}
         header = hashlib.sha256(json.dumps(sorted(tensors)).encode()).hexdigest()
-        return FileFingerprint(size, header, tensors)
+        return FileFingerprint(size, header=header, tensors=tensors)
     except Exception:  # noqa: BLE001 - not loadable this way: loading names the problem; sample the bytes instead
         with path.open("rb") as handle:
             chunks = []
             for offset, count in _windows(size):
                 handle.seek(offset)
                 chunks.append(handle.read(count))
-        return FileFingerprint(size, _sample_hash(chunks), {})
+        return FileFingerprint(size, header=_sample_hash(chunks))
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -248,7 +304,7 @@ def fingerprint_folder(folder: str | Path) -> WeightsFingerprint:
     for path in weight_files(folder):
         if path.name.endswith(".index.json"):
             content = path.read_bytes()
-            files[path.name] = FileFingerprint(len(content), hashlib.sha256(content).hexdigest())
+            files[path.name] = FileFingerprint(len(content), header=hashlib.sha256(content).hexdigest())
         elif path.suffix == ".safetensors":
             files[path.name] = _safetensors_file(path)
         else:
@@ -272,7 +328,7 @@ def fingerprint_model(model: Any) -> WeightsFingerprint:
         tensors = {name: _tensor_entry(value) for name, value in sorted(model.state_dict().items())}
     header = hashlib.sha256(json.dumps(sorted(tensors)).encode()).hexdigest()
     size = sum(value.numel() * value.element_size() for value in model.state_dict().values())
-    return WeightsFingerprint("memory", files={"(memory)": FileFingerprint(size, header, tensors)})
+    return WeightsFingerprint("memory", files={"(memory)": FileFingerprint(size, header=header, tensors=tensors)})
 
 
 def recorded_fingerprint(data: Any, where: str) -> WeightsFingerprint | None:

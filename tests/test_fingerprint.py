@@ -1,6 +1,7 @@
 """The weights fingerprint: what it sees (safetensors headers, sizes, sampled bytes; shards; pickled .bin; a hub
 snapshot's commit; a model in memory), its JSON round trip, and how a difference is named."""
 
+import hashlib
 import json
 import shutil
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from shortv.config import ShortVConfig
+from shortv.contribution import LCResult
 from shortv.fingerprint import (
     WeightsFingerprint,
     describe_difference,
@@ -39,10 +42,80 @@ def test_same_bytes_same_fingerprint_and_json_round_trip(tiny_llava_dir, copy):
     entry = original.files["model.safetensors"]
     assert entry.size == (tiny_llava_dir / "model.safetensors").stat().st_size and len(entry.tensors) > 100
     assert describe_difference(original, original) == ""
+    for edited in (original.to_dict(), original.compact().to_dict()):
+        edited["files"]["model.safetensors"]["size"] += 1
+        with pytest.raises(ValueError, match="digest does not match"):
+            WeightsFingerprint.from_dict(edited)
     edited = original.to_dict()
-    edited["files"]["model.safetensors"]["size"] += 1
-    with pytest.raises(ValueError, match="digest does not match"):
+    name = sorted(edited["files"]["model.safetensors"]["tensors"])[0]
+    edited["files"]["model.safetensors"]["tensors"][name] += "0"
+    with pytest.raises(ValueError, match="a file's digest does not match its tensors"):
         WeightsFingerprint.from_dict(edited)
+
+
+def test_the_compact_form_is_the_same_identity_and_names_files(tiny_llava_dir, copy):
+    """Configs and LC files record the compact form: equal to the full one (same digest), and a difference names the
+    file (the size when it changed); two full ones name the tensors."""
+    original = fingerprint_folder(tiny_llava_dir)
+    compact = WeightsFingerprint.from_dict(json.loads(json.dumps(original.compact().to_dict())))
+    assert compact == original and compact.digest == original.digest and compact.label() == original.label()
+    assert set(compact.to_dict()["files"]["model.safetensors"]) == {"size", "digest"}
+    assert describe_difference(compact, original) == describe_difference(original, compact) == ""
+    tensors = tensors_of(copy)
+    name = "language_model.model.layers.3.mlp.up_proj.weight"
+    tensors[name] = tensors[name] + 1e-3
+    resave(copy, tensors)
+    changed = fingerprint_folder(copy)
+    assert changed != compact and changed.compact() != compact
+    assert describe_difference(compact, changed) == "model.safetensors: header or sampled bytes differ"
+    assert describe_difference(compact, changed.compact()) == "model.safetensors: header or sampled bytes differ"
+    assert describe_difference(original, changed) == f"model.safetensors: sampled bytes of tensor {name}"
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    resave(copy, tensors)
+    size = (copy / "model.safetensors").stat().st_size
+    assert describe_difference(compact, fingerprint_folder(copy)) == \
+        f"model.safetensors: size {original.files['model.safetensors'].size} before, {size} now"
+
+
+def test_configs_and_lc_files_record_a_small_fingerprint(tmp_path):
+    """A many-tensor sharded checkpoint (700 tensors, 3 shards and an index, as 7B weights are stored): its full
+    fingerprint is tens of kB; a config and an LC file record under 2 kB of it, and read back as the same weights."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    weight_map = {}
+    for shard in range(3):
+        name = f"model-{shard + 1:05d}-of-00003.safetensors"
+        part = {f"model.layers.{index}.weight": torch.full((4, 4), float(index)) for index in range(shard, 700, 3)}
+        save_file(part, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    full = fingerprint_folder(folder)
+    assert len(json.dumps(full.to_dict())) > 40_000
+    config = ShortVConfig(layers=[1, 2], provenance={"weights": full.to_dict()})
+    assert len(json.dumps(config.to_dict()["provenance"]["weights"])) < 2_000
+    assert ShortVConfig.load(config.save(tmp_path / "shortv_config.json")).weights == full
+    lc = LCResult(num_layers=2, token_types=("visual",), sample_ids=["s"], per_sample={"visual": [[0.1, 0.2]]},
+                  weights=full)
+    recorded = json.loads(lc.save(tmp_path / "lc.json").read_text())["weights"]
+    assert len(json.dumps(recorded)) < 2_000 and LCResult.load(tmp_path / "lc.json").weights == full
+
+
+def test_full_fingerprints_of_the_first_format_still_load(tiny_llava_dir, tmp_path):
+    """The first version recorded every tensor in configs and LC files, with a digest over all of them."""
+    full = fingerprint_folder(tiny_llava_dir)
+    files = {name: {"size": entry.size, "header": entry.header, "tensors": entry.tensors}
+             for name, entry in full.files.items()}
+    body = json.dumps(["files", None, None, files], sort_keys=True)
+    first = {"kind": "files", "digest": hashlib.sha256(body.encode()).hexdigest(), "repo": None, "revision": None,
+             "files": files}
+    path = tmp_path / "shortv_config.json"
+    path.write_text(json.dumps({"layers": [3], "provenance": {"model_id": "m", "weights": first}}))
+    config = ShortVConfig.load(path)
+    assert config.weights == full and set(config.provenance["weights"]["files"]["model.safetensors"]) == {"size",
+                                                                                                       "digest"}
+    first["files"]["model.safetensors"]["size"] += 1
+    with pytest.raises(ValueError, match="digest does not match"):
+        WeightsFingerprint.from_dict(first)
 
 
 def test_a_changed_tensor_is_named(tiny_llava_dir, copy):

@@ -89,12 +89,14 @@ def test_lc_and_config_from_another_checkpoint_folder_are_refused(m1, data, tiny
     lc, config = cal / "lc.json", cal / "shortv_config.json"
     recorded = json.loads(lc.read_text())["weights"]
     assert recorded["kind"] == "files" and json.loads(config.read_text())["provenance"]["weights"] == recorded
+    assert set(recorded["files"]["model.safetensors"]) == {"size", "digest"}  # compact: the run file has the tensors
+    assert "tensors" in json.loads((cal / "lc_run.json").read_text())["weights"]["files"]["model.safetensors"]
 
     for given in (["--lc", lc, "--n", "3"], ["--config", config]):
         args = ["eval", "--model", b, "--data", data, "--num-samples", "2", *given]
         line = single_error_line(run(*args, "--out", tmp_path / "refused"))
         assert f"was made for other weights: made for {a} (files " in line and f"used with {b} (files " in line
-        assert "(model.safetensors: sampled bytes of tensors" in line and "--allow-other-model" in line
+        assert "(model.safetensors: header or sampled bytes differ)" in line and "--allow-other-model" in line
         assert not (tmp_path / "refused").exists()
         out = tmp_path / f"allowed{len(given)}"
         warnings = warning_lines(run(*args, "--out", out, "--allow-other-model"))
