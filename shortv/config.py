@@ -15,6 +15,10 @@ CONFIG_FORMAT_VERSION = 1
 MODES = ("fast", "reference")
 #: Which tokens a ShortV layer freezes. "visual" is ShortV; "text" is the paper's "which tokens" ablation.
 FROZEN_TOKENS = ("visual", "text")
+#: The two updates of a decoder layer that operator-level freezing skips separately on visual rows.
+OPERATORS = ("attention", "mlp")
+#: Config fields listing operator-level layers, by the operator their visual rows skip.
+OPERATOR_FIELDS = {"attention": "attention_layers", "mlp": "mlp_layers"}
 
 #: Layer orders published with the paper (ascending visual Layer Contribution); ShortV freezes the first N.
 PRESET_LAYER_ORDERS: dict[str, tuple[int, ...]] = {
@@ -37,20 +41,33 @@ PRESET_ALIASES = {
 }
 
 
-def _layer_index(value: Any) -> int:
+def _layer_index(value: Any, name: str = "layers") -> int:
     if not isinstance(value, bool):
         try:
             return operator.index(value)  # int, numpy integers, 0-d integer tensors; numpy's bool refuses too
         except TypeError:
             pass
-    raise TypeError(f"ShortVConfig.layers must contain integers, got {value!r} ({type(value).__name__})")
+    raise TypeError(f"ShortVConfig.{name} must contain integers, got {value!r} ({type(value).__name__})")
 
 
-def layer_list(layers: Any) -> list[int]:
+def layer_list(layers: Any, name: str = "layers") -> list[int]:
     """``layers`` (a list, tuple, range, numpy array or any iterable of integers) as a list of Python ints."""
     if isinstance(layers, (str, bytes, dict)) or not hasattr(layers, "__iter__"):
-        raise TypeError(f"ShortVConfig.layers must be a list of layer indices, got {layers!r}")
-    return [_layer_index(value) for value in layers]
+        raise TypeError(f"ShortVConfig.{name} must be a list of layer indices, got {layers!r}")
+    return [_layer_index(value, name) for value in layers]
+
+
+def _checked_layers(layers: Any, name: str) -> list[int]:
+    """A list of distinct non-negative layer indices, or a clear error naming the field."""
+    layers = layer_list(layers, name)
+    seen: set[int] = set()
+    for index in layers:
+        if index < 0:
+            raise ValueError(f"ShortVConfig.{name} must be >= 0 (decoder layer indices), got {index}")
+        if index in seen:
+            raise ValueError(f"ShortVConfig.{name} lists layer {index} more than once: {layers}")
+        seen.add(index)
+    return layers
 
 
 @dataclass
@@ -69,17 +86,20 @@ class ShortVConfig:
     frozen_tokens: str = "visual"
     version: int = CONFIG_FORMAT_VERSION
     provenance: dict[str, Any] = field(default_factory=dict)
+    attention_layers: list[int] = field(default_factory=list)
+    mlp_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        layers = layer_list(self.layers)
-        seen: set[int] = set()
-        for index in layers:
-            if index < 0:
-                raise ValueError(f"ShortVConfig.layers must be >= 0 (decoder layer indices), got {index}")
-            if index in seen:
-                raise ValueError(f"ShortVConfig.layers lists layer {index} more than once: {layers}")
-            seen.add(index)
-        self.layers = layers
+        self.layers = _checked_layers(self.layers, "layers")
+        self.attention_layers = _checked_layers(self.attention_layers, "attention_layers")
+        self.mlp_layers = _checked_layers(self.mlp_layers, "mlp_layers")
+        owner: dict[int, str] = {}
+        for name in ("layers", "attention_layers", "mlp_layers"):
+            for index in getattr(self, name):
+                if index in owner:
+                    both = " (list it in `layers` to skip both updates)" if "layers" not in (owner[index], name) else ""
+                    raise ValueError(f"ShortVConfig: layer {index} is in both {owner[index]} and {name}{both}")
+                owner[index] = name
         if self.mode not in MODES:
             raise ValueError(f"ShortVConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.frozen_tokens not in FROZEN_TOKENS:
@@ -88,6 +108,12 @@ class ShortVConfig:
             raise ValueError(
                 "ShortVConfig(frozen_tokens='text') is an ablation that saves no compute; it runs with mode='reference'"
             )
+        if self.operator_level and self.frozen_tokens != "visual":
+            raise ValueError("ShortVConfig: operator-level freezing (attention_layers / mlp_layers) freezes visual "
+                             "tokens only (frozen_tokens='visual')")
+        if self.operator_level and self.mode == "fast":
+            raise ValueError("ShortVConfig: operator-level freezing (attention_layers / mlp_layers) has no fast path "
+                             "yet; use mode='reference'")
         if self.version != CONFIG_FORMAT_VERSION:
             raise ValueError(
                 f"ShortVConfig format version {self.version} is not supported by this shortv "
@@ -101,7 +127,21 @@ class ShortVConfig:
 
     @property
     def frozen_layers(self) -> frozenset[int]:
+        """The ShortV layers (both updates skipped); see `frozen_operators` for operator-level layers too."""
         return frozenset(self.layers)
+
+    @property
+    def operator_level(self) -> bool:
+        """Whether some layer skips only one of its two updates."""
+        return bool(self.attention_layers or self.mlp_layers)
+
+    @property
+    def frozen_operators(self) -> dict[int, frozenset[str]]:
+        """Every layer with a frozen update -> the operators its visual rows skip (both for a ShortV layer)."""
+        frozen = {index: frozenset(OPERATORS) for index in self.layers}
+        for name, field_name in OPERATOR_FIELDS.items():
+            frozen.update((index, frozenset({name})) for index in getattr(self, field_name))
+        return frozen
 
     @property
     def weights(self) -> WeightsFingerprint | None:
@@ -110,14 +150,19 @@ class ShortVConfig:
         return recorded_fingerprint(self.provenance.get("weights"), 'provenance["weights"]')
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON form; a layer-level config leaves out the empty operator lists (the format older shortv reads)."""
+        data = asdict(self)
+        for name in OPERATOR_FIELDS.values():
+            if not data[name]:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShortVConfig:
         """From the JSON form; ``layers`` is required (``[]`` for a config that freezes nothing)."""
         if not isinstance(data, dict):
             raise TypeError(f"a ShortV config must be a JSON object, got {type(data).__name__}")
-        unknown = set(data) - {"layers", "mode", "frozen_tokens", "version", "provenance"}
+        unknown = set(data) - {"layers", "mode", "frozen_tokens", "version", "provenance", *OPERATOR_FIELDS.values()}
         if unknown:
             raise ValueError(f"unknown ShortV config field(s): {sorted(unknown)}")
         if "layers" not in data:

@@ -165,7 +165,7 @@ class EntryPreHook:
         explicit = kwargs.pop("visual_mask", None)
         if state.decided or not state.enabled:
             return args, kwargs
-        if not state.config.layers:
+        if not state.config.frozen_operators:
             state.layout, state.decided = None, True
             return args, kwargs
         state.decided = _decide(state, explicit, args, kwargs)

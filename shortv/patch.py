@@ -25,11 +25,13 @@ from . import _compat
 from .config import ShortVConfig
 from .entry import ShortVState, entry_modules, install_entry_hooks, remove_entry_hooks
 from .frozen import FastLayer
+from .frozen.operators import frozen_operator_modules, reference_operator_forward
 from .frozen.reference import reference_frozen_forward
 from .registry import (
     architecture_for,
     fast_layer_for,
     find_decoder_layers,
+    layer_anatomy,
     model_type_of,
     supported_fast_model_types,
     visual_token_ids,
@@ -50,12 +52,15 @@ def _coerce_config(config_or_layers: ShortVConfig | Sequence[int]) -> ShortVConf
 
 def _check_applicable(model: nn.Module, config: ShortVConfig, layers: nn.ModuleList) -> None:
     """Every reason this config cannot be applied to this model, raised before anything is changed."""
-    out_of_range = [index for index in config.layers if index >= len(layers)]
+    out_of_range = [index for index in config.frozen_operators if index >= len(layers)]
     if out_of_range:
         raise ValueError(
             f"ShortV layer index {out_of_range[0]} is out of range: {type(model).__name__} has {len(layers)} decoder "
             f"layers, valid indices are 0..{len(layers) - 1}"
         )
+    for index, operators in sorted(config.frozen_operators.items()):
+        if len(operators) == 1:  # refused here, before anything is changed, for a layer without a known anatomy
+            frozen_operator_modules(layers[index], layer_anatomy(model, layers[index]), operators)
     if config.mode != "fast" or not config.layers:
         return
     arch = architecture_for(model)
@@ -108,9 +113,12 @@ class _InstanceOverride:
 class FrozenForward(_InstanceOverride):
     """The ``forward`` of a ShortV layer: the original while nothing is frozen, else the fast or reference freeze."""
 
-    def __init__(self, state: ShortVState, layer: nn.Module, previous: Any, fast: FastLayer | None, attribute: str):
+    def __init__(self, state: ShortVState, layer: nn.Module, previous: Any, fast: FastLayer | None, attribute: str,
+                 silenced: tuple[nn.Module, ...] = ()):
         super().__init__(layer, previous)
         self.state, self.fast, self.attribute = state, fast, attribute
+        #: Operator-level layer: the submodules whose update visual rows skip (`shortv.frozen.operators`).
+        self.silenced = silenced
 
     def _bind(self, original: Any, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> dict[str, Any]:
         """(hidden_states, *args, **kwargs) -> keyword arguments, by the original forward's signature."""
@@ -150,6 +158,8 @@ class FrozenForward(_InstanceOverride):
             if layout is None:
                 return original(hidden_states, *args, **kwargs)
         layout = layout.to(hidden_states.device)
+        if self.silenced:
+            return reference_operator_forward(original, self.silenced, layout.visual, hidden_states, *args, **kwargs)
         if self.fast is None:
             frozen = layout.visual if state.config.frozen_tokens == "visual" else layout.text
             return reference_frozen_forward(original, frozen, hidden_states, *args, **kwargs)
@@ -215,10 +225,12 @@ def apply_shortv(model: nn.Module, config_or_layers: ShortVConfig | Sequence[int
         remove_shortv(model)
     fast = fast_layer_for(model) if config.mode == "fast" else None
     state = ShortVState(config=config, num_layers=len(layers), token_ids=visual_token_ids(model))
-    for index in sorted(config.frozen_layers):
+    for index, operators in sorted(config.frozen_operators.items()):
         layer = layers[index]
         attribute = _forward_attribute(layer)
-        _override(state, layer, FrozenForward(state, layer, layer.__dict__.get(attribute), fast, attribute))
+        silenced = () if len(operators) > 1 else tuple(frozen_operator_modules(layer, layer_anatomy(model, layer),
+                                                                                operators))
+        _override(state, layer, FrozenForward(state, layer, layer.__dict__.get(attribute), fast, attribute, silenced))
     if callable(getattr(model, "generate", None)):
         _override(state, model, ShortVGenerate(state, model, model.__dict__.get("generate")))
     install_entry_hooks(state, entries)

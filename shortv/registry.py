@@ -260,3 +260,10 @@ def visual_token_ids(model: nn.Module) -> tuple[int, ...]:
         if isinstance(value, int) and not isinstance(value, bool):
             ids.append(value)
     return tuple(ids)
+
+
+def layer_anatomy(model: nn.Module, layer: nn.Module) -> LayerAnatomy | None:
+    """The anatomy of one decoder layer of ``model`` (`LANGUAGE_MODELS`, by layer type where layers differ), or None
+    for a language model without an entry; known whether or not its fast path is verified."""
+    anatomy = LANGUAGE_MODELS.get(text_model_type(model))
+    return anatomy.anatomy_of(layer) if isinstance(anatomy, LayerKinds) else anatomy

@@ -1,0 +1,108 @@
+"""Reference operator-level freezing: visual rows skip a decoder layer's attention update, its MLP update, or both.
+
+A layer's update to a token is the sum of its branches: ``x + attention_branch + mlp_branch`` (pre-norm), with a norm
+on each branch's output in sandwich layers, and a linear-attention token mixer in the attention slot of hybrid
+models. Skipping one operator on the visual rows means that branch adds nothing there: the hidden state of a visual
+row leaves the attention step as it entered (then the MLP runs on it), or keeps its post-attention state (no MLP).
+Here that is done by a forward hook on the operator's module(s), named by the layer's `LayerAnatomy`, which zeroes the
+visual rows of their output while the layer runs as usual. It is exact because every post-branch norm of the
+registry's anatomies is an RMSNorm, which maps a zero row to a zero row; keys and values (and a linear-attention
+state) are still computed from every token, and text rows see exactly what they see unpatched (the MLP, dense or
+MoE, is per token). Skipping both operators is the ShortV layer.
+
+Layers with branches that belong to neither operator (a per-layer-input branch, a scale on the whole layer output)
+are refused: skipping "the attention update" would not leave a visual row as it entered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .anatomy import LayerAnatomy
+
+
+def operator_modules(layer: nn.Module, anatomy: LayerAnatomy | None, operator: str) -> list[nn.Module]:
+    """The submodules of ``layer`` whose outputs make up ``operator``'s branch ("attention" or "mlp")."""
+    if anatomy is None:
+        raise ValueError(
+            f"operator-level freezing needs the layer anatomy of {type(layer).__name__} (shortv.registry."
+            "LANGUAGE_MODELS), and its language model has none; freeze whole layers (`layers`) instead"
+        )
+    if anatomy.per_layer_input is not None or anatomy.output_scale is not None:
+        raise ValueError(
+            f"operator-level freezing is not defined for {type(layer).__name__}: besides attention and MLP its "
+            "layers have a per-layer-input branch or a scale on the whole output; freeze whole layers (`layers`)"
+        )
+    if operator == "attention":
+        names = [anatomy.attention]
+    elif operator == "mlp":
+        names = [anatomy.mlp]
+        moe = anatomy.parallel_moe
+        if moe is not None and getattr(layer, moe.enabled, False):
+            names.append(moe.experts)
+    else:
+        raise ValueError(f"unknown operator {operator!r}; choose 'attention' or 'mlp'")
+    modules = [getattr(layer, name, None) for name in names]
+    missing = [name for name, module in zip(names, modules) if not isinstance(module, nn.Module)]
+    if missing:
+        raise ValueError(f"{type(layer).__name__} has no submodule {missing[0]!r} (its anatomy's {operator})")
+    return modules  # type: ignore[return-value]
+
+
+class ZeroRows:
+    """Forward hook: the module's output (or its first element) with the rows where ``mask`` is True set to zero.
+
+    ``mask`` is (batch, seq); the output's leading dims hold batch * seq rows, as (batch, seq, ...) or flattened."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def zero(self, output: torch.Tensor) -> torch.Tensor:
+        rows = self.mask.to(output.device).reshape(-1)
+        flat = output.reshape(rows.numel(), -1)
+        return torch.where(rows[:, None], flat.new_zeros(()), flat).view(output.shape)
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (self.zero(output[0]), *output[1:])
+        return self.zero(output)
+
+
+@contextmanager
+def updates_removed(modules: Collection[nn.Module], mask: torch.Tensor) -> Iterator[None]:
+    """While inside, the ``modules`` add nothing to the rows where ``mask`` (batch, seq) is True.
+
+    The hooks run first, so other hooks on those modules (transformers' output recording) see the zeroed rows, as
+    they see a fast frozen layer's output."""
+    hook = ZeroRows(mask)
+    handles = [module.register_forward_hook(hook, prepend=True) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def reference_operator_forward(
+    original_forward: Callable[..., Any],
+    modules: Collection[nn.Module],
+    frozen: torch.Tensor,
+    hidden_states: torch.Tensor,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """The layer's forward with the ``modules``' updates removed at the ``frozen`` (batch x seq) positions."""
+    with updates_removed(modules, frozen):
+        return original_forward(hidden_states, *args, **kwargs)
+
+
+def frozen_operator_modules(
+    layer: nn.Module, anatomy: LayerAnatomy | None, operators: Collection[str]
+) -> list[nn.Module]:
+    """The modules to silence on visual rows for ``operators`` of ``layer``."""
+    return [module for operator in sorted(operators) for module in operator_modules(layer, anatomy, operator)]
