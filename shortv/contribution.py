@@ -13,6 +13,11 @@ method (one full forward per variant). Updates a family makes between layers, ou
 adds vision features after the first layers), are recorded in the capture pass and replayed after the same layers.
 A store that one layer writes and later layers read (Gemma 4's shared keys and values) holds, for a variant that
 joins the replay after the writing layer, what the capture pass wrote there.
+
+Per-operator LC (token types ``visual_attention`` and ``visual_mlp``): the same with only layer ``l``'s attention
+update, or only its MLP update, removed on visual rows (`shortv.frozen.operators`, the reference operator freeze).
+Such a variant does need layer ``l``: it is run once on the captured input, for both operators together (a batch of
+two, each row silencing its operator), then the variants join the same batched replay of the later layers.
 """
 
 from __future__ import annotations
@@ -32,15 +37,26 @@ from tqdm.auto import tqdm
 
 from .files import atomic_write_text, exclusive_output, read_json
 from .fingerprint import WeightsFingerprint, fingerprint_model, recorded_fingerprint
+from .frozen.operators import ZeroRows, operator_modules
 from .layout import TokenLayout
 from .loading import inputs_for
 from .patch import disable_shortv, get_shortv_state
 from .placement import execution_device
 from .processes import is_main_process, main_holds, on_main, process_count, process_index, share
 from .records import append_records, merge_shards, shard_path, start_run
-from .registry import fast_layer_for, find_decoder_layers, find_final_norm, find_inter_layer_update, visual_token_ids
+from .registry import (
+    fast_layer_for,
+    find_decoder_layers,
+    find_final_norm,
+    find_inter_layer_update,
+    layer_anatomy,
+    visual_token_ids,
+)
 
 TOKEN_TYPES = ("visual", "text")
+#: Per-operator LC of visual tokens: only the attention update, or only the MLP update, of a layer removed.
+OPERATOR_TOKEN_TYPES = {"visual_attention": "attention", "visual_mlp": "mlp"}
+ALL_TOKEN_TYPES = (*TOKEN_TYPES, *OPERATOR_TOKEN_TYPES)
 DIVERGENCES = ("kl", "kl_reversed", "js")
 LC_FORMAT_VERSION = 1
 SAMPLES_FILE = "lc_samples.jsonl"
@@ -324,14 +340,15 @@ class _Replay:
                     store[key] = tuple(torch.cat([t, c.to(t.device).expand(missing, *c.shape[1:])])
                                        for t, c in zip(tensors, content[key]))
 
-    def run_layer(self, index: int, states: torch.Tensor) -> torch.Tensor:
+    def run_layer(self, index: int, states: torch.Tensor, whole: bool = False) -> torch.Tensor:
+        """Layer ``index`` on a batch of variants (``whole``: every position, never the last layer's shortcut)."""
         layer = self.layers[index]
         device = execution_device(layer)
         kwargs = {key: _repeat_batch(value, states.shape[0], device) for key, value in self.capture.inputs[index][1].items()}
         states = states.to(device)
         self.layer_evaluations += states.shape[0]
         self._fill_stores(states.shape[0])
-        if index == len(self.layers) - 1 and self.last_layer_shortcut:
+        if index == len(self.layers) - 1 and self.last_layer_shortcut and not whole:
             layout = TokenLayout.from_visual_mask(self.last_layout.visual.expand(states.shape[0], -1).to(device))
             return self.capture.apply_updates(index, self.fast.fast_frozen_forward(layer, layout, states, **kwargs))
         output = layer(states, **kwargs)
@@ -362,6 +379,35 @@ def _variant_start_states(capture: _Capture, masks: dict[str, torch.Tensor]) -> 
     return variants
 
 
+def _operator_start_states(
+    model: nn.Module, replay: _Replay, visual: torch.Tensor, token_types: Sequence[str]
+) -> list[tuple[str, int, torch.Tensor]]:
+    """(token type, layer, state after layer) for every per-operator variant: layer ``l`` runs once on its captured
+    input, one batch row per operator, each row with its operator's update removed at the visual positions."""
+    variants = []
+    if not token_types:
+        return variants
+    rows = len(token_types)
+    for index, layer in enumerate(replay.layers):
+        anatomy = layer_anatomy(model, layer)
+        hooks = []
+        for row, token_type in enumerate(token_types):
+            mask = torch.zeros(rows, visual.shape[1], dtype=torch.bool, device=visual.device)
+            mask[row] = visual[0]
+            hook = ZeroRows(mask)
+            hooks += [module.register_forward_hook(hook, prepend=True)
+                      for module in operator_modules(layer, anatomy, OPERATOR_TOKEN_TYPES[token_type])]
+        replay.start_batch()
+        layer_input = replay.capture.inputs[index][0]
+        try:
+            states = replay.run_layer(index, layer_input.expand(rows, *layer_input.shape[1:]), whole=True)
+        finally:
+            for handle in hooks:
+                handle.remove()
+        variants += [(token_type, index, states[row : row + 1]) for row, token_type in enumerate(token_types)]
+    return variants
+
+
 @torch.no_grad()
 def sample_contribution(
     model: nn.Module,
@@ -377,14 +423,16 @@ def sample_contribution(
     seq = capture.inputs[0][0].shape[1]
     visual = _sample_visual_mask(model, sample, seq)
     masks = {"visual": visual, "text": ~visual}
-    masks = {token_type: masks[token_type] for token_type in token_types}
+    masks = {token_type: masks[token_type] for token_type in token_types if token_type in masks}
     targets = torch.tensor(sample.target_positions if sample.target_positions is not None else (seq - 1,))
     if bool(((targets < 0) | (targets >= seq)).any()):
         raise ValueError(f"sample {sample.id!r}: target positions {targets.tolist()} outside 0..{seq - 1}")
     reference = scorer(capture.last_output, targets)
 
     replay = _Replay(model, layers, capture, targets)
-    variants = _variant_start_states(capture, masks)
+    operators = [token_type for token_type in token_types if token_type in OPERATOR_TOKEN_TYPES]
+    variants = _variant_start_states(capture, masks) + _operator_start_states(model, replay, visual, operators)
+    variants.sort(key=lambda variant: variant[1])  # by layer: a batch of variants starts at its first one's layer
     num_layers = len(layers)
     result = {token_type: [0.0] * num_layers for token_type in token_types}
     for start in range(0, len(variants), max_variants_per_batch):
@@ -457,9 +505,9 @@ def layer_contribution(
     the run and the result; default: the fingerprint of the model's tensors in memory.
     """
     token_types = tuple(token_types)
-    unknown = [token_type for token_type in token_types if token_type not in TOKEN_TYPES]
+    unknown = [token_type for token_type in token_types if token_type not in ALL_TOKEN_TYPES]
     if unknown or not token_types:
-        raise ValueError(f"token_types must be a non-empty subset of {TOKEN_TYPES}, got {token_types}")
+        raise ValueError(f"token_types must be a non-empty subset of {ALL_TOKEN_TYPES}, got {token_types}")
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
     run = _run_metadata(model, token_types, divergence, {"model_id": model_id, **(metadata or {})})
