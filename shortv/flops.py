@@ -36,6 +36,15 @@ So a frozen linear-attention layer saves only its output half and its MLP on
 visual tokens, while a frozen softmax layer also saves their queries and their
 quadratic attention.
 
+Operator-level freezing (`shortv.frozen.operators`): a layer whose visual tokens
+skip only the attention update saves their queries, output gate, ``o_proj`` and
+attention rows (a linear-attention layer: its output half), and runs the MLP on
+every token; one whose visual tokens skip only the MLP saves the MLP (dense, MoE
+router and experts, shared expert) on them. ``frozen`` is then a collection of
+operator names, ``{"attention"}`` or ``{"mlp"}``; ``True`` means both (a ShortV
+layer). The post-branch norms of sandwich layers are element-wise, like every
+other norm but QK-norm, and not counted.
+
 A FLOP is one multiply or one add, so a ``(a x b) @ (b x c)`` matmul is
 ``2abc`` FLOPs.
 """
@@ -45,13 +54,31 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, Union
 
 Formula = Literal["paper", "exact"]
 Family = Literal["llama", "qwen2", "qwen3", "gemma3", "qwen3_5"]
 
 _FORMULAS: tuple[str, ...] = ("paper", "exact")
+#: The updates of a layer that operator-level freezing skips separately (`shortv.config.OPERATORS`).
+OPERATORS = ("attention", "mlp")
+#: How a layer is frozen: a bool (True: a ShortV layer, both updates) or the operators its visual tokens skip.
+Frozen = Union[bool, Collection[str]]
+
+
+def frozen_operators(frozen: Frozen) -> frozenset[str]:
+    """``frozen`` as the set of skipped operators (True: both, False: none)."""
+    if isinstance(frozen, bool):
+        return frozenset(OPERATORS) if frozen else frozenset()
+    if isinstance(frozen, str):
+        frozen = (frozen,)
+    operators = frozenset(frozen)
+    unknown = sorted(operators - set(OPERATORS))
+    if unknown:
+        raise ValueError(f"unknown operator(s) {unknown}; a layer freezes some of {OPERATORS}")
+    return operators
 
 
 @dataclass(frozen=True)
@@ -352,12 +379,17 @@ def _check_formula(formula: str) -> None:
         raise ValueError(f"formula must be one of {_FORMULAS}, got {formula!r}")
 
 
-def _paper_layer(dims: LayerDims, t: int, v: int, frozen: bool, layer: int | None) -> int:
+def _paper_layer(dims: LayerDims, t: int, v: int, frozen: frozenset[str], layer: int | None) -> int:
+    """The paper's formula, split into its attention part (``8nh^2 + 4n^2 h`` dense, ``8th^2 + 4vh^2 + 4tnh`` with
+    visual queries skipped) and its MLP part (``6nmh``, or ``6tmh``)."""
     h, n = dims.hidden_size, t + v
     m = dims.experts_per_token * dims.moe_intermediate_size if dims.is_moe(layer) else dims.intermediate_size
-    if not frozen:
-        return 2 * n * (4 * h + 3 * m) * h + 4 * n * n * h
-    return 2 * t * (4 * h + 3 * m) * h + 4 * v * h * h + 4 * t * n * h
+    if "attention" in frozen:
+        attention = 8 * t * h * h + 4 * v * h * h + 4 * t * n * h
+    else:
+        attention = 8 * n * h * h + 4 * n * n * h
+    mlp = 6 * (t if "mlp" in frozen else n) * m * h
+    return attention + mlp
 
 
 #: Projections a ShortV layer still runs over every token: the image's keys and values feed the text queries, and a
@@ -459,27 +491,63 @@ def norm_and_gate_flops(dims: LayerDims, t: int, v: int, frozen: bool, layer: in
     return flops
 
 
-def _exact_layer(dims: LayerDims, t: int, v: int, frozen: bool, layer: int | None) -> int:
+def _exact_layer(dims: LayerDims, t: int, v: int, frozen: frozenset[str], layer: int | None) -> int:
+    own = dims.layer(layer)
+    mixer = set(_mixer_projections(own))
+    mlp = set(_mlp_projections(own, layer))
+
+    def skipped(name: str) -> bool:  # whether this projection's visual rows are skipped
+        if name in mixer:
+            return "attention" in frozen
+        if name in mlp:
+            return "mlp" in frozen
+        return len(frozen) == len(OPERATORS)  # a per-layer-input branch: only in a ShortV layer
+
     projections = sum(
-        2 * projection_rows(name, t, v, frozen) * fan_in * fan_out
+        2 * projection_rows(name, t, v, skipped(name)) * fan_in * fan_out
         for name, (fan_in, fan_out) in layer_projections(dims, layer).items()
     )
-    return projections + attention_flops(dims, t, v, frozen, layer) + norm_and_gate_flops(dims, t, v, frozen, layer)
+    queries_skipped = "attention" in frozen
+    return (projections + attention_flops(dims, t, v, queries_skipped, layer)
+            + norm_and_gate_flops(dims, t, v, queries_skipped, layer))
 
 
 def layer_flops(
-    dims: LayerDims, t: int, v: int, frozen: bool, formula: Formula = "paper", layer: int | None = None
+    dims: LayerDims, t: int, v: int, frozen: Frozen, formula: Formula = "paper", layer: int | None = None
 ) -> int:
-    """Prefill FLOPs of one decoder layer over ``t`` text and ``v`` visual tokens.
+    """Prefill FLOPs of one decoder layer over ``t`` text and ``v`` visual tokens; ``frozen``: False (dense), True
+    (ShortV layer) or the operators the visual tokens skip (``{"attention"}``, ``{"mlp"}``).
 
     ``layer`` matters in models whose layers differ (`LayerDims.layers`, or MoE models with dense layers,
     `LayerDims.dense_layers`); ``None`` means the model's own dims (a sparse layer when it has experts). A
     linear-attention layer is counted exactly under both formulas (the paper's has no term for it)."""
     _check_tokens(t, v)
     _check_formula(formula)
+    operators = frozen_operators(frozen)
     if formula == "paper" and dims.layer(layer).kind == "attention":
-        return _paper_layer(dims.layer(layer), t, v, frozen, layer)
-    return _exact_layer(dims, t, v, frozen, layer)
+        return _paper_layer(dims.layer(layer), t, v, operators, layer)
+    return _exact_layer(dims, t, v, operators, layer)
+
+
+def operator_saving(
+    dims: LayerDims, t: int, v: int, layer: int, operator: str, formula: Formula = "exact"
+) -> int:
+    """FLOPs saved by letting the visual tokens of ``layer`` skip ``operator`` ("attention" or "mlp") alone."""
+    return layer_flops(dims, t, v, False, formula, layer) - layer_flops(dims, t, v, {operator}, formula, layer)
+
+
+def layer_operators(
+    dims: LayerDims,
+    frozen_layers: Sequence[int] = (),
+    attention_layers: Sequence[int] = (),
+    mlp_layers: Sequence[int] = (),
+) -> dict[int, frozenset[str]]:
+    """Frozen layer -> skipped operators, from ShortV layers and operator-level layers (validated indices)."""
+    operators: dict[int, frozenset[str]] = {}
+    for layers, skipped in ((frozen_layers, OPERATORS), (attention_layers, ("attention",)), (mlp_layers, ("mlp",))):
+        for index in _frozen_set(dims, layers):
+            operators[index] = operators.get(index, frozenset()) | frozenset(skipped)
+    return operators
 
 
 def _frozen_set(dims: LayerDims, frozen_layers: Sequence[int]) -> frozenset[int]:
@@ -501,8 +569,12 @@ def model_flops(
     formula: Formula = "paper",
     include_lm_head: bool = False,
     lm_head_positions: int = 1,
+    *,
+    attention_layers: Sequence[int] = (),
+    mlp_layers: Sequence[int] = (),
 ) -> int:
-    """Prefill FLOPs of the decoder stack; repeated frozen indices count once.
+    """Prefill FLOPs of the decoder stack; repeated frozen indices count once. ``attention_layers`` /
+    ``mlp_layers``: operator-level layers, whose visual tokens skip only that update.
 
     The LM head is excluded by default, as in the paper. When included it is
     counted for ``lm_head_positions`` positions: only the last one is needed to
@@ -512,7 +584,10 @@ def model_flops(
     frozen = _frozen_set(dims, frozen_layers)
     if lm_head_positions < 1:
         raise ValueError(f"lm_head_positions must be >= 1, got {lm_head_positions}")
-    if not dims.uniform:  # layers differ: sum them one by one
+    if attention_layers or mlp_layers:  # operator-level layers: each layer by what it skips
+        operators = layer_operators(dims, frozen_layers, attention_layers, mlp_layers)
+        total = sum(layer_flops(dims, t, v, operators.get(i, False), formula, layer=i) for i in range(dims.num_layers))
+    elif not dims.uniform:  # layers differ: sum them one by one
         total = sum(layer_flops(dims, t, v, i in frozen, formula, layer=i) for i in range(dims.num_layers))
     else:
         n_frozen = len(frozen)
@@ -530,10 +605,15 @@ def flops_ratio(
     frozen_layers: Sequence[int],
     formula: Formula = "paper",
     include_lm_head: bool = False,
+    *,
+    attention_layers: Sequence[int] = (),
+    mlp_layers: Sequence[int] = (),
 ) -> float:
-    """ShortV FLOPs as a fraction of the dense model's (lower is cheaper)."""
+    """ShortV FLOPs as a fraction of the dense model's (lower is cheaper); operator-level layers as in
+    `model_flops`."""
     dense = model_flops(dims, t, v, (), formula, include_lm_head)
-    shortv = model_flops(dims, t, v, frozen_layers, formula, include_lm_head)
+    shortv = model_flops(dims, t, v, frozen_layers, formula, include_lm_head, attention_layers=attention_layers,
+                         mlp_layers=mlp_layers)
     return shortv / dense
 
 

@@ -1,4 +1,5 @@
-"""From Layer Contribution to a `ShortVConfig`: the N lowest-visual-LC layers, or as many as a FLOPs budget needs.
+"""From Layer Contribution to a `ShortVConfig`: the N lowest-visual-LC layers, or as many as a FLOPs budget needs;
+`select_operators` chooses attention and MLP updates one by one, by per-operator LC per FLOP saved.
 
 `check_matches_model` checks an LC file or a config against the model it is about to be used with.
 """
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ShortVConfig
-from .contribution import LCResult
+from .contribution import OPERATOR_TOKEN_TYPES, LCResult
 from . import flops as flops_model
 from .fingerprint import WeightsFingerprint, describe_difference, warn
 from .flops import LayerDims
@@ -73,6 +74,94 @@ def select_layers(
     return ShortVConfig(layers=order[:n], mode=mode, provenance=provenance)
 
 
+def operator_order(
+    lc: LCResult, dims: LayerDims, text_tokens: int = 64, visual_tokens: int = 576, formula: str = "exact"
+) -> list[tuple[int, str, float, int]]:
+    """(layer, operator, mean LC, FLOPs saved) of every operator that saves FLOPs, by ascending LC per FLOP saved
+    (ties: lower layer, then attention before MLP)."""
+    missing = [token_type for token_type in OPERATOR_TOKEN_TYPES if token_type not in lc.per_sample]
+    if missing:
+        raise ValueError(f"this LC result has no per-operator LC ({', '.join(missing)}); calibrate with "
+                         "`shortv calibrate --operators` (token_types including visual_attention, visual_mlp)")
+    if dims.num_layers != lc.num_layers:
+        raise ValueError(f"dims describe {dims.num_layers} layers but the LC result has {lc.num_layers}")
+    means = lc.mean
+    candidates = []
+    for token_type, operator in OPERATOR_TOKEN_TYPES.items():
+        for layer in range(lc.num_layers):
+            saving = flops_model.operator_saving(dims, text_tokens, visual_tokens, layer, operator, formula)
+            if saving > 0:
+                candidates.append((layer, operator, means[token_type][layer], saving))
+    rank = {operator: index for index, operator in enumerate(flops_model.OPERATORS)}
+    return sorted(candidates, key=lambda c: (c[2] / c[3], c[0], rank[c[1]]))
+
+
+def operator_config_fields(chosen: list[tuple[int, str]]) -> dict[str, list[int]]:
+    """``layers`` (both updates chosen), ``attention_layers`` and ``mlp_layers`` of a set of (layer, operator)."""
+    by_layer: dict[int, set[str]] = {}
+    for layer, operator in chosen:
+        by_layer.setdefault(layer, set()).add(operator)
+    fields: dict[str, list[int]] = {"layers": [], "attention_layers": [], "mlp_layers": []}
+    for layer, operators in by_layer.items():  # first-chosen order, like an LC order
+        key = "layers" if len(operators) == 2 else f"{next(iter(operators))}_layers"
+        fields[key].append(layer)
+    return fields
+
+
+def select_operators(
+    lc: LCResult | str | Path,
+    n: int | None = None,
+    *,
+    flops_ratio: float | None = None,
+    dims: LayerDims | Any,
+    text_tokens: int = 64,
+    visual_tokens: int = 576,
+    formula: str = "exact",
+    mode: str = "reference",
+) -> ShortVConfig:
+    """Operator-level selection: the first ``n`` operators of `operator_order`, or greedily as many as bring the
+    prefill FLOPs ratio to ``flops_ratio`` or below (it overshoots the target by less than the last operator's
+    saving). Needs per-operator LC and ``dims`` (a `LayerDims` or a model config); a layer whose two updates are
+    both chosen becomes a ShortV layer."""
+    lc_path = None
+    if not isinstance(lc, LCResult):
+        lc_path = str(lc)
+        lc = LCResult.load(lc)
+    if (n is None) == (flops_ratio is None):
+        raise ValueError("give exactly one of n= or flops_ratio=")
+    if not isinstance(dims, LayerDims):
+        dims = LayerDims.from_config(dims)
+    order = operator_order(lc, dims, text_tokens, visual_tokens, formula)
+
+    def ratio(count: int) -> float:
+        fields = operator_config_fields([(layer, operator) for layer, operator, _, _ in order[:count]])
+        return flops_model.flops_ratio(dims, text_tokens, visual_tokens, fields["layers"], formula,
+                                       attention_layers=fields["attention_layers"], mlp_layers=fields["mlp_layers"])
+
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= len(order):
+            raise ValueError(f"n must be in 0..{len(order)} (the model's operators), got {n!r}")
+        count = int(n)
+    else:
+        if not 0.0 < float(flops_ratio) <= 1.0:
+            raise ValueError(f"flops_ratio must be in (0, 1], got {flops_ratio!r}")
+        count = next((count for count in range(len(order) + 1) if ratio(count) <= flops_ratio), None)
+        if count is None:
+            raise ValueError(f"flops_ratio {flops_ratio} is below what freezing every operator reaches "
+                             f"({ratio(len(order)):.3f}) for t={text_tokens}, v={visual_tokens}")
+    chosen = [(layer, operator) for layer, operator, _, _ in order[:count]]
+    provenance: dict[str, Any] = {
+        "lc": lc_path, "model_id": lc.model_id, "order": lc.order, "selection": "operators",
+        "operator_order": [[layer, operator] for layer, operator, _, _ in order], "n_operators": count,
+        "flops_ratio": ratio(count), "formula": formula, "text_tokens": text_tokens, "visual_tokens": visual_tokens,
+    }
+    if flops_ratio is not None:
+        provenance["flops_ratio_target"] = float(flops_ratio)
+    if lc.weights is not None:
+        provenance["weights"] = lc.weights.to_dict()
+    return ShortVConfig(mode=mode, provenance=provenance, **operator_config_fields(chosen))
+
+
 def _same_name(recorded: str, model_id: str) -> bool:
     """Same id, or the same last name (a preset's hub id ``owner/name`` and a local download ``.../name``)."""
     return recorded == model_id or Path(recorded.rstrip("/")).name == Path(model_id.rstrip("/")).name
@@ -96,7 +185,7 @@ def check_matches_model(
         recorded_layers = len(order) if isinstance(order, list) else None
         preset = source.provenance.get("preset")
         recorded_id, recorded_weights = source.provenance.get("model_id") or preset, source.weights
-        too_deep = [layer for layer in source.layers if layer >= num_layers]
+        too_deep = [layer for layer in source.frozen_operators if layer >= num_layers]  # layers first, in order
         if too_deep:
             raise ValueError(f"{where}: layer(s) {too_deep} do not exist in {model_id} ({num_layers} decoder layers, "
                              f"0..{num_layers - 1}); was it made for another model?")
