@@ -7,18 +7,22 @@ from pathlib import Path
 from typing import Any
 
 from .config import ShortVConfig
-from .contribution import DIVERGENCES, RUN_FILE, SAMPLES_FILE, LCResult, layer_contribution
+from .contribution import DIVERGENCES, OPERATOR_TOKEN_TYPES, RUN_FILE, SAMPLES_FILE, TOKEN_TYPES, LCResult, \
+    layer_contribution
 from .data import POSITIONS, CalibrationSamples, check_context, file_sha256, read_jsonl, subsample
 from .files import exclusive_output, replaced_on_success
 from .loading import context_length, load_model, model_id_of, resolve_model
 from .processes import is_main_process, main_holds, on_main, process_device_map
 from .records import check_fresh, check_weights
-from .registry import find_decoder_layers
-from .selection import select_layers
+from .registry import find_decoder_layers, visual_token_ids
+from .selection import select_layers, select_operators
 
 LC_FILE = "lc.json"
 CONFIG_FILE = "shortv_config.json"
 PLOT_FILE = "lc.png"
+#: With ``operators=True``: the operator-level config (at the layer-level config's FLOPs) and the LC heatmap.
+OPERATOR_CONFIG_FILE = "shortv_operators_config.json"
+OPERATOR_PLOT_FILE = "lc_operators.png"
 
 
 def default_n(num_layers: int) -> int:
@@ -26,11 +30,24 @@ def default_n(num_layers: int) -> int:
     return round(num_layers * 19 / 32)
 
 
+def mean_token_counts(model: Any, samples: CalibrationSamples) -> tuple[int, int]:
+    """(text, visual) tokens of the calibration inputs, mean over samples: the input the FLOPs budget is priced at."""
+    ids = visual_token_ids(model)
+    text = visual = 0
+    for sample in samples:
+        input_ids = sample.inputs["input_ids"]
+        count = sum(int((input_ids == token).sum()) for token in ids)
+        visual, text = visual + count, text + int(input_ids.numel()) - count
+    return max(1, round(text / len(samples))), round(visual / len(samples))
+
+
 @dataclass
 class Calibration:
     lc: LCResult
     config: ShortVConfig
     out_dir: Path
+    #: With ``operators=True``: operators chosen by per-operator LC per FLOP, at most the layer-level FLOPs.
+    operator_config: ShortVConfig | None = None
 
     def table(self) -> list[tuple[int, float, float | None, int]]:
         """(layer, visual LC, text LC, rank in the ShortV order) per layer."""
@@ -59,6 +76,8 @@ def calibrate(
     processor: Any = None,
     model_id: str | None = None,
     trust_remote_code: bool = False,
+    operators: bool = False,
+    flops: float | None = None,
 ) -> Calibration:
     """Calibrate LC on ``data`` (default: the embedded model's calib split) and write lc.json, config and plot.
 
@@ -68,7 +87,15 @@ def calibrate(
     the output folder (not in use by another process, no earlier results unless ``resume``) and every input's length.
     Under a distributed launcher each process loads its own copy of the model and computes its share of the samples
     (`shortv.processes`); every process returns the whole result, and the main process writes the files.
+
+    ``operators``: also the per-operator LC (attention and MLP updates of visual tokens, `shortv.contribution`),
+    its heatmap, and an operator-level config chosen by LC per FLOP saved (`shortv.selection.select_operators`) at
+    a prefill FLOPs ratio of ``flops`` (default: the layer-level config's), priced at the calibration inputs' mean
+    token counts.
     """
+    if flops is not None and not operators:
+        raise ValueError("a FLOPs target (--flops, flops=) is for the operator-level selection: add --operators "
+                         "(operators=True)")
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
     if divergence not in DIVERGENCES:
@@ -92,15 +119,17 @@ def calibrate(
 
     with main_holds(exclusive_output, out_dir) as out_dir:  # several processes: the main one writes the results
         if not resume:
-            on_main(check_fresh, out_dir, (SAMPLES_FILE, LC_FILE, CONFIG_FILE))
+            on_main(check_fresh, out_dir, (SAMPLES_FILE, LC_FILE, CONFIG_FILE, OPERATOR_CONFIG_FILE))
         elif source is not None:  # other weights than the interrupted run's: refused before they load
             on_main(check_weights, out_dir, RUN_FILE, source.fingerprint)
         if source is not None:
             model, processor, model_id = load_model(source, dtype=dtype, device_map=process_device_map(device_map))
         check_context(processor, samples, context_length(model.config), with_answer=position == "answer")
+        calibration_samples = CalibrationSamples(processor, samples, position=position)
         lc = layer_contribution(
             model,
-            CalibrationSamples(processor, samples, position=position),
+            calibration_samples,
+            token_types=TOKEN_TYPES + (tuple(OPERATOR_TOKEN_TYPES) if operators else ()),
             divergence=divergence,
             model_id=model_id,
             out_dir=out_dir,
@@ -112,6 +141,13 @@ def calibrate(
         )
         config = select_layers(lc, n=n)
         config.provenance["lc"] = str(out_dir / LC_FILE)
+        operator_config = None
+        if operators:
+            text_tokens, visual_tokens = mean_token_counts(model, calibration_samples)
+            budget = dict(dims=model.config, text_tokens=text_tokens, visual_tokens=visual_tokens)
+            target = _layer_ratio(config, **budget) if flops is None else flops  # equal FLOPs by default
+            operator_config = select_operators(lc, flops_ratio=target, **budget)
+            operator_config.provenance["lc"] = str(out_dir / LC_FILE)
         if is_main_process():
             lc.save(out_dir / LC_FILE)
             config.save(out_dir / CONFIG_FILE)
@@ -121,4 +157,18 @@ def calibrate(
 
                 with replaced_on_success(out_dir / PLOT_FILE) as plot_path:
                     plot_layer_contribution(lc, plot_path, chosen=config.layers, layer_types=layer_types(model))
-    return Calibration(lc=lc, config=config, out_dir=out_dir)
+            if operator_config is not None:
+                operator_config.save(out_dir / OPERATOR_CONFIG_FILE)
+                if plot:
+                    from .plots import plot_operator_contribution
+
+                    with replaced_on_success(out_dir / OPERATOR_PLOT_FILE) as plot_path:
+                        plot_operator_contribution(lc, plot_path, chosen=operator_config.frozen_operators)
+    return Calibration(lc=lc, config=config, out_dir=out_dir, operator_config=operator_config)
+
+
+def _layer_ratio(config: ShortVConfig, dims: Any, text_tokens: int, visual_tokens: int) -> float:
+    """The prefill FLOPs ratio of a layer-level config at these token counts."""
+    from .flops import LayerDims, flops_ratio
+
+    return flops_ratio(LayerDims.from_config(dims), text_tokens, visual_tokens, config.layers, formula="exact")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -238,6 +238,12 @@ def calibrate(
     dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (LC is computed in fp32).")] = None,
     device_map: Annotated[Optional[str], typer.Option(help="accelerate device map, e.g. auto or cuda.")] = None,
     trust_remote_code: TrustRemoteCode = False,
+    operators: Annotated[bool, typer.Option(
+        help="Also per-operator LC (attention and MLP of visual tokens), lc_operators.png and "
+        "shortv_operators_config.json (operators by LC per FLOP saved).")] = False,
+    flops: Annotated[Optional[float], typer.Option(
+        help="With --operators: prefill FLOPs ratio target (default: that of the N ShortV layers).", min=0.0,
+        max=1.0)] = None,
 ) -> None:
     """Measure Layer Contribution of every decoder layer and pick the ShortV layers.
 
@@ -250,6 +256,7 @@ def calibrate(
         result = run_calibration(
             model, data=data, out_dir=out, num_samples=num_samples, n=n, resume=resume, position=position,
             divergence=divergence, seed=seed, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+            operators=operators, flops=flops,
         )
     except (ValueError, OSError) as error:
         raise fail(str(error)) from error
@@ -265,6 +272,26 @@ def calibrate(
     console.print(table)
     console.print(f"ShortV layers (N={len(result.config.layers)}): {result.config.layers}")
     console.print(f"wrote {out / 'lc.json'}, {out / 'shortv_config.json'}, {out / 'lc.png'}")
+    if result.operator_config is not None:
+        _print_operators(result.lc, result.operator_config, out)
+
+
+def _print_operators(lc: Any, config: Any, out: Path) -> None:
+    """The per-operator LC table and the operator-level selection of `shortv calibrate --operators`."""
+    means, frozen = lc.mean, config.frozen_operators
+    table = Table(title="Per-operator visual LC", title_justify="left")
+    for column in ("layer", "attention LC", "MLP LC", "frozen"):
+        table.add_column(column, justify="right")
+    for layer in range(lc.num_layers):
+        table.add_row(str(layer), f"{means['visual_attention'][layer]:.3e}", f"{means['visual_mlp'][layer]:.3e}",
+                      " + ".join(sorted(frozen.get(layer, ()))))
+    console.print(table)
+    provenance = config.provenance
+    console.print(f"operator-level selection at {100 * provenance['flops_ratio']:.1f}% prefill FLOPs "
+                  f"(target {100 * provenance['flops_ratio_target']:.1f}%, t={provenance['text_tokens']}, "
+                  f"v={provenance['visual_tokens']}): layers {config.layers}, attention-only {config.attention_layers}, "
+                  f"MLP-only {config.mlp_layers}")
+    console.print(f"wrote {out / 'shortv_operators_config.json'}, {out / 'lc_operators.png'}")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -144,6 +144,9 @@ class EvalSummary:
     flops_ratio: float
     layers: list[int]
     per_type_counts: dict[str, int] = field(default_factory=dict)
+    #: Operator-level layers (`ShortVConfig.attention_layers` / ``mlp_layers``): visual rows skip only that update.
+    attention_layers: list[int] = field(default_factory=list)
+    mlp_layers: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,7 +165,11 @@ class EvalSummary:
             f"| prefill FLOPs | 100% | {100 * self.flops_ratio:.1f}% |",
             f"| answers agreeing | | {100 * self.agreement:.1f}% |",
         ]
-        return f"ShortV layers ({len(self.layers)}): {self.layers}\n\n" + "\n".join(rows) + "\n"
+        header = f"ShortV layers ({len(self.layers)}): {self.layers}\n"
+        if self.attention_layers or self.mlp_layers:
+            header += (f"attention-only layers ({len(self.attention_layers)}): {self.attention_layers}\n"
+                       f"MLP-only layers ({len(self.mlp_layers)}): {self.mlp_layers}\n")
+        return header + "\n" + "\n".join(rows) + "\n"
 
 
 def _scores(records: list[dict[str, Any]], key: str) -> ModelScores:
@@ -184,6 +191,8 @@ def _run_settings(model: Any, config: ShortVConfig, samples: Sequence[VQASample]
         "num_layers": len(find_decoder_layers(model)),
         "dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""),
         "shortv_layers": sorted(config.frozen_layers),
+        **({"attention_layers": sorted(config.attention_layers), "mlp_layers": sorted(config.mlp_layers)}
+           if config.operator_level else {}),
         "mode": config.mode,
         "frozen_tokens": config.frozen_tokens,
         "max_new_tokens": max_new_tokens,
@@ -304,9 +313,12 @@ def _summarize(model: Any, records: list[dict[str, Any]]) -> EvalSummary:
         baseline=_scores(records, "baseline"),
         shortv=_scores(records, "shortv"),
         agreement=sum(normalize_answer(r["baseline"]) == normalize_answer(r["shortv"]) for r in records) / len(records),
-        flops_ratio=flops_ratio(dims, text_tokens, visual_tokens, sorted(state.config.frozen_layers), formula="exact"),
+        flops_ratio=flops_ratio(dims, text_tokens, visual_tokens, sorted(state.config.frozen_layers), formula="exact",
+                                attention_layers=state.config.attention_layers, mlp_layers=state.config.mlp_layers),
         layers=list(state.config.layers),
         per_type_counts=dict(per_type_counts),
+        attention_layers=list(state.config.attention_layers),
+        mlp_layers=list(state.config.mlp_layers),
     )
 
 

@@ -63,8 +63,8 @@ def layer_contribution_figure(
         axes.axvspan(layer - 0.5, layer + 0.5, color="tab:green", alpha=0.15, lw=0)
     styles = {"visual": ("tab:blue", "o"), "text": ("tab:orange", "s")}
     zeros = []
-    for token_type in lc.token_types:
-        color, marker = styles[token_type]
+    for token_type in (token_type for token_type in lc.token_types if token_type in styles):  # per-operator LC:
+        color, marker = styles[token_type]  # `plot_operator_contribution`
         values = [max(value, floor) for value in means[token_type]]
         shown = [index for index, value in enumerate(means[token_type]) if value > 0]
         axes.plot(layers, values, color=color, marker=marker, markevery=shown, label=f"{token_type} tokens")
@@ -108,6 +108,46 @@ def plot_layer_contribution(
     floor; with ``layer_types`` (the model's ``config.layer_types``) each layer's kind is marked under its index
     where the layers differ."""
     return _save(layer_contribution_figure(lc, chosen, title, layer_types), path)
+
+
+def operator_contribution_figure(
+    lc: LCResult, chosen: dict[int, frozenset[str]] | None = None, title: str | None = None,
+):  # noqa: ANN201 - a matplotlib Figure, imported lazily
+    """The figure of `plot_operator_contribution` (the caller closes it)."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    means = lc.mean
+    rows = [("attention", "visual_attention"), ("MLP", "visual_mlp")] + ([("layer", "visual")] if "visual" in means
+                                                                        else [])
+    values = [means[key] for _, key in rows]
+    positive = [value for row in values for value in row if value > 0]
+    floor = min(positive) / 10 if positive else 1e-12
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.35 * lc.num_layers + 2.5), 1.2 + 0.55 * len(rows)))
+    image = axes.imshow([[max(value, floor) for value in row] for row in values], aspect="auto", cmap="viridis",
+                        norm=LogNorm(vmin=floor, vmax=max(positive) if positive else 1.0))
+    for layer, operators in (chosen or {}).items():  # frozen operators framed
+        for row, (label, _) in enumerate(rows[:2]):
+            if ("attention" if label == "attention" else "mlp") in operators:
+                axes.add_patch(Rectangle((layer - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.8))
+    axes.set_yticks(range(len(rows)), [label for label, _ in rows])
+    axes.set_xticks(range(lc.num_layers))
+    axes.set_xlabel("decoder layer" + (" (red: frozen operators)" if chosen else ""))
+    figure.colorbar(image, ax=axes, label="visual LC (KL)" if lc.metadata.get("divergence", "kl") == "kl" else "LC")
+    axes.set_title(title or f"Per-operator visual LC, {model_label(lc.model_id)} ({len(lc.sample_ids)} samples); "
+                   "0 drawn at the floor", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def plot_operator_contribution(
+    lc: LCResult, path: str | Path, chosen: dict[int, frozenset[str]] | None = None, title: str | None = None,
+) -> Path:
+    """Heatmap layer x operator of the visual LC of each layer's attention update, its MLP update and (when the
+    result has it) the whole layer, on a log colour scale; ``chosen`` (layer -> operators, e.g.
+    `ShortVConfig.frozen_operators`) frames the frozen operators."""
+    return _save(operator_contribution_figure(lc, chosen, title), path)
 
 
 def plot_accuracy_vs_flops(report, path: str | Path) -> Path:  # noqa: ANN001 - shortv.demo.DemoReport
