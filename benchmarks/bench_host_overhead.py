@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--shape", default="llava-1.5-7b")
     parser.add_argument("--text-tokens", type=int, default=16)
     parser.add_argument("--visual-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="also write the report (markdown) here")
     args = parser.parse_args()
@@ -141,7 +141,7 @@ def main() -> None:
         f"# Host cost of a ShortV layer: {args.shape} miniature",
         "",
         f"Command: `python benchmarks/bench_host_overhead.py --shape {args.shape} --threads {args.threads}"
-        f"{'' if args.repeats == 60 else f' --repeats {args.repeats}'}`. A {n_layers}-layer model of the shape's "
+        f"{'' if args.repeats == 100 else f' --repeats {args.repeats}'}`. A {n_layers}-layer model of the shape's "
         f"family and attention layout with hidden size 64, batch 1, {shape.visual_tokens} visual + "
         f"{args.text_tokens} text tokens (one image span), fp32, {n_frozen} frozen layers ({note}). "
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cpu_count', '?')} cores shared with other engineers' "

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -21,9 +22,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 SYNC_OPERATORS = frozenset(("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.nonzero"))
 
 
+def _storage(value: Any) -> int | None:
+    if isinstance(value, (tuple, list)):
+        value = value[0] if value else None
+    return value.untyped_storage().data_ptr() if isinstance(value, torch.Tensor) else None
+
+
 class CountOps(TorchDispatchMode):
     """Counts the aten operators dispatched while active, per ``slot`` (set by the caller); views (no kernel, but
-    host time) are counted as ``view:<name>``."""
+    host time) are counted as ``view:<name>``. An operator whose schema allows a view but that copied (``reshape``
+    of an expanded tensor reaches the dispatcher whole under ``inference_mode``) counts as a kernel."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -31,9 +39,11 @@ class CountOps(TorchDispatchMode):
         self.counts: dict[Any, Counter[str]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        view = func.is_view and _storage(output) == _storage(args[0] if args else None)
         counter = self.counts.setdefault(self.slot, Counter())
-        counter[("view:" if func.is_view else "") + str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+        counter[("view:" if view else "") + str(func.overloadpacket)] += 1
+        return output
 
 
 def kernels(counts: Counter[str]) -> int:
