@@ -154,10 +154,13 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *(f"| {kind} | {dk:g} | {da:g} | {fk:g} | {fa:g} | {fk - dk:+g} / {fa - da:+g} |"
           for kind, dk, da, fk, fa in rows),
-        f"| first frozen layer of the forward (layer {frozen[0]}; builds the forward's text-query mask and RoPE "
-        f"tables) | {kernels(base[frozen[0]])} | {sum(base[frozen[0]].values())} | {kernels(first)} | "
+        f"| first frozen layer of the forward (layer {frozen[0]}) | {kernels(base[frozen[0]])} | {sum(base[frozen[0]].values())} | {kernels(first)} | "
         f"{sum(first.values())} | {kernels(first) - kernels(base[frozen[0]]):+d} / "
         f"{sum(first.values()) - sum(base[frozen[0]].values()):+d} |",
+        "",
+        "Per kind: the median over the layers of that kind. The first frozen attention layer of a forward also builds "
+        "the forward's text-query mask and RoPE tables (one of each per mask and per cos/sin the decoder passes: two "
+        "for sliding/global models), which every later frozen layer reads.",
         "",
         "| per forward | unpatched | ShortV off | ShortV |",
         "|---|---|---|---|",
