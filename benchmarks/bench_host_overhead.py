@@ -74,25 +74,29 @@ def main() -> None:
     layers, frozen = find_decoder_layers(model), sorted(config.layers)
     kinds = layer_types(model) or ["full_attention"] * len(layers)
 
-    def prefill(variant: str, count: bool = False) -> Any:
-        """One prefill forward on the same model object every time, ShortV removed, switched off, or on: its
-        operators (``count``), or its host time in seconds."""
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.inference_mode())
-            if variant == "unpatched":
-                stack.callback(apply_shortv, model, config)
-                remove_shortv(model)
-            else:
-                stack.enter_context(using_visual_mask(model, inputs.visual_mask))
-            if variant == "baseline":
-                stack.enter_context(disable_shortv(model))
+    def variant(name: str) -> contextlib.ExitStack:
+        """The same model object every time: ShortV removed (and re-applied after), switched off, or on."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if name == "unpatched":
+            stack.callback(apply_shortv, model, config)
+            remove_shortv(model)
+        else:
+            stack.enter_context(using_visual_mask(model, inputs.visual_mask))
+        if name == "baseline":
+            stack.enter_context(disable_shortv(model))
+        return stack
+
+    def prefill(name: str, count: bool = False) -> Any:
+        """One prefill forward: its operators (``count``), or its host time in seconds."""
+        with variant(name):
             if count:
                 return count_ops(lambda: model(**inputs.kwargs, use_cache=True, logits_to_keep=1), layers)
             start = time.perf_counter()
             model(**inputs.kwargs, use_cache=True, logits_to_keep=1)
             return time.perf_counter() - start
 
-    counts = {variant: prefill(variant, count=True) for variant in VARIANTS}
+    counts = {name: prefill(name, count=True) for name in VARIANTS}
     base, fast = counts["baseline"], counts["shortv"]
     rows = layer_rows(base, fast, kinds, frozen)
 
@@ -102,34 +106,27 @@ def main() -> None:
     step = {"input_ids": inputs.kwargs["input_ids"][:, -1:],
             "attention_mask": torch.ones(1, inputs.kwargs["input_ids"].shape[1] + 1, dtype=torch.long)}
 
-    def decode(variant: str) -> Counter[str]:
+    def decode(name: str) -> Counter[str]:
         copied = copy.deepcopy(cache)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.inference_mode())
-            if variant == "unpatched":
-                stack.callback(apply_shortv, model, config)
-                remove_shortv(model)
-            else:
-                stack.enter_context(using_visual_mask(model, inputs.visual_mask))
+        with variant(name):
             return total(count_ops(lambda: model(**step, cache=copied, use_cache=True)))
 
-    decode_counts = {variant: decode(variant) for variant in ("unpatched", "shortv")}
+    decode_counts = {name: decode(name) for name in ("unpatched", "shortv")}
 
-    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for index in range(3 + args.repeats):
-        order = VARIANTS[index % 3:] + VARIANTS[: index % 3]
-        for variant in order:
-            seconds = prefill(variant)
+        for name in VARIANTS[index % 3:] + VARIANTS[: index % 3]:
+            seconds = prefill(name)
             if index >= 3:
-                times[variant].append(seconds)
-    ms = {variant: statistics.median(values) * 1e3 for variant, values in times.items()}
+                times[name].append(seconds)
+    ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     ratios = [s / u for s, u in zip(times["shortv"], times["unpatched"])]
     quartiles = statistics.quantiles(ratios, n=4)
     load_after = machine_info(torch.device("cpu")).get("load_average", "?")
 
-    totals = {variant: total(c) for variant, c in counts.items()}
-    outside = {variant: c.get(None, Counter()) for variant, c in counts.items()}
-    first = fast[frozen[0]]
+    totals = {name: total(c) for name, c in counts.items()}
+    outside = {name: c.get(None, Counter()) for name, c in counts.items()}
+    first, dense = fast[frozen[0]], base[frozen[0]]
     extra = totals["shortv"] - totals["baseline"]
     top = ", ".join(f"{op} {count}" for op, count in extra.most_common(6))
     fewer = ", ".join(f"{op} {count}" for op, count in (totals["baseline"] - totals["shortv"]).most_common(6))
@@ -154,9 +151,9 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *(f"| {kind} | {dk:g} | {da:g} | {fk:g} | {fa:g} | {fk - dk:+g} / {fa - da:+g} |"
           for kind, dk, da, fk, fa in rows),
-        f"| first frozen layer of the forward (layer {frozen[0]}) | {kernels(base[frozen[0]])} | {sum(base[frozen[0]].values())} | {kernels(first)} | "
-        f"{sum(first.values())} | {kernels(first) - kernels(base[frozen[0]]):+d} / "
-        f"{sum(first.values()) - sum(base[frozen[0]].values()):+d} |",
+        f"| first frozen layer of the forward (layer {frozen[0]}) | {kernels(dense)} | {sum(dense.values())} | "
+        f"{kernels(first)} | {sum(first.values())} | {kernels(first) - kernels(dense):+d} / "
+        f"{sum(first.values()) - sum(dense.values()):+d} |",
         "",
         "Per kind: the median over the layers of that kind. The first frozen attention layer of a forward also builds "
         "the forward's text-query mask and RoPE tables (one of each per mask and per cos/sin the decoder passes: two "

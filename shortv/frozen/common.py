@@ -137,36 +137,27 @@ def text_query_mask(
         raise TypeError(
             f"the fast ShortV layer expects a 4-D attention mask tensor, got {type(attention_mask).__name__}"
         )
-    return layout.memo("mask", attention_mask, lambda: _text_query_mask(
-        attention_mask, layout, past_length, kv_length, implementation, dtype
-    ), past_length, kv_length, implementation, dtype)
-
-
-def _text_query_mask(
-    attention_mask: torch.Tensor | None,
-    layout: TokenLayout,
-    past_length: int,
-    kv_length: int,
-    implementation: str,
-    dtype: torch.dtype,
-) -> torch.Tensor:
     shared = layout.shared_positions
     positions = layout.text_positions if shared is None else shared
-    if attention_mask is None:
-        query_index = (positions if past_length == 0 else positions + past_length).unsqueeze(-1)
-        allowed = torch.arange(kv_length, device=positions.device) <= query_index
-        allowed = allowed.unsqueeze(1) if shared is None else allowed[None, None]  # (batch or 1, 1, width, kv)
-        if implementation == "sdpa":
-            return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
-    if shared is not None:
-        return attention_mask.index_select(2, shared)
-    batch, width = positions.shape
-    mask = attention_mask.expand(batch, attention_mask.shape[1], attention_mask.shape[2], attention_mask.shape[3])
-    index = positions[:, None, :, None].expand(batch, mask.shape[1], width, mask.shape[3])
-    return torch.gather(mask, 2, index)
+
+    def build() -> torch.Tensor:
+        if attention_mask is None:
+            query_index = (positions if past_length == 0 else positions + past_length).unsqueeze(-1)
+            allowed = torch.arange(kv_length, device=positions.device) <= query_index
+            allowed = allowed.unsqueeze(1) if shared is None else allowed[None, None]  # (batch or 1, 1, width, kv)
+            if implementation == "sdpa":
+                return allowed
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        if shared is not None:
+            return attention_mask.index_select(2, shared)
+        batch, width = positions.shape
+        mask = attention_mask.expand(batch, *attention_mask.shape[1:])
+        index = positions[:, None, :, None].expand(batch, mask.shape[1], width, mask.shape[3])
+        return torch.gather(mask, 2, index)
+
+    return layout.memo("mask", attention_mask, build, past_length, kv_length, implementation, dtype)
 
 
 def rope_tables(layout: TokenLayout, anatomy: LayerAnatomy, cos: torch.Tensor, sin: torch.Tensor
