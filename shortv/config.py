@@ -111,9 +111,6 @@ class ShortVConfig:
         if self.operator_level and self.frozen_tokens != "visual":
             raise ValueError("ShortVConfig: operator-level freezing (attention_layers / mlp_layers) freezes visual "
                              "tokens only (frozen_tokens='visual')")
-        if self.operator_level and self.mode == "fast":
-            raise ValueError("ShortVConfig: operator-level freezing (attention_layers / mlp_layers) has no fast path "
-                             "yet; use mode='reference'")
         if self.version != CONFIG_FORMAT_VERSION:
             raise ValueError(
                 f"ShortVConfig format version {self.version} is not supported by this shortv "

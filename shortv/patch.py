@@ -25,7 +25,7 @@ from . import _compat
 from .config import ShortVConfig
 from .entry import ShortVState, entry_modules, install_entry_hooks, remove_entry_hooks
 from .frozen import FastLayer
-from .frozen.operators import frozen_operator_modules, reference_operator_forward
+from .frozen.operators import frozen_operator_modules, mlp_on_text_rows, reference_operator_forward
 from .frozen.reference import reference_frozen_forward
 from .registry import (
     architecture_for,
@@ -61,7 +61,7 @@ def _check_applicable(model: nn.Module, config: ShortVConfig, layers: nn.ModuleL
     for index, operators in sorted(config.frozen_operators.items()):
         if len(operators) == 1:  # refused here, before anything is changed, for a layer without a known anatomy
             frozen_operator_modules(layers[index], layer_anatomy(model, layers[index]), operators)
-    if config.mode != "fast" or not config.layers:
+    if config.mode != "fast" or not config.frozen_operators:
         return
     arch = architecture_for(model)
     model_type = model_type_of(model)
@@ -77,7 +77,9 @@ def _check_applicable(model: nn.Module, config: ShortVConfig, layers: nn.ModuleL
             f"{', '.join(arch.fast_text_model_types)}, not {text_type!r}; use mode='reference'"
         )
     fast_module = fast_layer_for(model)
-    for index in config.frozen_layers:
+    for index, operators in config.frozen_operators.items():
+        if operators == {"mlp"}:  # the layer's own forward, its MLP fed the text rows
+            continue
         reason = fast_module.unsupported_reason(layers[index])
         if reason is not None:
             raise ValueError(f"cannot apply the fast ShortV layer to decoder layer {index}: {reason}")
@@ -114,11 +116,12 @@ class FrozenForward(_InstanceOverride):
     """The ``forward`` of a ShortV layer: the original while nothing is frozen, else the fast or reference freeze."""
 
     def __init__(self, state: ShortVState, layer: nn.Module, previous: Any, fast: FastLayer | None, attribute: str,
-                 silenced: tuple[nn.Module, ...] = ()):
+                 operator: str | None = None, silenced: tuple[nn.Module, ...] = ()):
         super().__init__(layer, previous)
         self.state, self.fast, self.attribute = state, fast, attribute
-        #: Operator-level layer: the submodules whose update visual rows skip (`shortv.frozen.operators`).
-        self.silenced = silenced
+        #: Operator-level layer: the one update ("attention" or "mlp") visual rows skip, and the submodules that make
+        #: it (`shortv.frozen.operators`); None and () for a ShortV layer.
+        self.operator, self.silenced = operator, silenced
 
     def _bind(self, original: Any, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> dict[str, Any]:
         """(hidden_states, *args, **kwargs) -> keyword arguments, by the original forward's signature."""
@@ -158,13 +161,23 @@ class FrozenForward(_InstanceOverride):
             if layout is None:
                 return original(hidden_states, *args, **kwargs)
         layout = layout.to(hidden_states.device)
-        if self.silenced:
-            return reference_operator_forward(original, self.silenced, layout.visual, hidden_states, *args, **kwargs)
+        if self.operator is not None:
+            return self._operator_forward(original, layout, hidden_states, args, kwargs)
         if self.fast is None:
             frozen = layout.visual if state.config.frozen_tokens == "visual" else layout.text
             return reference_frozen_forward(original, frozen, hidden_states, *args, **kwargs)
         kwargs = self._bind(original, hidden_states, args, kwargs)
         return self.fast.fast_frozen_forward(self.module, layout, hidden_states, **kwargs)
+
+    def _operator_forward(self, original: Any, layout: Any, hidden_states: torch.Tensor, args: tuple,
+                          kwargs: dict) -> Any:
+        if self.fast is None:
+            return reference_operator_forward(original, self.silenced, layout.visual, hidden_states, *args, **kwargs)
+        if self.operator == "mlp":
+            with mlp_on_text_rows(self.silenced, layout):
+                return original(hidden_states, *args, **kwargs)
+        kwargs = self._bind(original, hidden_states, args, kwargs)
+        return self.fast.fast_attention_frozen_forward(self.module, layout, hidden_states, **kwargs)
 
 
 class ShortVGenerate(_InstanceOverride):
@@ -228,9 +241,11 @@ def apply_shortv(model: nn.Module, config_or_layers: ShortVConfig | Sequence[int
     for index, operators in sorted(config.frozen_operators.items()):
         layer = layers[index]
         attribute = _forward_attribute(layer)
-        silenced = () if len(operators) > 1 else tuple(frozen_operator_modules(layer, layer_anatomy(model, layer),
-                                                                                operators))
-        _override(state, layer, FrozenForward(state, layer, layer.__dict__.get(attribute), fast, attribute, silenced))
+        operator = None if len(operators) > 1 else next(iter(operators))
+        silenced = () if operator is None else tuple(frozen_operator_modules(layer, layer_anatomy(model, layer),
+                                                                              operators))
+        _override(state, layer, FrozenForward(state, layer, layer.__dict__.get(attribute), fast, attribute, operator,
+                                              silenced))
     if callable(getattr(model, "generate", None)):
         _override(state, model, ShortVGenerate(state, model, model.__dict__.get("generate")))
     install_entry_hooks(state, entries)

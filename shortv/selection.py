@@ -117,7 +117,7 @@ def select_operators(
     text_tokens: int = 64,
     visual_tokens: int = 576,
     formula: str = "exact",
-    mode: str = "reference",
+    mode: str = "fast",
 ) -> ShortVConfig:
     """Operator-level selection: the first ``n`` operators of `operator_order`, or greedily as many as bring the
     prefill FLOPs ratio to ``flops_ratio`` or below (it overshoots the target by less than the last operator's

@@ -28,7 +28,7 @@ def test_calibrate_operators_then_eval(tiny_llava_dir, tmp_path):
     assert (out / "lc_operators.png").is_file() and (out / "lc.png").is_file()
     layer_config = ShortVConfig.load(out / "shortv_config.json")
     config = ShortVConfig.load(out / "shortv_operators_config.json")
-    assert config.mode == "reference" and config.provenance["selection"] == "operators"
+    assert config.mode == "fast" and config.provenance["selection"] == "operators"
     # at the FLOPs of the layer-level config (priced at the calibration inputs' mean token counts): not above it,
     # and less than the last chosen operator's saving below it
     dims = LayerDims.from_config(AutoConfig.from_pretrained(tiny_llava_dir))

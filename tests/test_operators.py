@@ -144,7 +144,6 @@ def test_config_json_round_trip_and_old_configs(tmp_path):
          "layer 2 is in both attention_layers and mlp_layers (list it in `layers` to skip both updates)"),
         ({"mlp_layers": [1, 1], "mode": "reference"}, "mlp_layers lists layer 1 more than once"),
         ({"attention_layers": [-2], "mode": "reference"}, "attention_layers must be >= 0"),
-        ({"attention_layers": [1]}, "has no fast path yet; use mode='reference'"),
         ({"mlp_layers": [1], "mode": "reference", "frozen_tokens": "text"}, "freezes visual tokens only"),
     ],
 )

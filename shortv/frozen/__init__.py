@@ -2,11 +2,13 @@
 
 A fast path is a module of this package, one per residual structure (``prenorm``, ``sandwich``,
 ``linear_attention``), with ``unsupported_reason(layer, anatomy) -> str | None`` and
-``fast_frozen_forward(layer, anatomy, layout, hidden_states, **layer_kwargs) -> hidden_states``. The registry gives
-each language model a `LayerAnatomy` (which module, and the names of the layer's parts), or `LayerKinds` (one
-anatomy per layer type) when its layers differ; `fast_layer_module` binds them, so callers use
-``fast.unsupported_reason(layer)`` and ``fast.fast_frozen_forward(layer, layout, hidden, **layer_kwargs)`` whatever
-the layer's kind.
+``fast_frozen_forward(layer, anatomy, layout, hidden_states, **layer_kwargs) -> hidden_states``, and
+``fast_attention_frozen_forward`` with the same arguments for operator-level layers whose visual rows skip only the
+attention update (those that skip only the MLP run the layer's own forward with the MLP fed the text rows,
+`shortv.frozen.operators.mlp_on_text_rows`). The registry gives each language model a `LayerAnatomy` (which
+module, and the names of the layer's parts), or `LayerKinds` (one anatomy per layer type) when its layers differ;
+`fast_layer_module` binds them, so callers use ``fast.unsupported_reason(layer)`` and
+``fast.fast_frozen_forward(layer, layout, hidden, **layer_kwargs)`` whatever the layer's kind.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ class FastLayer:
         if fast is None:
             raise RuntimeError(self.unsupported_reason(layer))
         return fast.module.fast_frozen_forward(layer, fast.anatomy, layout, hidden_states, **layer_kwargs)
+
+    def fast_attention_frozen_forward(
+        self, layer: nn.Module, layout: TokenLayout, hidden_states: torch.Tensor, **layer_kwargs: Any
+    ) -> torch.Tensor:
+        """Operator-level: visual rows skip only the attention update (`shortv.frozen.operators`)."""
+        fast = self._for(layer)
+        if fast is None:
+            raise RuntimeError(self.unsupported_reason(layer))
+        return fast.module.fast_attention_frozen_forward(layer, fast.anatomy, layout, hidden_states, **layer_kwargs)
 
     def __repr__(self) -> str:
         return f"FastLayer({self.anatomy!r})"

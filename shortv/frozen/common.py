@@ -118,6 +118,11 @@ def residual_mlp(layer: nn.Module, anatomy: LayerAnatomy, layout: TokenLayout, h
     return layout.add_text(hidden_states, mlp, inplace=True)
 
 
+def residual_mlp_all_rows(layer: nn.Module, anatomy: LayerAnatomy, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Pre-norm tail of an attention-only frozen layer: ``x + mlp(norm(x))`` for every row, as unpatched."""
+    return hidden_states + run_on_rows(getattr(layer, anatomy.mlp), getattr(layer, anatomy.mlp_norm)(hidden_states))
+
+
 # ---- masks ------------------------------------------------------------------------------------------------------
 def text_query_mask(
     attention_mask: torch.Tensor | None,

@@ -11,6 +11,9 @@ chunked kernel computes outputs and state together).
 The mixer's kernels (causal convolution, chunked and recurrent delta rule, padding mask) are the functions of the
 module that defines the mixer's class, called exactly as its own ``forward`` calls them, so prefill, chunked prefill
 and single-token steps leave the cache bit-identical to the unpatched layer's.
+
+An attention-only frozen layer (operator-level freezing) skips the mixer's output half for visual rows the same way,
+then runs the MLP on every row.
 """
 
 from __future__ import annotations
@@ -108,3 +111,11 @@ def fast_frozen_forward(
     normed = getattr(layer, anatomy.input_norm)(hidden_states)
     mixed = mixer_branch(getattr(layer, anatomy.attention), layout, normed, kwargs)
     return common.residual_mlp(layer, anatomy, layout, hidden_states, mixed)
+
+
+def fast_attention_frozen_forward(
+    layer: nn.Module, anatomy: LayerAnatomy, layout: TokenLayout, hidden_states: torch.Tensor, **kwargs: Any
+) -> torch.Tensor:
+    normed = getattr(layer, anatomy.input_norm)(hidden_states)
+    mixed = mixer_branch(getattr(layer, anatomy.attention), layout, normed, kwargs)
+    return common.residual_mlp_all_rows(layer, anatomy, layout.add_text(hidden_states, mixed))

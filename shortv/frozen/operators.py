@@ -10,6 +10,11 @@ registry's anatomies is an RMSNorm, which maps a zero row to a zero row; keys an
 state) are still computed from every token, and text rows see exactly what they see unpatched (the MLP, dense or
 MoE, is per token). Skipping both operators is the ShortV layer.
 
+The fast path (``mode="fast"``): a layer whose visual rows skip only the attention update runs the fast layer
+module's ``fast_attention_frozen_forward`` (queries and ``o_proj`` for text rows, keys and values for all, the MLP
+on every row); one whose visual rows skip only the MLP runs its own forward with the MLP fed its text rows only
+(`mlp_on_text_rows`), the visual rows of its output being zero as in the reference.
+
 Layers with branches that belong to neither operator (a per-layer-input branch, a scale on the whole layer output)
 are refused: skipping "the attention update" would not leave a visual row as it entered.
 """
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layout import TokenLayout
 from .anatomy import LayerAnatomy
 
 
@@ -106,3 +112,42 @@ def frozen_operator_modules(
 ) -> list[nn.Module]:
     """The modules to silence on visual rows for ``operators`` of ``layer``."""
     return [module for operator in sorted(operators) for module in operator_modules(layer, anatomy, operator)]
+
+
+class _TextRowsOnly:
+    """Hooks of an MLP (or MoE block) that feed it the text rows of its input and put its output back at the text
+    positions, with zero rows at the visual ones (the MLP adds nothing to them)."""
+
+    def __init__(self, layout: TokenLayout):
+        self.layout = layout
+        self.shape: torch.Size | None = None
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            hidden, args = args[0], args[1:]
+        else:
+            hidden = kwargs.pop("hidden_states")
+        self.shape = hidden.shape
+        rows = self.layout.take_text(hidden)  # (batch, width, hidden) shared; (n_text, hidden): one sequence
+        return ((rows if rows.dim() == 3 else rows.unsqueeze(0)), *args), kwargs
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        rows = output[0] if isinstance(output, tuple) else output
+        rows = rows if self.layout.shared_positions is not None else rows.squeeze(0)
+        full = self.layout.put_text(rows.new_zeros(self.shape), rows)
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+
+@contextmanager
+def mlp_on_text_rows(modules: Collection[nn.Module], layout: TokenLayout) -> Iterator[None]:
+    """While inside, the ``modules`` (a layer's MLP) compute their text rows only and add nothing to visual rows."""
+    handles = []
+    for module in modules:
+        hooks = _TextRowsOnly(layout)
+        handles += [module.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True),
+                    module.register_forward_hook(hooks.after, with_kwargs=True, prepend=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -4,6 +4,9 @@ Residual structure: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``. In a 
 runs with text queries only (`common.text_attention`: keys and values for every token) and the MLP (dense or MoE)
 on the text rows only; visual hidden states leave the layer untouched. The rows fed to ``q_proj``, ``o_proj`` and
 the MLP are exactly the text tokens of the batch, whatever their layout.
+
+An attention-only frozen layer (operator-level freezing) skips the visual rows' queries and ``o_proj`` the same way,
+then runs the MLP on every row.
 """
 
 from __future__ import annotations
@@ -27,3 +30,10 @@ def fast_frozen_forward(
 ) -> torch.Tensor:
     attention = common.attention_branch(layer, anatomy, layout, hidden_states, kwargs)
     return common.residual_mlp(layer, anatomy, layout, hidden_states, attention)
+
+
+def fast_attention_frozen_forward(
+    layer: nn.Module, anatomy: LayerAnatomy, layout: TokenLayout, hidden_states: torch.Tensor, **kwargs: Any
+) -> torch.Tensor:
+    attention = common.attention_branch(layer, anatomy, layout, hidden_states, kwargs)
+    return common.residual_mlp_all_rows(layer, anatomy, layout.add_text(hidden_states, attention))

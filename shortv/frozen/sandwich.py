@@ -10,6 +10,10 @@ MLP (`anatomy.ParallelMoE`: router and experts see the text rows only), a per-la
 (`anatomy.PerLayerInput`: fed the text rows of the layer's per-layer input) and a buffer scaling the layer's whole
 output (``output_scale``). A frozen layer computes all three for text tokens exactly as unpatched; visual tokens
 leave the layer as they entered, so neither the per-layer input nor the output scale touches them.
+
+An attention-only frozen layer (operator-level freezing; not for layers with a per-layer-input branch or an output
+scale, `shortv.frozen.operators`) skips the visual rows' attention branch the same way, then runs the MLP slot on
+every row.
 """
 
 from __future__ import annotations
@@ -81,3 +85,11 @@ def fast_frozen_forward(
     if anatomy.output_scale:
         text = text * getattr(layer, anatomy.output_scale)
     return layout.put_text(hidden_states, text)
+
+
+def fast_attention_frozen_forward(
+    layer: nn.Module, anatomy: LayerAnatomy, layout: TokenLayout, hidden_states: torch.Tensor, **kwargs: Any
+) -> torch.Tensor:
+    attention = common.attention_branch(layer, anatomy, layout, hidden_states, kwargs)
+    hidden_states = layout.add_text(hidden_states, getattr(layer, anatomy.attention_output_norm)(attention))
+    return hidden_states + getattr(layer, anatomy.mlp_output_norm)(_mlp_slot(layer, anatomy, hidden_states))
