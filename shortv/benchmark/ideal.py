@@ -35,13 +35,17 @@ class DeviceRates:
 
 
 def ideal_prefill_speedup(
-    dims: LayerDims, token_counts: Sequence[tuple[int, int]], layers: Sequence[int], formula: str = "exact"
+    dims: LayerDims, token_counts: Sequence[tuple[int, int]], layers: Sequence[int], formula: str = "exact", *,
+    attention_layers: Sequence[int] = (), mlp_layers: Sequence[int] = (),
 ) -> float:
     """Dense over ShortV prefill FLOPs summed over samples ``(t, v)``. "exact" adds the LM head for the one
-    position ``generate`` computes in prefill; "paper" is the decoder stack only, as in the paper's tables."""
+    position ``generate`` computes in prefill; "paper" is the decoder stack only, as in the paper's tables.
+    ``attention_layers`` / ``mlp_layers``: operator-level layers (`shortv.flops.model_flops`)."""
     head = formula == "exact"
+    operators = dict(attention_layers=attention_layers, mlp_layers=mlp_layers)
     dense = sum(model_flops(dims, t, v, (), formula, include_lm_head=head) for t, v in token_counts)  # type: ignore[arg-type]
-    sparse = sum(model_flops(dims, t, v, layers, formula, include_lm_head=head) for t, v in token_counts)  # type: ignore[arg-type]
+    sparse = sum(model_flops(dims, t, v, layers, formula, include_lm_head=head, **operators)  # type: ignore[arg-type]
+                 for t, v in token_counts)
     return dense / sparse
 
 

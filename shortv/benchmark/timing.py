@@ -217,14 +217,18 @@ def benchmark(
 
     counts = inputs.token_counts()
     notes = list(notes)
-    if not config.layers:
+    if not config.frozen_operators:
         notes.append("no ShortV layers: both variants compute the same thing")
+    if config.operator_level:
+        notes.append(f"operator-level: visual tokens skip only the attention in layers {config.attention_layers}, "
+                     f"only the MLP in layers {config.mlp_layers}")
+    operators = dict(attention_layers=config.attention_layers, mlp_layers=config.mlp_layers)
     if not any(v for _, v in counts):
         notes.append("the prompt has no visual tokens: ShortV layers have nothing to freeze")
     baseline, shortv = _variant_metrics(runs["baseline"]), _variant_metrics(runs["shortv"])
     dims = LayerDims.from_config(model.config)
     measured = baseline.ttft_s.median / shortv.ttft_s.median
-    ideal = ideal_prefill_speedup(dims, counts, config.layers, "exact")
+    ideal = ideal_prefill_speedup(dims, counts, config.layers, "exact", **operators)
     paired = [b.ttft_s / s.ttft_s for b, s in zip(runs["baseline"], runs["shortv"])]
     return BenchResult(
         model=name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
@@ -247,7 +251,7 @@ def benchmark(
         prefill_speedup=measured,
         prefill_speedup_paired=Stats.of(paired),
         ideal_speedup=ideal,
-        ideal_speedup_paper=ideal_prefill_speedup(dims, counts, config.layers, "paper"),
+        ideal_speedup_paper=ideal_prefill_speedup(dims, counts, config.layers, "paper", **operators),
         realized=measured / ideal,
         saved_time_realized=None if ideal <= 1.0 else (1 - 1 / measured) / (1 - 1 / ideal),
         decode_ratio=median_ratio(shortv.decode_tokens_per_s, baseline.decode_tokens_per_s),
