@@ -7,7 +7,7 @@ from .config import ShortVConfig
 from .contribution import CalibrationSample, LCResult, layer_contribution
 from .evaluation import evaluate
 from .patch import apply_shortv, disable_shortv, get_shortv_state, remove_shortv, using_visual_mask
-from .selection import select_layers
+from .selection import select_layers, select_operators
 
 __all__ = [
     "CalibrationSample",
@@ -20,6 +20,7 @@ __all__ = [
     "layer_contribution",
     "remove_shortv",
     "select_layers",
+    "select_operators",
     "using_visual_mask",
 ]
 __version__ = "0.1.0"
