@@ -82,10 +82,11 @@ def test_rows_each_projection_sees(family):
     layers = find_decoder_layers(model)
     for attention_layer, mlp_layer in ((1, 2), (2, 1)):
         rows, handles = {}, []
+        counted = {name for kind, (skip_attention, skip_mlp) in ROWS.items()
+                   for name in (*skip_attention, *skip_mlp, *ALL_ROWS[kind])}
         for index in (attention_layer, mlp_layer):
             for name, module in layers[index].named_modules():
-                if name in {n for kind in (*ROWS.values(), ALL_ROWS) for group in
-                            (kind if isinstance(kind, tuple) else kind.values()) for n in group}:
+                if name in counted:
                     handles.append(module.register_forward_pre_hook(
                         lambda m, a, k, key=(index, name): rows.__setitem__(key, (a[0] if a else k["hidden_states"])
                                                                              .shape[:-1].numel()), with_kwargs=True))
