@@ -47,6 +47,9 @@ def _main() -> None:
 
         show.shortv = True
         warnings.showwarning = show
+    # Every command says it each time, even when the process said it before (a library caller running commands in
+    # one process, a test suite): Python's default shows a warning once per place in the code.
+    warnings.simplefilter("always", WeightsWarning)
     if "--help" in sys.argv[1:]:  # help is shown whatever the version
         return
     from shortv._compat import check_transformers_version
