@@ -68,9 +68,10 @@ def compile_decoder(
     elif mode is not None and backend == "inductor":  # other backends take no mode
         compile_options["mode"] = mode
     compiled = torch.compile(stack.forward, **compile_options)
-    setattr(compiled, _MARK, True)
-    object.__setattr__(stack, "forward", compiled)
     generation_config = getattr(model, "generation_config", None)
+    # The mark holds what `uncompile_decoder` puts back: generate's disable_compile before this call.
+    setattr(compiled, _MARK, (getattr(generation_config, "disable_compile", None),))
+    object.__setattr__(stack, "forward", compiled)
     if generation_config is not None:
         generation_config.disable_compile = True
     return model
@@ -79,11 +80,12 @@ def compile_decoder(
 def uncompile_decoder(model: nn.Module) -> nn.Module:
     """Undo `compile_decoder` (a no-op on a model it did not compile); returns ``model``."""
     stack = decoder_stack(model)
-    if getattr(stack.__dict__.get("forward"), _MARK, False):
+    mark = getattr(stack.__dict__.get("forward"), _MARK, None)
+    if mark is not None:
         object.__delattr__(stack, "forward")
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
-            generation_config.disable_compile = None
+            generation_config.disable_compile = mark[0]
     return model
 
 
