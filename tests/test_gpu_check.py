@@ -27,7 +27,7 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert (results["format"], results["version"]) == ("shortv-gpu-check", 1)
-    assert "1 passed" in results["parity"]
+    assert "2 passed" in results["parity"]
     cells = results["cells"]
     setup = cells[0]
     assert setup["kind"] == "setup" and setup["device"] == "cpu" and setup["smoke"]
@@ -62,7 +62,7 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
             assert any("CUDA graphs" in note for note in result.notes) == (cell["kind"] == "generate_cuda_graphs")
 
     report = (tmp_path / "report.md").read_text()
-    assert "--smoke" in report and "1 passed" in report
+    assert "--smoke" in report and "2 passed" in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in shapes]
     assert len(rows) == 4 * len(shapes) + len(shapes) + 2
     # every row carries its target verdict, except batch-1 compiled prefill of shapes the issue sets none for

@@ -148,6 +148,7 @@ def prefill_cell(model: torch.nn.Module, inputs: BenchInputs, config: ShortVConf
     """``mode``: "eager", "compiled" (``torch.compile(model)``) or "cuda_graphs" (`shortv.cuda_graphs` recipe)."""
     backend = {"backend": settings.compile_backend}
     options = {"compiled": {**backend, "dynamic": False}, "cuda_graphs": backend}.get(mode)
+    skips = cudagraph_skips()
     timing = time_prefill(
         model, inputs, config, repeats=settings.prefill_repeats, warmup=settings.prefill_warmup,
         compile=mode == "compiled", cuda_graphs=mode == "cuda_graphs", compile_options=options,
@@ -168,7 +169,15 @@ def prefill_cell(model: torch.nn.Module, inputs: BenchInputs, config: ShortVConf
         "text_tokens": [t for t, _ in counts],
         "visual_tokens": [v for _, v in counts],
         "shortv_layers": list(layers),
+        "cudagraph_skips": cudagraph_skips() - skips,
     }
+
+
+def cudagraph_skips() -> int:
+    """How many graphs inductor has compiled without the CUDA graph asked for (its log says why)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def measure(out: Path, device: torch.device, smoke: bool, deadline: float, shape_names: list[str],
@@ -190,11 +199,13 @@ def measure(out: Path, device: torch.device, smoke: bool, deadline: float, shape
 
     def generate_cell(model, inputs, config, note, name, cuda_graphs=False) -> dict[str, Any]:
         warmup = settings.cuda_graph_generate_warmup if cuda_graphs else settings.generate_warmup
-        return {"result": benchmark(
+        skips = cudagraph_skips()
+        result = benchmark(
             model, inputs, config, new_tokens=settings.new_tokens, repeats=settings.generate_repeats, warmup=warmup,
             name=name, source="shape", layer_selection=note, cuda_graphs=cuda_graphs,
             compile_options={"backend": settings.compile_backend} if cuda_graphs else None,
-        ).to_dict()}
+        )
+        return {"result": result.to_dict(), "cudagraph_skips": cudagraph_skips() - skips}
 
     def shape_model(name: str, shape: PaperShape) -> tuple[torch.nn.Module, ShortVConfig, str]:
         config, note = (shape_shortv_config(name, num_layers=shape.dims.num_layers, proportional=True) if smoke

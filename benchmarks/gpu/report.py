@@ -68,6 +68,12 @@ def _verdict(label: str, met: bool) -> str:
     return f"{label}: {'met' if met else '**not met**'}"
 
 
+def _skipped(cell: dict[str, Any]) -> str:
+    """A CUDA-graph cell whose graphs inductor compiled without CUDA graphs says so (log.txt says why)."""
+    skips = cell.get("cudagraph_skips") or 0
+    return f" ({skips} graphs without CUDA graph)" if skips else ""
+
+
 def prefill_mode(cell: dict[str, Any]) -> str:
     timing = cell["timing"]
     return "CUDA graphs" if timing.get("cuda_graphs") else "compile" if timing["compiled"] else "eager"
@@ -96,7 +102,7 @@ def prefill_rows(cells: list[dict[str, Any]]) -> list[str]:
         if cell["kind"] not in ("prefill", "prefill_compiled", "prefill_cuda_graphs"):
             continue
         timing = cell["timing"]
-        mode = prefill_mode(cell)
+        mode = prefill_mode(cell) + _skipped(cell)
         compile_s = "" if not timing.get("compile_s") else " / ".join(f"{s:.0f}" for s in timing["compile_s"].values())
         rows.append(
             f"| {cell['shape']} | {_tokens(cell)} | {mode} | {_ms(timing['baseline_s'])} | {_ms(timing['shortv_s'])} "
@@ -115,7 +121,7 @@ def generate_rows(cells: list[dict[str, Any]]) -> list[str]:
         result = cell["result"]
         base, short = result["baseline"], result["shortv"]
         decode = result["decode_ratio"]
-        mode = "CUDA graphs" if cell["kind"] == "generate_cuda_graphs" else "eager"
+        mode = ("CUDA graphs" if cell["kind"] == "generate_cuda_graphs" else "eager") + _skipped(cell)
         rows.append(
             f"| {cell['shape']} | {cell['batch']} | {mode} | {_ms(base['ttft_s'])} | {_ms(short['ttft_s'])} "
             f"| {result['prefill_speedup']:.2f}x "
