@@ -7,7 +7,9 @@ GPU each forward is timed with CUDA events, so nothing but the forward is in the
 also absorb the compilation of both variants (their first calls are timed separately, as ``compile_s``).
 
 With ``cuda_graphs``, the recipe of `shortv.cuda_graphs`: the decoder stack compiled with ``mode="reduce-overhead"``
-(CUDA graphs on a GPU) and a static cache allocated once for the prompt, reset before every forward.
+(CUDA graphs on a GPU) and a static cache allocated once for the prompt, reset before every forward. An all-ones
+attention mask is left out, as ``generate`` leaves it out, so that ``generate``'s prefill is the same graph (and
+inductor's cache serves it to a later generate cell).
 """
 
 from __future__ import annotations
@@ -75,10 +77,13 @@ def time_prefill(
     inputs = inputs.to(device, model_dtype(model))
     model.eval()
     forward = torch.compile(model, **(compile_options or {})) if compile else model
-    extra: dict[str, Any] = {}
+    kwargs, extra = dict(inputs.kwargs), {}
     if cuda_graphs:
         compile_decoder(model, **(compile_options or {}))
         extra["cache"] = static_cache(model, inputs.batch_size, int(inputs.visual_mask.shape[1]))
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and bool(mask.all()):
+            del kwargs["attention_mask"]  # as generate does: then its prefill is this very graph
     first_calls: dict[str, float] = {}
 
     def run(variant: str) -> float:
@@ -88,7 +93,7 @@ def time_prefill(
             torch.compiler.cudagraph_mark_step_begin()
         with variant_context(model, inputs, variant), torch.inference_mode():
             clock.mark()
-            forward(**inputs.kwargs, use_cache=True, logits_to_keep=1, **extra)
+            forward(**kwargs, use_cache=True, logits_to_keep=1, **extra)
             clock.mark()
         seconds = clock.seconds()[-1]
         first_calls.setdefault(variant, seconds)
