@@ -236,6 +236,8 @@ def _keys_values(
     keys = apply_rope_table(keys.transpose(1, 2), rope)
     values = values.transpose(1, 2)
     past_length = cache.get_seq_length(attention.layer_idx) if cache is not None else 0
+    if isinstance(past_length, torch.Tensor):  # a static cache's counter: the update below advances it in place
+        past_length = past_length.clone()
     if cache is not None:
         keys, values = cache.update(keys, values, attention.layer_idx, kwargs=kwargs)
     if anatomy.kv_sharing and attention.store_full_length_kv:
