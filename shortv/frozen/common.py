@@ -142,7 +142,9 @@ def text_query_mask(
 
     def build() -> torch.Tensor:
         if attention_mask is None:
-            query_index = (positions if past_length == 0 else positions + past_length).unsqueeze(-1)
+            # A static cache's length is a tensor: added without a branch on its value (no graph break, no sync).
+            offset = isinstance(past_length, torch.Tensor) or past_length != 0
+            query_index = (positions + past_length if offset else positions).unsqueeze(-1)
             allowed = torch.arange(kv_length, device=positions.device) <= query_index
             allowed = allowed.unsqueeze(1) if shared is None else allowed[None, None]  # (batch or 1, 1, width, kv)
             if implementation == "sdpa":
