@@ -186,3 +186,37 @@ def pruned_forward(
             kwargs = prune_kwargs(calls.kwargs[index], columns)
             hidden = run_layer(index, layers[index], hidden, visual, index in frozen, kwargs)
     return PrunedOutput(find_final_norm(model)(hidden), columns)
+
+
+def _extend(inputs: dict, token: torch.Tensor) -> dict:
+    """``inputs`` with one more column: ``token`` (batch,) in ``input_ids``, 1 in the padding mask, 0 (text) in any
+    other per-token integer tensor (e.g. ``mm_token_type_ids``)."""
+    batch, seq = inputs["input_ids"].shape
+    out = dict(inputs)
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and tuple(value.shape) == (batch, seq):
+            fill = token if key == "input_ids" else torch.full_like(token, 1 if key == "attention_mask" else 0)
+            out[key] = torch.cat([value, fill[:, None].to(value.dtype)], dim=1)
+    return out
+
+
+@torch.no_grad()
+def pruned_greedy(model: nn.Module, inputs: dict, visual_mask: torch.Tensor, cut: int, kept_visual, steps: int,
+                  reset: Callable[[nn.Module], None] = lambda model: None) -> torch.Tensor:
+    """Greedy decoding without a cache: each step re-runs the whole sequence (prompt and tokens so far) through
+    `pruned_forward`, with the visual columns kept at the prompt (ranked once, by the prompt's last token: generated
+    tokens never re-rank). ``reset(model)`` clears state a model keeps between calls. Returns (batch, steps)."""
+    head = model.get_output_embeddings()
+    tokens = []
+    for _ in range(steps):
+        reset(model)
+        calls = capture_decoder_calls(model, inputs)
+        seq = inputs["input_ids"].shape[1]
+        visual = torch.cat([visual_mask, visual_mask.new_zeros(len(visual_mask), seq - visual_mask.shape[1])], 1)
+        out = pruned_forward(model, calls, visual, cut, kept_visual)
+        if callable(kept_visual):  # fix the prompt's choice for the later steps
+            kept_visual = out.columns[visual.gather(1, out.columns)].view(len(visual), -1)
+        token = head(out.hidden_states[:, -1]).argmax(dim=-1)
+        tokens.append(token)
+        inputs = _extend(inputs, token)
+    return torch.stack(tokens, dim=1)

@@ -1,0 +1,285 @@
+"""FastV and VTW on a loaded model instance: layers ``K..`` run on the text tokens and the kept visual tokens only.
+
+How it works: the entry hooks of `shortv.entry` decide, once per forward, which positions are visual (input ids,
+``visual_mask=``, `using_visual_mask`, ``generate(visual_mask=...)``). Layer ``K - 1``'s ``forward`` is replaced,
+on that instance, by `CutForward`: it runs the layer, ranks the visual tokens (`shortv.pruning.ranking`) and returns
+the hidden states of the kept columns only, so every later layer, the final norm and the LM head get fewer rows.
+Layers ``K..`` get `KeptForward`: it cuts their per-token arguments to the kept columns (cos/sin rows, position ids,
+the mask's rows and columns), so each kept token keeps its original position. Their KV cache therefore holds the
+kept positions only; the kept prompt columns are recorded on the cache (``cache.shortv_kept_columns``), and every
+later step masks those layers' keys by them.
+
+What ``model(...)`` returns on a pruned prompt: logits (and hidden states of layers ``>= K``) for the kept
+positions only, in order; `kept_columns(model)` gives their original columns. The last position is always kept,
+so ``generate`` (which reads the last logits) works unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .. import _compat
+from ..config import ShortVConfig
+from ..entry import ShortVState, entry_modules, install_entry_hooks, remove_entry_hooks
+from ..frozen.anatomy import LayerAnatomy
+from ..frozen.common import SUPPORTED_ATTENTION, attention_implementation
+from ..patch import (
+    FrozenForward,
+    ShortVGenerate,
+    _decoder_layers_path,
+    _forward_attribute,
+    _InstanceOverride,
+    _unwrap,
+    get_shortv_state,
+)
+from ..registry import fast_layer_for, find_decoder_layers, layer_types, model_type_of, visual_token_ids
+from .columns import decode_kwargs, gather_columns, prefill_kwargs
+from .config import TokenPruningConfig
+from .ranking import kept_columns as all_kept_columns
+from .ranking import received_attention, top_visual
+
+STATE_ATTRIBUTE = "_shortv_pruning_state"
+CACHE_ATTRIBUTE = "shortv_kept_columns"
+
+
+@dataclass
+class Plan:
+    """What layers ``K..`` do in the forward in flight."""
+
+    prefill: bool
+    #: prefill: (batch, kept) columns of the prompt; later steps: (batch, cached + new) positions of the layer's keys.
+    columns: torch.Tensor
+    past_length: int = 0
+
+
+class PruningState:
+    """Everything `apply_token_pruning` attached; plain data and references, so it deep-copies and pickles."""
+
+    def __init__(self, config: TokenPruningConfig, entry: ShortVState, anatomy: LayerAnatomy):
+        self.config, self.entry, self.anatomy = config, entry, anatomy
+        self.plan: Plan | None = None
+        #: (batch, kept) original columns of the rows of the last pruned forward's output.
+        self.last_columns: torch.Tensor | None = None
+        self.padding: torch.Tensor | None = None  # the 2-D attention mask of the forward in flight
+
+
+class PaddingPreHook:
+    """Records the model call's 2-D attention mask (ranking reads the last real token of each sample) and refuses
+    what a pruned forward cannot return (a loss over every position)."""
+
+    def __init__(self, state: PruningState):
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        self.state.padding = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if kwargs.get("labels") is not None:
+            raise ValueError("FastV/VTW return logits for the kept positions only, so the model cannot compute a "
+                             "loss over `labels`; remove_token_pruning(model) to train or score every position")
+
+
+def _kwargs(override: _InstanceOverride, original, hidden: torch.Tensor, args: tuple, kwargs: dict) -> dict:
+    return FrozenForward._bind(override, original, hidden, args, kwargs)  # by the original forward's signature
+
+
+def _check_cache(cache: Any) -> None:
+    if cache is None:
+        return
+    if not isinstance(cache, DynamicCache) or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+        raise ValueError(f"FastV/VTW support a DynamicCache of full-attention layers only, got {type(cache).__name__}"
+                         f"{' (' + ', '.join(kinds) + ')' if kinds else ''}; use generate's default cache "
+                         "(no cache_implementation='static')")
+
+
+class CutForward(_InstanceOverride):
+    """``forward`` of layer K - 1: the original, then the ranking and the cut to the kept columns."""
+
+    def __init__(self, state: PruningState, layer: nn.Module, previous: Any, attribute: str, index: int):
+        super().__init__(layer, previous)
+        self.state, self.attribute, self.index = state, attribute, index
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        state, original = self.state, self.original()
+        state.plan = None
+        bound = _kwargs(self, original, hidden_states, args, kwargs)
+        cache = _compat.cache_from_kwargs(bound)
+        _check_cache(cache)
+        past = cache.get_seq_length(self.index) if cache is not None else 0
+        entry = state.entry
+        if not entry.decided:
+            raise RuntimeError(
+                "FastV/VTW cannot tell which positions of this forward are visual: layer K - 1 ran with only "
+                "`inputs_embeds` and no `visual_mask`, or outside a forward of the model. Pass `visual_mask=` "
+                "(bool, batch x seq) or use `using_visual_mask(model, mask)`."
+            )
+        output = original(hidden_states, *args, **kwargs)
+        hidden = output[0] if isinstance(output, tuple) else output
+        layout = entry.layout
+        if layout is not None and layout.shape != tuple(hidden.shape[:2]):
+            raise ValueError(f"the visual mask has shape {layout.shape} but layer {self.index} sees a sequence of "
+                             f"shape {tuple(hidden.shape[:2])}")
+        if layout is not None:  # a prompt with visual tokens: rank and cut
+            if past:
+                raise ValueError("FastV/VTW prune the visual tokens of a prompt's first forward only; this call "
+                                 f"brings visual tokens after {past} cached positions (chunked prefill)")
+            columns = self._prune(hidden_states, bound, layout.visual.to(hidden.device))
+            state.plan, state.last_columns = Plan(prefill=True, columns=columns), columns
+            if cache is not None:  # the positions layers K.. hold: these columns, then every later one
+                setattr(cache, CACHE_ATTRIBUTE, (columns, hidden.shape[1]))
+            hidden = gather_columns(hidden, 1, columns)
+        elif past and getattr(cache, CACHE_ATTRIBUTE, None) is not None:  # a step after a pruned prompt
+            kept, prompt_length = getattr(cache, CACHE_ATTRIBUTE)
+            later = torch.arange(prompt_length, past + hidden.shape[1], device=kept.device)
+            columns = torch.cat([kept, later.expand(kept.shape[0], -1)], dim=1)
+            held = cache.get_seq_length(self.index + 1) + hidden.shape[1]
+            if columns.shape[1] != held or columns.shape[0] != hidden.shape[0]:
+                raise ValueError(f"this KV cache does not match the FastV/VTW prompt it was filled with (layer "
+                                 f"{self.index + 1} holds {held} positions, expected {columns.shape[1]})")
+            state.plan = Plan(prefill=False, columns=columns, past_length=past)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def _prune(self, hidden_states: torch.Tensor, kwargs: dict, visual: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        counts = visual.sum(dim=1).tolist()
+        if len(set(counts)) > 1:
+            raise ValueError(f"FastV/VTW need the same number of visual tokens in every sample of a batch, got "
+                             f"{counts}; run samples with different image sizes in separate batches")
+        keep = state.config.kept(counts[0])
+        if keep == 0:
+            kept = visual.new_zeros(visual.shape[0], 0, dtype=torch.long)
+        else:
+            if kwargs.get("position_embeddings") is None:
+                raise RuntimeError(f"FastV ranks in layer {self.index}, which got no `position_embeddings`")
+            received = received_attention(self.module, state.anatomy, hidden_states, kwargs.get("attention_mask"),
+                                          kwargs["position_embeddings"], state.config.rank, state.padding)
+            kept = top_visual(received, visual, keep)
+        return all_kept_columns(visual, kept)
+
+
+class KeptForward(_InstanceOverride):
+    """``forward`` of a layer ``>= K``: its arguments cut to the kept columns (the hidden states already are)."""
+
+    def __init__(self, state: PruningState, layer: nn.Module, previous: Any, attribute: str):
+        super().__init__(layer, previous)
+        self.state, self.attribute = state, attribute
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        plan, original = self.state.plan, self.original()
+        if plan is None:
+            return original(hidden_states, *args, **kwargs)
+        bound = _kwargs(self, original, hidden_states, args, kwargs)
+        columns = plan.columns.to(hidden_states.device)
+        if plan.prefill:
+            bound = prefill_kwargs(bound, columns)
+        else:
+            bound = decode_kwargs(bound, columns, plan.past_length, hidden_states.shape[1])
+        return original(hidden_states, **bound)
+
+
+def get_pruning_state(model: nn.Module) -> PruningState | None:
+    return getattr(_unwrap(model), STATE_ATTRIBUTE, None)
+
+
+def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.ModuleList) -> LayerAnatomy:
+    name = f"{config.method.upper() if config.method == 'vtw' else 'FastV'}"
+    if not 1 <= config.k <= len(layers) - 1:
+        raise ValueError(f"K (the first pruned layer) must be in 1..{len(layers) - 1} for {type(model).__name__}'s "
+                         f"{len(layers)} decoder layers, got {config.k}")
+    if get_shortv_state(model) is not None:
+        raise ValueError(f"{name} on a model with ShortV applied is not supported yet; remove_shortv(model) first")
+    fast = fast_layer_for(model)
+    anatomy = getattr(fast, "anatomy", None)
+    if not isinstance(anatomy, LayerAnatomy):
+        kind = "hybrid linear/full attention layers" if anatomy is not None else "no verified layer anatomy"
+        raise ValueError(f"{name} does not support model_type={model_type_of(model)!r} ({kind}); it supports the "
+                         "families whose decoder layers are all softmax attention with a fast ShortV anatomy")
+    if anatomy.kv_sharing or anatomy.query_scale or anatomy.per_layer_input:
+        raise ValueError(f"{name} does not support model_type={model_type_of(model)!r}: its layers share keys and "
+                         "values, scale queries by position or take per-layer inputs")
+    types = sorted(set(layer_types(model) or ["full_attention"]) - {"full_attention"})
+    if types:
+        raise ValueError(f"{name} supports full-attention layers only; {type(model).__name__} has {types} layers")
+    reason = fast.unsupported_reason(layers[config.k - 1])
+    if reason is not None:
+        raise ValueError(f"{name} cannot rank in decoder layer {config.k - 1}: {reason}")
+    implementation = attention_implementation(getattr(layers[config.k - 1], anatomy.attention))
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(f"{name} supports attn_implementation {SUPPORTED_ATTENTION}, got {implementation!r}")
+    return anatomy
+
+
+def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Module:
+    """Apply FastV or VTW to ``model`` in place (every check first: an error leaves it untouched); returns it."""
+    _compat.check_transformers_version()
+    if not isinstance(config, TokenPruningConfig):
+        raise TypeError(f"apply_token_pruning expects a TokenPruningConfig, got {type(config).__name__}")
+    wrapper, model = model, _unwrap(model)
+    layers = find_decoder_layers(model)
+    anatomy = _check_applicable(model, config, layers)
+    entries = entry_modules(model, _decoder_layers_path(model, layers))
+    if get_pruning_state(model) is not None:
+        remove_token_pruning(model)
+    # The entry machinery decides the visual positions per forward; a ShortVConfig naming layer K - 1 makes it do so.
+    entry = ShortVState(config=ShortVConfig(layers=[config.k - 1]), num_layers=len(layers),
+                        token_ids=visual_token_ids(model))
+    state = PruningState(config, entry, anatomy)
+    overrides: list[_InstanceOverride] = []
+    cut = layers[config.k - 1]
+    overrides.append(CutForward(state, cut, cut.__dict__.get(_forward_attribute(cut)), _forward_attribute(cut),
+                                config.k - 1))
+    for layer in layers[config.k :]:
+        attribute = _forward_attribute(layer)
+        overrides.append(KeptForward(state, layer, layer.__dict__.get(attribute), attribute))
+    if callable(getattr(model, "generate", None)):
+        overrides.append(ShortVGenerate(entry, model, model.__dict__.get("generate")))
+    for override in overrides:
+        object.__setattr__(override.module, override.attribute, override)
+        entry.patched.append((override.module, override.attribute, override.previous))
+    install_entry_hooks(entry, entries)
+    model.register_forward_pre_hook(PaddingPreHook(state), with_kwargs=True)
+    object.__setattr__(model, STATE_ATTRIBUTE, state)
+    return wrapper
+
+
+def apply_fastv(model: nn.Module, k: int = 2, ratio: float = 0.5, rank: str = "last") -> nn.Module:
+    """FastV: after layer ``k - 1``, keep the ``1 - ratio`` most attended visual tokens of each sample."""
+    return apply_token_pruning(model, TokenPruningConfig("fastv", k, ratio, rank))
+
+
+def apply_vtw(model: nn.Module, k: int) -> nn.Module:
+    """VTW: from layer ``k`` on, every visual token leaves the sequence (hidden states and KV cache)."""
+    return apply_token_pruning(model, TokenPruningConfig("vtw", k))
+
+
+def remove_token_pruning(model: nn.Module) -> nn.Module:
+    """Undo `apply_token_pruning` exactly. A model without it is returned unchanged."""
+    state = get_pruning_state(model)
+    if state is None:
+        return model
+    for module, attribute, previous in state.entry.patched:
+        if previous is None:
+            object.__delattr__(module, attribute)
+        else:
+            object.__setattr__(module, attribute, previous)
+    remove_entry_hooks(state.entry)
+    inner = _unwrap(model)
+    for hook_id in [key for key, hook in inner._forward_pre_hooks.items() if getattr(hook, "state", None) is state]:
+        del inner._forward_pre_hooks[hook_id]
+        inner._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    object.__delattr__(inner, STATE_ATTRIBUTE)
+    return model
+
+
+def kept_columns(model: nn.Module) -> torch.Tensor | None:
+    """(batch, kept) original columns of the rows the last pruned forward returned (None before any)."""
+    state = get_pruning_state(model)
+    if state is None:
+        raise ValueError("this model has no FastV/VTW applied; call apply_fastv / apply_vtw first")
+    return state.last_columns

@@ -1,0 +1,181 @@
+"""FastV and VTW on stock models (shortv.pruning) against the slow pruning oracle (tests/pruning_oracle.py): prefill
+logits of every kept position and greedy ``generate`` tokens, at batch 1 and batch 2 with left padding, the rows
+each layer sees and the KV cache it fills, ``remove_token_pruning`` bit-exact, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pruning_oracle import capture_decoder_calls, pruned_forward, pruned_greedy, rank_by_attention
+from tiny_models import build_inputs, build_model, reset_state
+
+from shortv.pruning import (
+    TokenPruningConfig,
+    apply_fastv,
+    apply_token_pruning,
+    apply_vtw,
+    kept_columns,
+    remove_token_pruning,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: Llama-like LLaVA (1-D RoPE) and Qwen2-VL (M-RoPE, positions from the image grid); one image size per family so
+#: that every sample has as many visual tokens.
+FAMILIES = {"llava": (12, 12), "qwen2_vl": (16, 16)}
+STEPS = 4
+ATOL = 1e-4  # sdpa (the patched model) against eager (the oracle reads eager attention weights)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pair(request):
+    """(family, sdpa model to patch, eager twin with the same weights for the oracle)."""
+    family = request.param
+    return family, build_model(family, "sdpa", init_std=0.2), build_model(family, "eager", init_std=0.2)
+
+
+def _inputs(model, family, padded: bool):
+    size = FAMILIES[family]
+    layouts = [dict(n_text_before=3, images=1, n_text_after=5, image_sizes=[size])]
+    if padded:  # a shorter second sample: three columns of left padding
+        layouts.append(dict(n_text_before=2, images=1, n_text_after=3, image_sizes=[size]))
+    return build_inputs(model, family, batch_layouts=layouts, padding_side="left")
+
+
+def _config(method: str) -> TokenPruningConfig:
+    if method == "vtw":
+        return TokenPruningConfig("vtw", k=2)
+    return TokenPruningConfig("fastv", k=2, ratio=0.5, rank=method.split("-")[1])
+
+
+def _oracle_kept(config: TokenPruningConfig, visual: torch.Tensor):
+    keep = config.kept(int(visual[0].sum()))
+    if keep == 0:
+        return torch.zeros(len(visual), 0, dtype=torch.long)
+    return lambda weights: rank_by_attention(weights, visual, keep, config.rank)
+
+
+CASES = [("fastv-last", False), ("fastv-last", True), ("fastv-mean", False), ("vtw", False), ("vtw", True)]
+
+
+@pytest.mark.parametrize(("method", "padded"), CASES)
+def test_prefill_and_generate_equal_the_oracle(pair, method: str, padded: bool) -> None:
+    family, model, eager = pair
+    inputs = _inputs(model, family, padded)
+    visual = inputs.visual_mask
+    config = _config(method)
+    with torch.no_grad():
+        reset_state(model)
+        unpatched = model(**inputs).logits
+    apply_token_pruning(model, config)
+    try:
+        with torch.no_grad():
+            reset_state(model)
+            logits = model(**inputs).logits
+        columns = kept_columns(model)
+        reset_state(eager)
+        oracle = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, config.k,
+                                _oracle_kept(config, visual))
+        assert torch.equal(columns, oracle.columns), (family, method)
+        real = inputs["attention_mask"].bool().gather(1, columns)  # padding rows differ between sdpa and eager
+        expected = eager.get_output_embeddings()(oracle.hidden_states)
+        torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=ATOL)
+        # Not the unpatched model: the last position's logits move once visual tokens leave.
+        assert not torch.allclose(logits[:, -1], unpatched[:, -1], atol=1e-3)
+
+        reset_state(model)
+        generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
+        expected = pruned_greedy(eager, dict(inputs), visual, config.k, _oracle_kept(config, visual), STEPS,
+                                 reset=reset_state)
+        assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], expected), (family, method)
+    finally:
+        remove_token_pruning(model)
+    with torch.no_grad():
+        reset_state(model)
+        torch.testing.assert_close(model(**inputs).logits, unpatched, rtol=0, atol=0)  # remove is bit-exact
+
+
+@pytest.mark.parametrize("method", ["fastv-last", "vtw"])
+def test_rows_and_kv_cache_per_layer(pair, method: str) -> None:
+    """Layers 0..K-1 see every column and cache it; layers K.. see t + kept rows and cache only those."""
+    family, model, _ = pair
+    inputs = _inputs(model, family, padded=True)
+    visual = inputs.visual_mask
+    config = _config(method)
+    seq, v = visual.shape[1], int(visual[0].sum())
+    rows: dict[int, int] = {}
+    layers = model.model.language_model.layers
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: rows.__setitem__(i, a[0].shape[1]))
+               for i, layer in enumerate(layers)]
+    apply_token_pruning(model, config)
+    try:
+        with torch.no_grad():
+            reset_state(model)
+            cache = model(**inputs, use_cache=True).past_key_values
+    finally:
+        remove_token_pruning(model)
+        for handle in handles:
+            handle.remove()
+    kept = seq - v + config.kept(v)
+    expected = [seq] * config.k + [kept] * (len(layers) - config.k)
+    assert [rows[i] for i in range(len(layers))] == expected
+    assert [cache.get_seq_length(i) for i in range(len(layers))] == expected
+    assert kept < seq
+
+
+def test_config_round_trip_and_bad_parameters(tmp_path) -> None:
+    config = TokenPruningConfig("fastv", k=3, ratio=0.75, rank="mean")
+    assert TokenPruningConfig.load(config.save(tmp_path / "fastv.json")) == config
+    assert TokenPruningConfig("vtw", k=5).ratio == 1.0
+    assert TokenPruningConfig(k=2).ratio == 0.5
+    for kwargs, message in [
+        (dict(ratio=1.0), r"R .* must be in \[0, 1\)"),
+        (dict(ratio=-0.1), r"R .* must be in \[0, 1\)"),
+        (dict(k=0), "K .* must be >= 1"),
+        (dict(rank="first"), "rank must be one of"),
+        (dict(method="pdrop"), "method must be one of"),
+        (dict(method="vtw", ratio=0.5), "VTW withdraws every visual token"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            TokenPruningConfig(**kwargs)
+    with pytest.raises(ValueError, match="unknown token pruning config field"):
+        TokenPruningConfig.from_dict({"k": 2, "layers": [1]})
+
+
+def test_refusals_leave_the_model_untouched(pair) -> None:
+    from shortv import apply_shortv, remove_shortv
+
+    family, model, _ = pair
+    inputs = _inputs(model, family, padded=False)
+    with pytest.raises(ValueError, match=r"K \(the first pruned layer\) must be in 1\.\.3"):
+        apply_fastv(model, k=4)
+    apply_shortv(model, [3])
+    try:
+        with pytest.raises(ValueError, match="with ShortV applied is not supported yet"):
+            apply_vtw(model, k=2)
+    finally:
+        remove_shortv(model)
+    assert not any("forward" in layer.__dict__ for layer in model.model.language_model.layers)
+
+    apply_fastv(model, k=2)
+    try:
+        different = build_inputs(model, family, batch_layouts=[
+            dict(n_text_before=3, images=1, n_text_after=5, image_sizes=[FAMILIES[family]]),
+            dict(n_text_before=3, images=2, n_text_after=5, image_sizes=[FAMILIES[family]] * 2)])
+        with pytest.raises(ValueError, match="same number of visual tokens in every sample"), torch.no_grad():
+            reset_state(model)
+            model(**different)
+        with pytest.raises(ValueError, match="DynamicCache of full-attention layers only"):
+            reset_state(model)
+            model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+        with pytest.raises(ValueError, match="cannot compute a loss over `labels`"), torch.no_grad():
+            model(**inputs, labels=inputs["input_ids"])
+    finally:
+        remove_token_pruning(model)
+
+
+def test_unsupported_family_is_refused() -> None:
+    model = build_model("qwen3_5", "sdpa")
+    with pytest.raises(ValueError, match="hybrid linear/full attention"):
+        apply_fastv(model, k=2)
+    assert not hasattr(model, "_shortv_pruning_state")
