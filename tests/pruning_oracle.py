@@ -188,7 +188,7 @@ def pruned_forward(
     return PrunedOutput(find_final_norm(model)(hidden), columns)
 
 
-def _extend(inputs: dict, token: torch.Tensor) -> dict:
+def extend_inputs(inputs: dict, token: torch.Tensor) -> dict:
     """``inputs`` with one more column: ``token`` (batch,) in ``input_ids``, 1 in the padding mask, 0 (text) in any
     other per-token integer tensor (e.g. ``mm_token_type_ids``)."""
     batch, seq = inputs["input_ids"].shape
@@ -218,5 +218,5 @@ def pruned_greedy(model: nn.Module, inputs: dict, visual_mask: torch.Tensor, cut
             kept_visual = out.columns[visual.gather(1, out.columns)].view(len(visual), -1)
         token = head(out.hidden_states[:, -1]).argmax(dim=-1)
         tokens.append(token)
-        inputs = _extend(inputs, token)
+        inputs = extend_inputs(inputs, token)
     return torch.stack(tokens, dim=1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pruning_oracle import capture_decoder_calls, pruned_forward, pruned_greedy, rank_by_attention
+from pruning_oracle import capture_decoder_calls, extend_inputs, pruned_forward, pruned_greedy, rank_by_attention
 from tiny_models import build_inputs, build_model, reset_state
 
 from shortv.pruning import (
@@ -34,12 +34,16 @@ def pair(request):
     return family, build_model(family, "sdpa", init_std=0.2), build_model(family, "eager", init_std=0.2)
 
 
-def _inputs(model, family, padded: bool):
+def _layouts(family, padded: bool) -> list[dict]:
     size = FAMILIES[family]
-    layouts = [dict(n_text_before=3, images=1, n_text_after=5, image_sizes=[size])]
+    layouts = [dict(n_text_before=3, images=1, n_text_after=5, image_sizes=[size], seed=0)]
     if padded:  # a shorter second sample: three columns of left padding
-        layouts.append(dict(n_text_before=2, images=1, n_text_after=3, image_sizes=[size]))
-    return build_inputs(model, family, batch_layouts=layouts, padding_side="left")
+        layouts.append(dict(n_text_before=2, images=1, n_text_after=3, image_sizes=[size], seed=1))
+    return layouts
+
+
+def _inputs(model, family, padded: bool):
+    return build_inputs(model, family, batch_layouts=_layouts(family, padded), padding_side="left")
 
 
 def _config(method: str) -> TokenPruningConfig:
@@ -179,3 +183,35 @@ def test_unsupported_family_is_refused() -> None:
     with pytest.raises(ValueError, match="hybrid linear/full attention"):
         apply_fastv(model, k=2)
     assert not hasattr(model, "_shortv_pruning_state")
+
+
+def test_beam_scores_are_the_oracle_likelihoods(pair) -> None:
+    """Beam search reorders the KV cache between steps; each returned sequence's score (summed log-probabilities,
+    ``length_penalty=0``) is its likelihood under the oracle with the prompt's kept columns."""
+    family, model, eager = pair
+    inputs = _inputs(model, family, padded=True)
+    visual = inputs.visual_mask
+    config = _config("fastv-last")
+    apply_token_pruning(model, config)
+    try:
+        reset_state(model)
+        out = model.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, num_beams=3,
+                             num_return_sequences=2, length_penalty=0.0, output_scores=True,
+                             return_dict_in_generate=True)
+    finally:
+        remove_token_pruning(model)
+    prompt = inputs["input_ids"].shape[1]
+    reset_state(eager)
+    ranked = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, config.k, _oracle_kept(config, visual))
+    kept_visual = ranked.columns[visual.gather(1, ranked.columns)].view(len(visual), -1)
+    # Each prompt twice (its two returned sequences), then the generated tokens.
+    expanded = build_inputs(eager, family, batch_layouts=[lay for lay in _layouts(family, True) for _ in range(2)])
+    for step in range(STEPS):
+        expanded = extend_inputs(expanded, out.sequences[:, prompt + step])
+    full_visual = torch.cat([visual, visual.new_zeros(2, STEPS)], dim=1).repeat_interleave(2, dim=0)
+    reset_state(eager)
+    oracle = pruned_forward(eager, capture_decoder_calls(eager, expanded), full_visual, config.k,
+                            kept_visual.repeat_interleave(2, dim=0))
+    logits = eager.get_output_embeddings()(oracle.hidden_states[:, -STEPS - 1 : -1]).log_softmax(dim=-1)
+    likelihood = logits.gather(2, out.sequences[:, prompt:, None]).sum(dim=(1, 2))
+    torch.testing.assert_close(out.sequences_scores, likelihood, rtol=0, atol=1e-3)
