@@ -200,23 +200,45 @@ def extend_inputs(inputs: dict, token: torch.Tensor) -> dict:
     return out
 
 
+def sample_calls(calls: DecoderCalls, index: int) -> DecoderCalls:
+    """Sample ``index`` of a batch's recorded calls, as a batch of 1 (the batch's padding and positions kept)."""
+    def pick(x, batch_dim):
+        return x.narrow(batch_dim, index, 1) if x.shape[batch_dim] > 1 else x
+    kwargs = []
+    for layer_kwargs in calls.kwargs:
+        out = dict(layer_kwargs)
+        if out.get("position_embeddings") is not None:
+            out["position_embeddings"] = tuple(pick(x, -3) for x in out["position_embeddings"])
+        if out.get("position_ids") is not None:
+            out["position_ids"] = pick(out["position_ids"], -2)
+        if isinstance(out.get("attention_mask"), torch.Tensor):
+            out["attention_mask"] = pick(out["attention_mask"], 0)
+        kwargs.append(out)
+    return DecoderCalls(calls.hidden_states[index : index + 1], kwargs)
+
+
 @torch.no_grad()
-def pruned_greedy(model: nn.Module, inputs: dict, visual_mask: torch.Tensor, cut: int, kept_visual, steps: int,
+def pruned_greedy(model: nn.Module, inputs: dict, visual_mask: torch.Tensor, cut: int, kept_for: Callable, steps: int,
                   reset: Callable[[nn.Module], None] = lambda model: None) -> torch.Tensor:
-    """Greedy decoding without a cache: each step re-runs the whole sequence (prompt and tokens so far) through
-    `pruned_forward`, with the visual columns kept at the prompt (ranked once, by the prompt's last token: generated
-    tokens never re-rank). ``reset(model)`` clears state a model keeps between calls. Returns (batch, steps)."""
+    """Greedy decoding without a cache: each step re-runs the whole batch (prompt and tokens so far), then
+    `pruned_forward` on each sample alone (so samples may keep different numbers of columns), with the visual
+    columns kept at the prompt (``kept_for(i)``: sample ``i``'s ``kept_visual``, ranked once, by the prompt's last
+    token: generated tokens never re-rank). ``reset(model)`` clears state a model keeps between calls. Returns
+    (batch, steps)."""
     head = model.get_output_embeddings()
+    kept = [kept_for(i) for i in range(len(visual_mask))]
     tokens = []
     for _ in range(steps):
         reset(model)
         calls = capture_decoder_calls(model, inputs)
         seq = inputs["input_ids"].shape[1]
         visual = torch.cat([visual_mask, visual_mask.new_zeros(len(visual_mask), seq - visual_mask.shape[1])], 1)
-        out = pruned_forward(model, calls, visual, cut, kept_visual)
-        if callable(kept_visual):  # fix the prompt's choice for the later steps
-            kept_visual = out.columns[visual.gather(1, out.columns)].view(len(visual), -1)
-        token = head(out.hidden_states[:, -1]).argmax(dim=-1)
-        tokens.append(token)
-        inputs = extend_inputs(inputs, token)
+        token = []
+        for i in range(len(visual)):
+            out = pruned_forward(model, sample_calls(calls, i), visual[i : i + 1], cut, kept[i])
+            if callable(kept[i]):  # fix the prompt's choice for the later steps
+                kept[i] = out.columns[visual[i : i + 1].gather(1, out.columns)].view(1, -1)
+            token.append(head(out.hidden_states[:, -1]).argmax(dim=-1))
+        tokens.append(torch.cat(token))
+        inputs = extend_inputs(inputs, tokens[-1])
     return torch.stack(tokens, dim=1)

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pruning_oracle import capture_decoder_calls, extend_inputs, pruned_forward, pruned_greedy, rank_by_attention
+from pruning_oracle import (
+    capture_decoder_calls,
+    extend_inputs,
+    pruned_forward,
+    pruned_greedy,
+    rank_by_attention,
+    sample_calls,
+)
 from tiny_models import build_inputs, build_model, reset_state
 
 from shortv.pruning import (
@@ -53,10 +60,16 @@ def _config(method: str) -> TokenPruningConfig:
 
 
 def _oracle_kept(config: TokenPruningConfig, visual: torch.Tensor):
+    """The oracle's ``kept_visual`` for a batch whose samples have as many visual tokens."""
     keep = config.kept(int(visual[0].sum()))
     if keep == 0:
         return torch.zeros(len(visual), 0, dtype=torch.long)
     return lambda weights: rank_by_attention(weights, visual, keep, config.rank)
+
+
+def _kept_for(config: TokenPruningConfig, visual: torch.Tensor):
+    """``i`` -> the oracle's ``kept_visual`` for sample ``i`` alone."""
+    return lambda i: _oracle_kept(config, visual[i : i + 1])
 
 
 CASES = [("fastv-last", False), ("fastv-last", True), ("fastv-mean", False), ("vtw", False), ("vtw", True)]
@@ -89,7 +102,7 @@ def test_prefill_and_generate_equal_the_oracle(pair, method: str, padded: bool) 
 
         reset_state(model)
         generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
-        expected = pruned_greedy(eager, dict(inputs), visual, config.k, _oracle_kept(config, visual), STEPS,
+        expected = pruned_greedy(eager, dict(inputs), visual, config.k, _kept_for(config, visual), STEPS,
                                  reset=reset_state)
         assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], expected), (family, method)
     finally:
@@ -163,12 +176,6 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
 
     apply_fastv(model, k=2)
     try:
-        different = build_inputs(model, family, batch_layouts=[
-            dict(n_text_before=3, images=1, n_text_after=5, image_sizes=[FAMILIES[family]]),
-            dict(n_text_before=3, images=2, n_text_after=5, image_sizes=[FAMILIES[family]] * 2)])
-        with pytest.raises(ValueError, match="same number of visual tokens in every sample"), torch.no_grad():
-            reset_state(model)
-            model(**different)
         with pytest.raises(ValueError, match="DynamicCache of full-attention layers only"):
             reset_state(model)
             model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
@@ -215,3 +222,43 @@ def test_beam_scores_are_the_oracle_likelihoods(pair) -> None:
     logits = eager.get_output_embeddings()(oracle.hidden_states[:, -STEPS - 1 : -1]).log_softmax(dim=-1)
     likelihood = logits.gather(2, out.sequences[:, prompt:, None]).sum(dim=(1, 2))
     torch.testing.assert_close(out.sequences_scores, likelihood, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["fastv-last", "vtw"])
+def test_different_visual_counts_per_sample(pair, method: str) -> None:
+    """One image in the first sample, two in the second: the samples keep different numbers of columns; the one
+    that keeps fewer gets padding slots, which no query sees. Each sample equals the oracle run on it alone (its
+    rows of the batch's calls), in prefill and in greedy decoding."""
+    family, model, eager = pair
+    size = FAMILIES[family]
+    inputs = build_inputs(model, family, batch_layouts=[
+        dict(n_text_before=3, images=1, n_text_after=5, image_sizes=[size], seed=0),
+        dict(n_text_before=2, images=2, n_text_after=3, image_sizes=[size, size], seed=1)])
+    visual = inputs.visual_mask
+    assert visual[0].sum() != visual[1].sum()
+    config = _config(method)
+    apply_token_pruning(model, config)
+    try:
+        with torch.no_grad():
+            reset_state(model)
+            logits = model(**inputs).logits
+        columns = kept_columns(model)
+        reset_state(eager)
+        calls = capture_decoder_calls(eager, inputs)
+        for i in range(2):
+            oracle = pruned_forward(eager, sample_calls(calls, i), visual[i : i + 1], config.k,
+                                    _kept_for(config, visual)(i))
+            n = oracle.columns.shape[1]
+            assert columns[i, -n:].tolist() == oracle.columns[0].tolist()
+            assert (columns[i, :-n] == -1).all()
+            real = inputs["attention_mask"][i].bool()[oracle.columns[0]]
+            expected = eager.get_output_embeddings()(oracle.hidden_states[0])
+            torch.testing.assert_close(logits[i, -n:][real], expected[real], rtol=0, atol=ATOL)
+        assert (columns == -1).any()
+        reset_state(model)
+        generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
+    finally:
+        remove_token_pruning(model)
+    expected = pruned_greedy(eager, dict(inputs), visual, config.k, _kept_for(config, visual), STEPS,
+                             reset=reset_state)
+    assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], expected), (family, method)

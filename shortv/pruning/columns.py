@@ -20,8 +20,27 @@ def gather_columns(x: torch.Tensor, dim: int, columns: torch.Tensor, batch_dim: 
     return x.gather(dim, columns.view(view).expand(shape))
 
 
-def prefill_kwargs(kwargs: dict[str, Any], columns: torch.Tensor) -> dict[str, Any]:
-    """The layer arguments of a pruned prefill: rotary rows, position ids, mask rows and columns at ``columns``.
+def _hide_padding(mask: torch.Tensor | None, real_keys: torch.Tensor, query_columns: torch.Tensor,
+                  key_columns: torch.Tensor, pad_queries: torch.Tensor | None) -> torch.Tensor:
+    """``mask`` (4-D, bool or additive; None: causal by column) with the padding keys hidden; a padding query
+    (``pad_queries``, (batch, query) bool) sees itself, so that its row stays finite."""
+    if mask is None:
+        mask = key_columns[:, None, None, :] <= query_columns[:, None, :, None]
+    hidden = ~real_keys[:, None, None, :]
+    self_only = None
+    if pad_queries is not None:
+        eye = torch.eye(mask.shape[-2], mask.shape[-1], dtype=torch.bool, device=mask.device)
+        self_only = pad_queries[:, None, :, None] & eye
+    if mask.dtype == torch.bool:
+        mask = mask & ~hidden
+        return mask | self_only if self_only is not None else mask
+    mask = mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
+    return mask.masked_fill(self_only, 0) if self_only is not None else mask
+
+
+def prefill_kwargs(kwargs: dict[str, Any], columns: torch.Tensor, real: torch.Tensor | None) -> dict[str, Any]:
+    """The layer arguments of a pruned prefill: rotary rows, position ids, mask rows and columns at ``columns``;
+    padding slots (``real`` False) are hidden from every query.
 
     An absent mask is the causal mask (sdpa's fast case): on ascending kept columns it is causal again."""
     out = dict(kwargs)
@@ -31,19 +50,27 @@ def prefill_kwargs(kwargs: dict[str, Any], columns: torch.Tensor) -> dict[str, A
         out["position_ids"] = gather_columns(kwargs["position_ids"], -1, columns, -2)
     mask = kwargs.get("attention_mask")
     if mask is not None:
-        out["attention_mask"] = gather_columns(gather_columns(mask, -1, columns), -2, columns)
+        mask = gather_columns(gather_columns(mask, -1, columns), -2, columns)
+    if real is not None:
+        mask = _hide_padding(mask, real, columns, columns, ~real)
+    out["attention_mask"] = mask
     return out
 
 
-def decode_kwargs(kwargs: dict[str, Any], key_columns: torch.Tensor, past_length: int, seq: int) -> dict[str, Any]:
+def decode_kwargs(kwargs: dict[str, Any], key_columns: torch.Tensor, real_keys: torch.Tensor | None,
+                  past_length: int, seq: int) -> dict[str, Any]:
     """The layer arguments of a step after a pruned prompt: the new tokens are all kept, so only the mask's key
-    columns shrink to ``key_columns`` (batch, cached + new) -- the positions the layer's KV cache holds. An absent
-    mask over several new tokens becomes an explicit causal mask (sdpa's ``is_causal`` would align it wrongly)."""
+    columns shrink to ``key_columns`` (batch, cached + new) -- the positions the layer's KV cache holds; padding
+    slots (``real_keys`` False) are hidden. An absent mask over several new tokens becomes an explicit causal mask
+    (sdpa's ``is_causal`` would align it wrongly)."""
     out = dict(kwargs)
     mask = kwargs.get("attention_mask")
     if mask is not None:
-        out["attention_mask"] = gather_columns(mask, -1, key_columns)
-    elif seq > 1:
-        queries = torch.arange(past_length, past_length + seq, device=key_columns.device)
-        out["attention_mask"] = (key_columns[:, None, None, :] <= queries[None, None, :, None])
+        mask = gather_columns(mask, -1, key_columns)
+    queries = torch.arange(past_length, past_length + seq, device=key_columns.device).expand(len(key_columns), -1)
+    if real_keys is not None:
+        mask = _hide_padding(mask, real_keys, queries, key_columns, None)
+    elif mask is None and seq > 1:
+        mask = key_columns[:, None, None, :] <= queries[:, None, :, None]
+    out["attention_mask"] = mask
     return out

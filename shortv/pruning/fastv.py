@@ -10,8 +10,10 @@ kept positions only; the kept prompt columns are recorded on the cache (``cache.
 later step masks those layers' keys by them.
 
 What ``model(...)`` returns on a pruned prompt: logits (and hidden states of layers ``>= K``) for the kept
-positions only, in order; `kept_columns(model)` gives their original columns. The last position is always kept,
-so ``generate`` (which reads the last logits) works unchanged.
+positions only, in order; `kept_columns(model)` gives their original columns. Samples of a batch that keep fewer
+columns (fewer visual tokens) get padding slots at the start of their row (column -1 in `kept_columns`, logits
+meaningless, hidden from every query by the masks). The last position is always kept, so ``generate`` (which reads
+the last logits) works unchanged.
 """
 
 from __future__ import annotations
@@ -41,8 +43,7 @@ from ..patch import (
 from ..registry import fast_layer_for, find_decoder_layers, layer_types, model_type_of, visual_token_ids
 from .columns import decode_kwargs, gather_columns, prefill_kwargs
 from .config import TokenPruningConfig
-from .ranking import kept_columns as all_kept_columns
-from .ranking import received_attention, top_visual
+from .ranking import kept_layout, received_attention, top_visual
 
 STATE_ATTRIBUTE = "_shortv_pruning_state"
 CACHE_ATTRIBUTE = "shortv_kept_columns"
@@ -53,8 +54,10 @@ class Plan:
     """What layers ``K..`` do in the forward in flight."""
 
     prefill: bool
-    #: prefill: (batch, kept) columns of the prompt; later steps: (batch, cached + new) positions of the layer's keys.
+    #: prefill: (batch, width) columns of the prompt; later steps: (batch, cached + new) positions of the layer's keys.
     columns: torch.Tensor
+    #: Which of ``columns`` are real (False: a padding slot of a sample that keeps fewer); None: all of them.
+    real: torch.Tensor | None = None
     past_length: int = 0
 
 
@@ -129,38 +132,40 @@ class CutForward(_InstanceOverride):
             if past:
                 raise ValueError("FastV/VTW prune the visual tokens of a prompt's first forward only; this call "
                                  f"brings visual tokens after {past} cached positions (chunked prefill)")
-            columns = self._prune(hidden_states, bound, layout.visual.to(hidden.device))
-            state.plan, state.last_columns = Plan(prefill=True, columns=columns), columns
+            columns, real = self._prune(hidden_states, bound, layout.visual.to(hidden.device))
+            state.plan = Plan(prefill=True, columns=columns, real=real)
+            state.last_columns = columns if real is None else columns.masked_fill(~real, -1)
             if cache is not None:  # the positions layers K.. hold: these columns, then every later one
-                setattr(cache, CACHE_ATTRIBUTE, (columns, hidden.shape[1]))
+                setattr(cache, CACHE_ATTRIBUTE, (columns, real, hidden.shape[1]))
             hidden = gather_columns(hidden, 1, columns)
         elif past and getattr(cache, CACHE_ATTRIBUTE, None) is not None:  # a step after a pruned prompt
-            kept, prompt_length = getattr(cache, CACHE_ATTRIBUTE)
+            kept, real, prompt_length = getattr(cache, CACHE_ATTRIBUTE)
             later = torch.arange(prompt_length, past + hidden.shape[1], device=kept.device)
-            columns = torch.cat([kept, later.expand(kept.shape[0], -1)], dim=1)
+            later = later.expand(kept.shape[0], -1)
+            columns = torch.cat([kept, later], dim=1)
+            if real is not None:
+                real = torch.cat([real, torch.ones_like(later, dtype=torch.bool)], dim=1)
             held = cache.get_seq_length(self.index + 1) + hidden.shape[1]
             if columns.shape[1] != held or columns.shape[0] != hidden.shape[0]:
                 raise ValueError(f"this KV cache does not match the FastV/VTW prompt it was filled with (layer "
                                  f"{self.index + 1} holds {held} positions, expected {columns.shape[1]})")
-            state.plan = Plan(prefill=False, columns=columns, past_length=past)
+            state.plan = Plan(prefill=False, columns=columns, real=real, past_length=past)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    def _prune(self, hidden_states: torch.Tensor, kwargs: dict, visual: torch.Tensor) -> torch.Tensor:
+    def _prune(self, hidden_states: torch.Tensor, kwargs: dict, visual: torch.Tensor):
+        """(columns, real) of the rows layers K.. run (`shortv.pruning.ranking.kept_layout`)."""
         state = self.state
-        counts = visual.sum(dim=1).tolist()
-        if len(set(counts)) > 1:
-            raise ValueError(f"FastV/VTW need the same number of visual tokens in every sample of a batch, got "
-                             f"{counts}; run samples with different image sizes in separate batches")
-        keep = state.config.kept(counts[0])
-        if keep == 0:
-            kept = visual.new_zeros(visual.shape[0], 0, dtype=torch.long)
+        keep = torch.tensor([state.config.kept(int(count)) for count in visual.sum(dim=1).tolist()],
+                            device=visual.device)
+        if int(keep.max()) == 0:
+            kept = torch.zeros_like(visual)
         else:
             if kwargs.get("position_embeddings") is None:
                 raise RuntimeError(f"FastV ranks in layer {self.index}, which got no `position_embeddings`")
             received = received_attention(self.module, state.anatomy, hidden_states, kwargs.get("attention_mask"),
                                           kwargs["position_embeddings"], state.config.rank, state.padding)
             kept = top_visual(received, visual, keep)
-        return all_kept_columns(visual, kept)
+        return kept_layout(~visual | kept)
 
 
 class KeptForward(_InstanceOverride):
@@ -176,10 +181,11 @@ class KeptForward(_InstanceOverride):
             return original(hidden_states, *args, **kwargs)
         bound = _kwargs(self, original, hidden_states, args, kwargs)
         columns = plan.columns.to(hidden_states.device)
+        real = None if plan.real is None else plan.real.to(hidden_states.device)
         if plan.prefill:
-            bound = prefill_kwargs(bound, columns)
+            bound = prefill_kwargs(bound, columns, real)
         else:
-            bound = decode_kwargs(bound, columns, plan.past_length, hidden_states.shape[1])
+            bound = decode_kwargs(bound, columns, real, plan.past_length, hidden_states.shape[1])
         return original(hidden_states, **bound)
 
 

@@ -63,15 +63,23 @@ def received_attention(
     return (received * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
 
 
-def top_visual(received: torch.Tensor, visual: torch.Tensor, keep: int) -> torch.Tensor:
-    """(batch, keep) visual columns receiving the most attention, ascending."""
-    received = received.masked_fill(~visual, float("-inf"))
-    return received.topk(keep, dim=-1).indices.sort(dim=-1).values
+def top_visual(received: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) bool: the ``keep[b]`` visual columns of each sample that receive the most attention."""
+    order = received.masked_fill(~visual, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return visual & (rank < keep[:, None])
 
 
-def kept_columns(visual: torch.Tensor, kept_visual: torch.Tensor) -> torch.Tensor:
-    """(batch, kept) ascending columns: every non-visual column and the ``kept_visual`` ones."""
-    keep = ~visual
-    if kept_visual.shape[1]:
-        keep = keep.scatter(1, kept_visual, True)
-    return keep.nonzero()[:, 1].view(len(keep), -1)
+def kept_layout(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows layers K.. run: ``(columns, real)``, both (batch, width), from the (batch, seq) bool ``keep``.
+
+    ``columns`` holds each sample's kept columns ascending, at the end of the row; a sample that keeps fewer than
+    the widest one gets padding slots first (some dropped column, which the layers' masks hide; ``real`` False
+    there). ``real`` is None when every sample keeps as many columns (no padding slot)."""
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    # A stable sort puts the dropped columns first and the kept ones last, each in ascending order.
+    columns = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, keep.shape[1] - width :]
+    if bool((counts == width).all()):
+        return columns, None
+    return columns, keep.gather(1, columns)
