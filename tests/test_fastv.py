@@ -143,6 +143,8 @@ def test_rows_and_kv_cache_per_layer(pair, method: str) -> None:
 def test_config_round_trip_and_bad_parameters(tmp_path) -> None:
     config = TokenPruningConfig("fastv", k=3, ratio=0.75, rank="mean")
     assert TokenPruningConfig.load(config.save(tmp_path / "fastv.json")) == config
+    vtw = TokenPruningConfig("vtw", k=4, provenance={"rule": "vtw_kl", "threshold": 0.1, "kl": [0.5, 0.2, 0.05]})
+    assert TokenPruningConfig.load(vtw.save(tmp_path / "vtw.json")) == vtw
     assert TokenPruningConfig("vtw", k=5).ratio == 1.0
     assert TokenPruningConfig(k=2).ratio == 0.5
     for kwargs, message in [
@@ -262,3 +264,35 @@ def test_different_visual_counts_per_sample(pair, method: str) -> None:
     expected = pruned_greedy(eager, dict(inputs), visual, config.k, _kept_for(config, visual), STEPS,
                              reset=reset_state)
     assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], expected), (family, method)
+
+
+def test_vtw_rule_chooses_the_first_layer_under_the_threshold(pair) -> None:
+    """VTW's rule, against the oracle's KL(P_withdrawn || P_original) at the last position for every K."""
+    from shortv.contribution import divergence_between
+    from shortv.pruning import choose_vtw_layer
+
+    family, model, eager = pair
+    batches = [_inputs(model, family, padded=True), _inputs(model, family, padded=False)]
+    means = []
+    for k in range(1, 4):
+        values = []
+        for inputs in batches:
+            reset_state(eager)
+            with torch.no_grad():
+                original = eager(**inputs).logits[:, -1].log_softmax(-1)
+            reset_state(eager)
+            calls = capture_decoder_calls(eager, inputs)
+            out = pruned_forward(eager, calls, inputs.visual_mask, k, torch.zeros(len(original), 0, dtype=torch.long))
+            with torch.no_grad():
+                withdrawn = eager.get_output_embeddings()(out.hidden_states[:, -1]).log_softmax(-1)
+            values.append(divergence_between(withdrawn, original, "kl"))
+        means.append(float(torch.cat(values).mean()))
+    threshold = min(means) * 1.01
+    expected = next(k for k, value in enumerate(means, start=1) if value < threshold)
+    config = choose_vtw_layer(model, batches, threshold)
+    assert (config.method, config.k, config.ratio) == ("vtw", expected, 1.0)
+    assert config.provenance["threshold"] == threshold and config.provenance["samples"] == 2
+    assert config.provenance["kl"] == pytest.approx(means[:expected], rel=1e-3, abs=1e-6)
+    assert not hasattr(model, "_shortv_pruning_state")
+    with pytest.raises(ValueError, match="no K withdraws the visual tokens with a mean KL below"):
+        choose_vtw_layer(model, batches, min(means) / 2)

@@ -6,7 +6,7 @@ import json
 import math
 import numbers
 import operator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ class TokenPruningConfig:
     ratio: float | None = None
     rank: str = "last"
     version: int = PRUNING_FORMAT_VERSION
+    #: Where the setting came from, e.g. VTW's rule: ``{"rule": "vtw_kl", "threshold": ..., "kl": [...]}``.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -56,6 +58,8 @@ class TokenPruningConfig:
             self.ratio = float(ratio)
         if self.rank not in RANKS:
             raise ValueError(f"rank must be one of {RANKS}, got {self.rank!r}")
+        if not isinstance(self.provenance, dict):
+            raise TypeError(f"provenance must be a dict, got {type(self.provenance).__name__}")
         if self.version != PRUNING_FORMAT_VERSION:
             raise ValueError(f"token pruning config version {self.version} is not supported "
                              f"(expected {PRUNING_FORMAT_VERSION})")
@@ -71,7 +75,7 @@ class TokenPruningConfig:
     def from_dict(cls, data: dict[str, Any]) -> TokenPruningConfig:
         if not isinstance(data, dict):
             raise TypeError(f"a token pruning config must be a JSON object, got {type(data).__name__}")
-        unknown = set(data) - {"method", "k", "ratio", "rank", "version"}
+        unknown = set(data) - {"method", "k", "ratio", "rank", "version", "provenance"}
         if unknown:
             raise ValueError(f"unknown token pruning config field(s): {sorted(unknown)}")
         return cls(**data)
