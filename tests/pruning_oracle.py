@@ -126,12 +126,17 @@ def kept_columns(visual_mask: torch.Tensor, kept_visual: torch.Tensor) -> torch.
     return keep.nonzero()[:, 1].view(len(keep), -1)
 
 
-def rank_by_attention(weights: torch.Tensor, visual_mask: torch.Tensor, keep: int, queries: str = "last"):
+def rank_by_attention(weights: torch.Tensor, visual_mask: torch.Tensor, keep: int, queries: str = "last",
+                      last: torch.Tensor | None = None):
     """FastV's choice: the ``keep`` visual columns that receive the most attention in ``weights`` (batch, heads,
     query, key; eager attention of layer K - 1), averaged over heads, from the last query row (``"last"``: the last
-    prompt token, with left padding or none) or averaged over every query row (``"mean"``). Ascending columns."""
+    prompt token, with left padding or none; ``last`` (batch,): each sample's last real row, with right padding)
+    or averaged over every query row (``"mean"``). Ascending columns."""
     received = weights.mean(dim=1)
-    received = received[:, -1] if queries == "last" else received.mean(dim=1)
+    if queries == "last":
+        received = received[:, -1] if last is None else received[torch.arange(len(received)), last]
+    else:
+        received = received.mean(dim=1)
     received = received.masked_fill(~visual_mask.bool(), float("-inf"))
     return received.topk(keep, dim=-1).indices.sort(dim=-1).values
 

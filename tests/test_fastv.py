@@ -178,6 +178,8 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
 
     apply_fastv(model, k=2)
     try:
+        with pytest.raises(ValueError, match="with FastV/VTW applied is not supported yet"):
+            apply_shortv(model, [3])
         with pytest.raises(ValueError, match="DynamicCache of full-attention layers only"):
             reset_state(model)
             model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
@@ -296,3 +298,37 @@ def test_vtw_rule_chooses_the_first_layer_under_the_threshold(pair) -> None:
     assert not hasattr(model, "_shortv_pruning_state")
     with pytest.raises(ValueError, match="no K withdraws the visual tokens with a mean KL below"):
         choose_vtw_layer(model, batches, min(means) / 2)
+
+
+@pytest.mark.parametrize("method", ["fastv-last", "fastv-mean"])
+def test_right_padding_ranks_by_the_last_real_token(pair, method: str) -> None:
+    """With right padding the last prompt token is not the last column: FastV ranks by each sample's last real token
+    (``"last"``), or by the mean over its real tokens (``"mean"``, checked here on a batch that needs none)."""
+    family, model, eager = pair
+    padded = method == "fastv-last"
+    inputs = build_inputs(model, family, batch_layouts=_layouts(family, padded), padding_side="right")
+    visual = inputs.visual_mask
+    config = _config(method)
+    last = inputs["attention_mask"].sum(dim=1) - 1
+    keep = config.kept(int(visual[0].sum()))
+    if padded:
+        assert (last < visual.shape[1] - 1).any()
+    apply_token_pruning(model, config)
+    try:
+        with torch.no_grad():
+            reset_state(model)
+            logits = model(**inputs).logits
+        columns = kept_columns(model)
+    finally:
+        remove_token_pruning(model)
+    reset_state(eager)
+    oracle = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, config.k,
+                            lambda weights: rank_by_attention(weights, visual, keep, config.rank, last))
+    assert torch.equal(columns, oracle.columns)
+    real = inputs["attention_mask"].bool().gather(1, columns)
+    expected = eager.get_output_embeddings()(oracle.hidden_states)
+    torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=ATOL)
+    if padded:  # the padding column's attention would choose other visual tokens
+        by_padding = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, config.k,
+                                    lambda weights: rank_by_attention(weights, visual, keep))
+        assert not torch.equal(by_padding.columns, columns)
