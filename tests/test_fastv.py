@@ -77,7 +77,23 @@ CASES = [("fastv-last", False), ("fastv-last", True), ("fastv-mean", False), ("v
 
 @pytest.mark.parametrize(("method", "padded"), CASES)
 def test_prefill_and_generate_equal_the_oracle(pair, method: str, padded: bool) -> None:
-    family, model, eager = pair
+    _check_against_the_oracle(*pair, method, padded)
+
+
+#: More families, each once (FastV, batch 2, left padding): LLaVA-NeXT tiles, OneVision (Qwen2), Qwen2.5-VL,
+#: InternVL with Qwen3 (QK-norm), SmolVLM, Mistral 3, GLM-4.1V (sandwich norms, interleaved RoPE).
+MORE_FAMILIES = {"llava_next": (16, 16), "llava_onevision": (12, 12), "qwen2_5_vl": (16, 16), "internvl_qwen3": 1,
+                 "smolvlm": 1, "mistral3": (16, 16), "glm4v": (16, 16)}
+
+
+@pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
+def test_more_families_equal_the_oracle(family: str, monkeypatch) -> None:
+    monkeypatch.setitem(FAMILIES, family, MORE_FAMILIES[family])
+    model, eager = build_model(family, "sdpa", init_std=0.2), build_model(family, "eager", init_std=0.2)
+    _check_against_the_oracle(family, model, eager, "fastv-last", True)
+
+
+def _check_against_the_oracle(family: str, model, eager, method: str, padded: bool) -> None:
     inputs = _inputs(model, family, padded)
     visual = inputs.visual_mask
     config = _config(method)
@@ -189,9 +205,13 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
         remove_token_pruning(model)
 
 
-def test_unsupported_family_is_refused() -> None:
-    model = build_model("qwen3_5", "sdpa")
-    with pytest.raises(ValueError, match="hybrid linear/full attention"):
+@pytest.mark.parametrize(("family", "message"), [("qwen3_5", "hybrid linear/full attention"),
+                                                  ("gemma3", "full-attention layers only"),
+                                                  ("qwen3_vl", "DeepStack"),
+                                                  ("gemma4", "share keys and values")])
+def test_unsupported_family_is_refused(family: str, message: str) -> None:
+    model = build_model(family, "sdpa")
+    with pytest.raises(ValueError, match=message):
         apply_fastv(model, k=2)
     assert not hasattr(model, "_shortv_pruning_state")
 

@@ -40,7 +40,14 @@ from ..patch import (
     _unwrap,
     get_shortv_state,
 )
-from ..registry import fast_layer_for, find_decoder_layers, layer_types, model_type_of, visual_token_ids
+from ..registry import (
+    fast_layer_for,
+    find_decoder_layers,
+    find_inter_layer_update,
+    layer_types,
+    model_type_of,
+    visual_token_ids,
+)
 from .columns import decode_kwargs, gather_columns, prefill_kwargs
 from .config import TokenPruningConfig
 from .ranking import kept_layout, received_attention, top_visual
@@ -209,6 +216,9 @@ def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.M
     if anatomy.kv_sharing or anatomy.query_scale or anatomy.per_layer_input:
         raise ValueError(f"{name} does not support model_type={model_type_of(model)!r}: its layers share keys and "
                          "values, scale queries by position or take per-layer inputs")
+    if find_inter_layer_update(model) is not None:
+        raise ValueError(f"{name} does not support model_type={model_type_of(model)!r}: it adds visual features to the "
+                         "hidden states between decoder layers (DeepStack), at positions pruning would remove")
     types = sorted(set(layer_types(model) or ["full_attention"]) - {"full_attention"})
     if types:
         raise ValueError(f"{name} supports full-attention layers only; {type(model).__name__} has {types} layers")
