@@ -224,12 +224,14 @@ def sample_calls(calls: DecoderCalls, index: int) -> DecoderCalls:
 
 @torch.no_grad()
 def pruned_greedy(model: nn.Module, inputs: dict, visual_mask: torch.Tensor, cut: int, kept_for: Callable, steps: int,
-                  reset: Callable[[nn.Module], None] = lambda model: None) -> torch.Tensor:
+                  reset: Callable[[nn.Module], None] = lambda model: None, frozen_layers=(),
+                  banned=()) -> torch.Tensor:
     """Greedy decoding without a cache: each step re-runs the whole batch (prompt and tokens so far), then
     `pruned_forward` on each sample alone (so samples may keep different numbers of columns), with the visual
     columns kept at the prompt (``kept_for(i)``: sample ``i``'s ``kept_visual``, ranked once, by the prompt's last
-    token: generated tokens never re-rank). ``reset(model)`` clears state a model keeps between calls. Returns
-    (batch, steps)."""
+    token: generated tokens never re-rank). ``reset(model)`` clears state a model keeps between calls;
+    ``frozen_layers``: ShortV layers (reference freeze; generated tokens are text); ``banned``: token ids never
+    chosen (EOS under generate's ``min_new_tokens``). Returns (batch, steps)."""
     head = model.get_output_embeddings()
     kept = [kept_for(i) for i in range(len(visual_mask))]
     tokens = []
@@ -240,10 +242,12 @@ def pruned_greedy(model: nn.Module, inputs: dict, visual_mask: torch.Tensor, cut
         visual = torch.cat([visual_mask, visual_mask.new_zeros(len(visual_mask), seq - visual_mask.shape[1])], 1)
         token = []
         for i in range(len(visual)):
-            out = pruned_forward(model, sample_calls(calls, i), visual[i : i + 1], cut, kept[i])
+            out = pruned_forward(model, sample_calls(calls, i), visual[i : i + 1], cut, kept[i], frozen_layers)
             if callable(kept[i]):  # fix the prompt's choice for the later steps
                 kept[i] = out.columns[visual[i : i + 1].gather(1, out.columns)].view(1, -1)
-            token.append(head(out.hidden_states[:, -1]).argmax(dim=-1))
+            logits = head(out.hidden_states[:, -1])
+            logits[:, list(banned)] = float("-inf")
+            token.append(logits.argmax(dim=-1))
         tokens.append(torch.cat(token))
         inputs = extend_inputs(inputs, tokens[-1])
     return torch.stack(tokens, dim=1)

@@ -14,7 +14,7 @@ from pruning_oracle import (
     rank_by_attention,
     sample_calls,
 )
-from tiny_models import build_inputs, build_model, reset_state
+from tiny_models import EOS_ID, build_inputs, build_model, reset_state
 
 from shortv.pruning import (
     TokenPruningConfig,
@@ -119,7 +119,7 @@ def _check_against_the_oracle(family: str, model, eager, method: str, padded: bo
         reset_state(model)
         generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
         expected = pruned_greedy(eager, dict(inputs), visual, config.k, _kept_for(config, visual), STEPS,
-                                 reset=reset_state)
+                                 reset=reset_state, banned=[EOS_ID])
         assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], expected), (family, method)
     finally:
         remove_token_pruning(model)
@@ -186,7 +186,7 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
         apply_fastv(model, k=4)
     apply_shortv(model, [3])
     try:
-        with pytest.raises(ValueError, match="with ShortV applied is not supported yet"):
+        with pytest.raises(ValueError, match="with apply_shortv's ShortV is not supported"):
             apply_vtw(model, k=2)
     finally:
         remove_shortv(model)
@@ -284,7 +284,7 @@ def test_different_visual_counts_per_sample(pair, method: str) -> None:
     finally:
         remove_token_pruning(model)
     expected = pruned_greedy(eager, dict(inputs), visual, config.k, _kept_for(config, visual), STEPS,
-                             reset=reset_state)
+                             reset=reset_state, banned=[EOS_ID])
     assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], expected), (family, method)
 
 
@@ -352,3 +352,49 @@ def test_right_padding_ranks_by_the_last_real_token(pair, method: str) -> None:
         by_padding = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, config.k,
                                     lambda weights: rank_by_attention(weights, visual, keep))
         assert not torch.equal(by_padding.columns, columns)
+
+
+@pytest.mark.parametrize(("method", "shortv_layers"), [("fastv-last", (0, 1, 3)), ("vtw", (0, 2))])
+def test_shortv_and_pruning_in_one_config(pair, method: str, shortv_layers: tuple) -> None:
+    """ShortV + FastV (the paper's composition): ShortV layers before K freeze every visual token, from K on the kept
+    ones (fast layers); equal to the oracle with the reference freeze, in prefill and greedy decoding, at batch 2
+    with different visual counts; differs from the pruning alone (with VTW, a ShortV layer at K - 1 would not:
+    nothing after it reads the visual rows it freezes, so layer 0 is chosen)."""
+    family, model, eager = pair
+    size = FAMILIES[family]
+    inputs = build_inputs(model, family, batch_layouts=[
+        dict(n_text_before=3, images=1, n_text_after=5, image_sizes=[size], seed=0),
+        dict(n_text_before=2, images=2, n_text_after=3, image_sizes=[size, size], seed=1)])
+    visual = inputs.visual_mask
+    config = _config(method)
+    composed = TokenPruningConfig(config.method, config.k, config.ratio if method != "vtw" else None, config.rank,
+                                  shortv_layers=list(shortv_layers))
+    assert TokenPruningConfig.from_dict(composed.to_dict()) == composed
+    with torch.no_grad():
+        apply_token_pruning(model, config)
+        reset_state(model)
+        alone = model(**inputs).logits
+        apply_token_pruning(model, composed)
+        try:
+            reset_state(model)
+            logits = model(**inputs).logits
+            columns = kept_columns(model)
+            reset_state(model)
+            generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
+        finally:
+            remove_token_pruning(model)
+    assert not any("forward" in layer.__dict__ for layer in model.model.language_model.layers)
+    reset_state(eager)
+    calls = capture_decoder_calls(eager, inputs)
+    for i in range(2):
+        oracle = pruned_forward(eager, sample_calls(calls, i), visual[i : i + 1], config.k,
+                                _kept_for(config, visual)(i), frozen_layers=shortv_layers)
+        n = oracle.columns.shape[1]
+        assert columns[i, -n:].tolist() == oracle.columns[0].tolist()
+        real = inputs["attention_mask"][i].bool()[oracle.columns[0]]
+        expected = eager.get_output_embeddings()(oracle.hidden_states[0])
+        torch.testing.assert_close(logits[i, -n:][real], expected[real], rtol=0, atol=ATOL)
+    assert not torch.allclose(logits[:, -1], alone[:, -1], atol=1e-3)
+    expected = pruned_greedy(eager, dict(inputs), visual, config.k, _kept_for(config, visual), STEPS,
+                             reset=reset_state, frozen_layers=shortv_layers, banned=[EOS_ID])
+    assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], expected), (family, method)

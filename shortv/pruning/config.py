@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import layer_list
 from ..files import atomic_write_text, read_json
 
 PRUNING_FORMAT_VERSION = 1
@@ -25,13 +26,15 @@ class TokenPruningConfig:
 
     ``method="fastv"`` keeps ``round((1 - ratio) v)`` of a sample's ``v`` visual tokens, the ones that receive the
     most attention in layer ``k - 1`` (averaged over heads; from the query ``rank`` says). ``method="vtw"`` (visual
-    token withdrawal) keeps none: ``ratio`` is 1.
+    token withdrawal) keeps none: ``ratio`` is 1. ``shortv_layers``: ShortV layers in the same model (fast mode):
+    before ``k`` they freeze every visual token, from ``k`` on the kept ones (the paper's ShortV + FastV).
     """
 
     method: str = "fastv"
     k: int = 2
     ratio: float | None = None
     rank: str = "last"
+    shortv_layers: list[int] = field(default_factory=list)
     version: int = PRUNING_FORMAT_VERSION
     #: Where the setting came from, e.g. VTW's rule: ``{"rule": "vtw_kl", "threshold": ..., "kl": [...]}``.
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -56,6 +59,9 @@ class TokenPruningConfig:
             if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
                 raise ValueError(f"R (the fraction of visual tokens pruned) must be in [0, 1), got {ratio!r}")
             self.ratio = float(ratio)
+        self.shortv_layers = layer_list(self.shortv_layers)
+        if len(set(self.shortv_layers)) != len(self.shortv_layers) or any(i < 0 for i in self.shortv_layers):
+            raise ValueError(f"shortv_layers must be distinct decoder layer indices >= 0, got {self.shortv_layers}")
         if self.rank not in RANKS:
             raise ValueError(f"rank must be one of {RANKS}, got {self.rank!r}")
         if not isinstance(self.provenance, dict):
@@ -75,7 +81,7 @@ class TokenPruningConfig:
     def from_dict(cls, data: dict[str, Any]) -> TokenPruningConfig:
         if not isinstance(data, dict):
             raise TypeError(f"a token pruning config must be a JSON object, got {type(data).__name__}")
-        unknown = set(data) - {"method", "k", "ratio", "rank", "version", "provenance"}
+        unknown = set(data) - {"method", "k", "ratio", "rank", "shortv_layers", "version", "provenance"}
         if unknown:
             raise ValueError(f"unknown token pruning config field(s): {sorted(unknown)}")
         return cls(**data)

@@ -29,8 +29,10 @@ from transformers.cache_utils import DynamicLayer
 from .. import _compat
 from ..config import ShortVConfig
 from ..entry import ShortVState, entry_modules, install_entry_hooks, remove_entry_hooks
+from ..frozen import FastLayer
 from ..frozen.anatomy import LayerAnatomy
 from ..frozen.common import SUPPORTED_ATTENTION, attention_implementation
+from ..layout import TokenLayout
 from ..patch import (
     FrozenForward,
     ShortVGenerate,
@@ -40,6 +42,7 @@ from ..patch import (
     _unwrap,
     get_shortv_state,
 )
+from ..patch import _check_applicable as _check_shortv
 from ..registry import (
     fast_layer_for,
     find_decoder_layers,
@@ -66,13 +69,15 @@ class Plan:
     #: Which of ``columns`` are real (False: a padding slot of a sample that keeps fewer); None: all of them.
     real: torch.Tensor | None = None
     past_length: int = 0
+    #: prefill: the visual/text split of the kept rows, for ShortV layers from K on (None: no visual row left).
+    layout: TokenLayout | None = None
 
 
 class PruningState:
     """Everything `apply_token_pruning` attached; plain data and references, so it deep-copies and pickles."""
 
-    def __init__(self, config: TokenPruningConfig, entry: ShortVState, anatomy: LayerAnatomy):
-        self.config, self.entry, self.anatomy = config, entry, anatomy
+    def __init__(self, config: TokenPruningConfig, entry: ShortVState, anatomy: LayerAnatomy, fast: FastLayer):
+        self.config, self.entry, self.anatomy, self.fast = config, entry, anatomy, fast
         self.plan: Plan | None = None
         #: (batch, kept) original columns of the rows of the last pruned forward's output.
         self.last_columns: torch.Tensor | None = None
@@ -139,8 +144,11 @@ class CutForward(_InstanceOverride):
             if past:
                 raise ValueError("FastV/VTW prune the visual tokens of a prompt's first forward only; this call "
                                  f"brings visual tokens after {past} cached positions (chunked prefill)")
-            columns, real = self._prune(hidden_states, bound, layout.visual.to(hidden.device))
-            state.plan = Plan(prefill=True, columns=columns, real=real)
+            visual = layout.visual.to(hidden.device)
+            columns, real = self._prune(hidden_states, bound, visual)
+            rows = visual.gather(1, columns) if real is None else visual.gather(1, columns) & real  # pads: text
+            kept = TokenLayout.from_visual_mask(rows) if bool(rows.any()) else None
+            state.plan = Plan(prefill=True, columns=columns, real=real, layout=kept)
             state.last_columns = columns if real is None else columns.masked_fill(~real, -1)
             if cache is not None:  # the positions layers K.. hold: these columns, then every later one
                 setattr(cache, CACHE_ATTRIBUTE, (columns, real, hidden.shape[1]))
@@ -176,11 +184,12 @@ class CutForward(_InstanceOverride):
 
 
 class KeptForward(_InstanceOverride):
-    """``forward`` of a layer ``>= K``: its arguments cut to the kept columns (the hidden states already are)."""
+    """``forward`` of a layer ``>= K``: its arguments cut to the kept columns (the hidden states already are); a
+    ShortV layer (``frozen``) freezes the kept visual rows in a pruned prefill."""
 
-    def __init__(self, state: PruningState, layer: nn.Module, previous: Any, attribute: str):
+    def __init__(self, state: PruningState, layer: nn.Module, previous: Any, attribute: str, frozen: bool = False):
         super().__init__(layer, previous)
-        self.state, self.attribute = state, attribute
+        self.state, self.attribute, self.frozen = state, attribute, frozen
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         plan, original = self.state.plan, self.original()
@@ -191,6 +200,9 @@ class KeptForward(_InstanceOverride):
         real = None if plan.real is None else plan.real.to(hidden_states.device)
         if plan.prefill:
             bound = prefill_kwargs(bound, columns, real)
+            if self.frozen and plan.layout is not None:
+                layout = plan.layout.to(hidden_states.device)
+                return self.state.fast.fast_frozen_forward(self.module, layout, hidden_states, **bound)
         else:
             bound = decode_kwargs(bound, columns, real, plan.past_length, hidden_states.shape[1])
         return original(hidden_states, **bound)
@@ -206,7 +218,10 @@ def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.M
         raise ValueError(f"K (the first pruned layer) must be in 1..{len(layers) - 1} for {type(model).__name__}'s "
                          f"{len(layers)} decoder layers, got {config.k}")
     if get_shortv_state(model) is not None:
-        raise ValueError(f"{name} on a model with ShortV applied is not supported yet; remove_shortv(model) first")
+        raise ValueError(f"{name} on a model with apply_shortv's ShortV is not supported; remove_shortv(model) and "
+                         "put the layers in TokenPruningConfig(shortv_layers=...)")
+    if config.shortv_layers:
+        _check_shortv(model, ShortVConfig(layers=config.shortv_layers), layers)
     fast = fast_layer_for(model)
     anatomy = getattr(fast, "anatomy", None)
     if not isinstance(anatomy, LayerAnatomy):
@@ -242,22 +257,31 @@ def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Modu
     entries = entry_modules(model, _decoder_layers_path(model, layers))
     if get_pruning_state(model) is not None:
         remove_token_pruning(model)
-    # The entry machinery decides the visual positions per forward; a ShortVConfig naming layer K - 1 makes it do so.
-    entry = ShortVState(config=ShortVConfig(layers=[config.k - 1]), num_layers=len(layers),
+    # The entry machinery decides the visual positions per forward (for any non-empty ShortVConfig); ShortV layers
+    # before K are ShortV's own `FrozenForward` over that decision, layer K - 1's under the cut.
+    frozen = set(config.shortv_layers)
+    early = sorted(index for index in frozen if index < config.k)
+    entry = ShortVState(config=ShortVConfig(layers=early or [config.k - 1]), num_layers=len(layers),
                         token_ids=visual_token_ids(model))
-    state = PruningState(config, entry, anatomy)
-    overrides: list[_InstanceOverride] = []
-    cut = layers[config.k - 1]
-    overrides.append(CutForward(state, cut, cut.__dict__.get(_forward_attribute(cut)), _forward_attribute(cut),
-                                config.k - 1))
-    for layer in layers[config.k :]:
-        attribute = _forward_attribute(layer)
-        overrides.append(KeptForward(state, layer, layer.__dict__.get(attribute), attribute))
+    fast = fast_layer_for(model)
+    state = PruningState(config, entry, anatomy, fast)
+
+    def override(make, module: nn.Module) -> None:
+        attribute = _forward_attribute(module) if make is not ShortVGenerate else "generate"
+        instance = make(module, module.__dict__.get(attribute), attribute)
+        object.__setattr__(module, instance.attribute, instance)
+        entry.patched.append((module, instance.attribute, instance.previous))
+
+    for index in early:
+        override(lambda layer, previous, attribute: FrozenForward(entry, layer, previous, fast, attribute),
+                 layers[index])
+    override(lambda layer, previous, attribute: CutForward(state, layer, previous, attribute, config.k - 1),
+             layers[config.k - 1])
+    for index in range(config.k, len(layers)):
+        override(lambda layer, previous, attribute, index=index: KeptForward(state, layer, previous, attribute,
+                                                                            index in frozen), layers[index])
     if callable(getattr(model, "generate", None)):
-        overrides.append(ShortVGenerate(entry, model, model.__dict__.get("generate")))
-    for override in overrides:
-        object.__setattr__(override.module, override.attribute, override)
-        entry.patched.append((override.module, override.attribute, override.previous))
+        override(lambda model, previous, attribute: ShortVGenerate(entry, model, previous), model)
     install_entry_hooks(entry, entries)
     model.register_forward_pre_hook(PaddingPreHook(state), with_kwargs=True)
     object.__setattr__(model, STATE_ATTRIBUTE, state)
@@ -279,7 +303,7 @@ def remove_token_pruning(model: nn.Module) -> nn.Module:
     state = get_pruning_state(model)
     if state is None:
         return model
-    for module, attribute, previous in state.entry.patched:
+    for module, attribute, previous in reversed(state.entry.patched):  # layer K - 1 may hold two, stacked
         if previous is None:
             object.__delattr__(module, attribute)
         else:
