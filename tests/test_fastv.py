@@ -72,6 +72,54 @@ def _kept_for(config: TokenPruningConfig, visual: torch.Tensor):
     return lambda i: _oracle_kept(config, visual[i : i + 1])
 
 
+def _run_pruned(model, config: TokenPruningConfig, inputs, generate: bool = True):
+    """(logits, kept columns, generated tokens or None) of ``model`` under ``config``, removed afterwards."""
+    apply_token_pruning(model, config)
+    try:
+        with torch.no_grad():
+            reset_state(model)
+            logits = model(**inputs).logits
+        columns = kept_columns(model)
+        generated = None
+        if generate:
+            reset_state(model)
+            generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
+            generated = generated[:, inputs["input_ids"].shape[1]:]
+    finally:
+        remove_token_pruning(model)
+    return logits, columns, generated
+
+
+def _oracle_greedy(eager, inputs, config: TokenPruningConfig, frozen_layers=()) -> torch.Tensor:
+    return pruned_greedy(eager, dict(inputs), inputs.visual_mask, config.k, _kept_for(config, inputs.visual_mask),
+                         STEPS, reset=reset_state, frozen_layers=frozen_layers, banned=[EOS_ID])
+
+
+def _mixed_inputs(model, family):
+    """One image in the first sample, two in the second (different visual counts), left padding."""
+    size = FAMILIES[family]
+    return build_inputs(model, family, batch_layouts=[
+        dict(n_text_before=3, images=1, n_text_after=5, image_sizes=[size], seed=0),
+        dict(n_text_before=2, images=2, n_text_after=3, image_sizes=[size, size], seed=1)])
+
+
+def _check_each_sample(eager, inputs, config: TokenPruningConfig, logits, columns, frozen_layers=()) -> None:
+    """Each sample's kept columns and real rows' logits equal the oracle run on it alone (its rows of the batch's
+    calls); a sample that keeps fewer columns has padding slots (-1) first."""
+    visual = inputs.visual_mask
+    reset_state(eager)
+    calls = capture_decoder_calls(eager, inputs)
+    for i in range(len(visual)):
+        oracle = pruned_forward(eager, sample_calls(calls, i), visual[i : i + 1], config.k,
+                                _kept_for(config, visual)(i), frozen_layers=frozen_layers)
+        n = oracle.columns.shape[1]
+        assert columns[i, -n:].tolist() == oracle.columns[0].tolist()
+        assert (columns[i, :-n] == -1).all()
+        real = inputs["attention_mask"][i].bool()[oracle.columns[0]]
+        expected = eager.get_output_embeddings()(oracle.hidden_states[0])
+        torch.testing.assert_close(logits[i, -n:][real], expected[real], rtol=0, atol=ATOL)
+
+
 CASES = [("fastv-last", False), ("fastv-last", True), ("fastv-mean", False), ("vtw", False), ("vtw", True)]
 
 
@@ -100,29 +148,16 @@ def _check_against_the_oracle(family: str, model, eager, method: str, padded: bo
     with torch.no_grad():
         reset_state(model)
         unpatched = model(**inputs).logits
-    apply_token_pruning(model, config)
-    try:
-        with torch.no_grad():
-            reset_state(model)
-            logits = model(**inputs).logits
-        columns = kept_columns(model)
-        reset_state(eager)
-        oracle = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, config.k,
-                                _oracle_kept(config, visual))
-        assert torch.equal(columns, oracle.columns), (family, method)
-        real = inputs["attention_mask"].bool().gather(1, columns)  # padding rows differ between sdpa and eager
-        expected = eager.get_output_embeddings()(oracle.hidden_states)
-        torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=ATOL)
-        # Not the unpatched model: the last position's logits move once visual tokens leave.
-        assert not torch.allclose(logits[:, -1], unpatched[:, -1], atol=1e-3)
-
-        reset_state(model)
-        generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
-        expected = pruned_greedy(eager, dict(inputs), visual, config.k, _kept_for(config, visual), STEPS,
-                                 reset=reset_state, banned=[EOS_ID])
-        assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], expected), (family, method)
-    finally:
-        remove_token_pruning(model)
+    logits, columns, generated = _run_pruned(model, config, inputs)
+    reset_state(eager)
+    oracle = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, config.k, _oracle_kept(config, visual))
+    assert torch.equal(columns, oracle.columns), (family, method)
+    real = inputs["attention_mask"].bool().gather(1, columns)  # padding rows differ between sdpa and eager
+    expected = eager.get_output_embeddings()(oracle.hidden_states)
+    torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=ATOL)
+    # Not the unpatched model: the last position's logits move once visual tokens leave.
+    assert not torch.allclose(logits[:, -1], unpatched[:, -1], atol=1e-3)
+    assert torch.equal(generated, _oracle_greedy(eager, inputs, config)), (family, method)
     with torch.no_grad():
         reset_state(model)
         torch.testing.assert_close(model(**inputs).logits, unpatched, rtol=0, atol=0)  # remove is bit-exact
@@ -254,38 +289,14 @@ def test_different_visual_counts_per_sample(pair, method: str) -> None:
     that keeps fewer gets padding slots, which no query sees. Each sample equals the oracle run on it alone (its
     rows of the batch's calls), in prefill and in greedy decoding."""
     family, model, eager = pair
-    size = FAMILIES[family]
-    inputs = build_inputs(model, family, batch_layouts=[
-        dict(n_text_before=3, images=1, n_text_after=5, image_sizes=[size], seed=0),
-        dict(n_text_before=2, images=2, n_text_after=3, image_sizes=[size, size], seed=1)])
+    inputs = _mixed_inputs(model, family)
     visual = inputs.visual_mask
     assert visual[0].sum() != visual[1].sum()
     config = _config(method)
-    apply_token_pruning(model, config)
-    try:
-        with torch.no_grad():
-            reset_state(model)
-            logits = model(**inputs).logits
-        columns = kept_columns(model)
-        reset_state(eager)
-        calls = capture_decoder_calls(eager, inputs)
-        for i in range(2):
-            oracle = pruned_forward(eager, sample_calls(calls, i), visual[i : i + 1], config.k,
-                                    _kept_for(config, visual)(i))
-            n = oracle.columns.shape[1]
-            assert columns[i, -n:].tolist() == oracle.columns[0].tolist()
-            assert (columns[i, :-n] == -1).all()
-            real = inputs["attention_mask"][i].bool()[oracle.columns[0]]
-            expected = eager.get_output_embeddings()(oracle.hidden_states[0])
-            torch.testing.assert_close(logits[i, -n:][real], expected[real], rtol=0, atol=ATOL)
-        assert (columns == -1).any()
-        reset_state(model)
-        generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
-    finally:
-        remove_token_pruning(model)
-    expected = pruned_greedy(eager, dict(inputs), visual, config.k, _kept_for(config, visual), STEPS,
-                             reset=reset_state, banned=[EOS_ID])
-    assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], expected), (family, method)
+    logits, columns, generated = _run_pruned(model, config, inputs)
+    _check_each_sample(eager, inputs, config, logits, columns)
+    assert (columns == -1).any()
+    assert torch.equal(generated, _oracle_greedy(eager, inputs, config)), (family, method)
 
 
 def test_vtw_rule_chooses_the_first_layer_under_the_threshold(pair) -> None:
@@ -333,14 +344,7 @@ def test_right_padding_ranks_by_the_last_real_token(pair, method: str) -> None:
     keep = config.kept(int(visual[0].sum()))
     if padded:
         assert (last < visual.shape[1] - 1).any()
-    apply_token_pruning(model, config)
-    try:
-        with torch.no_grad():
-            reset_state(model)
-            logits = model(**inputs).logits
-        columns = kept_columns(model)
-    finally:
-        remove_token_pruning(model)
+    logits, columns, _ = _run_pruned(model, config, inputs, generate=False)
     reset_state(eager)
     oracle = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, config.k,
                             lambda weights: rank_by_attention(weights, visual, keep, config.rank, last))
@@ -361,40 +365,14 @@ def test_shortv_and_pruning_in_one_config(pair, method: str, shortv_layers: tupl
     with different visual counts; differs from the pruning alone (with VTW, a ShortV layer at K - 1 would not:
     nothing after it reads the visual rows it freezes, so layer 0 is chosen)."""
     family, model, eager = pair
-    size = FAMILIES[family]
-    inputs = build_inputs(model, family, batch_layouts=[
-        dict(n_text_before=3, images=1, n_text_after=5, image_sizes=[size], seed=0),
-        dict(n_text_before=2, images=2, n_text_after=3, image_sizes=[size, size], seed=1)])
-    visual = inputs.visual_mask
+    inputs = _mixed_inputs(model, family)
     config = _config(method)
     composed = TokenPruningConfig(config.method, config.k, config.ratio if method != "vtw" else None, config.rank,
                                   shortv_layers=list(shortv_layers))
     assert TokenPruningConfig.from_dict(composed.to_dict()) == composed
-    with torch.no_grad():
-        apply_token_pruning(model, config)
-        reset_state(model)
-        alone = model(**inputs).logits
-        apply_token_pruning(model, composed)
-        try:
-            reset_state(model)
-            logits = model(**inputs).logits
-            columns = kept_columns(model)
-            reset_state(model)
-            generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
-        finally:
-            remove_token_pruning(model)
+    alone = _run_pruned(model, config, inputs, generate=False)[0]
+    logits, columns, generated = _run_pruned(model, composed, inputs)
     assert not any("forward" in layer.__dict__ for layer in model.model.language_model.layers)
-    reset_state(eager)
-    calls = capture_decoder_calls(eager, inputs)
-    for i in range(2):
-        oracle = pruned_forward(eager, sample_calls(calls, i), visual[i : i + 1], config.k,
-                                _kept_for(config, visual)(i), frozen_layers=shortv_layers)
-        n = oracle.columns.shape[1]
-        assert columns[i, -n:].tolist() == oracle.columns[0].tolist()
-        real = inputs["attention_mask"][i].bool()[oracle.columns[0]]
-        expected = eager.get_output_embeddings()(oracle.hidden_states[0])
-        torch.testing.assert_close(logits[i, -n:][real], expected[real], rtol=0, atol=ATOL)
+    _check_each_sample(eager, inputs, config, logits, columns, shortv_layers)
     assert not torch.allclose(logits[:, -1], alone[:, -1], atol=1e-3)
-    expected = pruned_greedy(eager, dict(inputs), visual, config.k, _kept_for(config, visual), STEPS,
-                             reset=reset_state, frozen_layers=shortv_layers, banned=[EOS_ID])
-    assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], expected), (family, method)
+    assert torch.equal(generated, _oracle_greedy(eager, inputs, config, shortv_layers)), (family, method)

@@ -66,7 +66,8 @@ def received_attention(
 def top_visual(received: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """(batch, seq) bool: the ``keep[b]`` visual columns of each sample that receive the most attention."""
     order = received.masked_fill(~visual, float("-inf")).argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
     return visual & (rank < keep[:, None])
 
 
