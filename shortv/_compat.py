@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import transformers
 from packaging.version import Version
 
@@ -35,7 +36,17 @@ def cache_from_kwargs(kwargs: dict[str, Any]) -> Any:
 
 
 def cached_length(cache: Any) -> int:
-    """Number of positions already in ``cache`` (0 without a cache), i.e. the absolute offset of the new tokens."""
+    """Number of positions already in ``cache`` (0 without a cache), i.e. the absolute offset of the new tokens.
+
+    Read without a device sync where a layer counts in Python: transformers' linear-attention (and static) cache
+    layers count on the device, so for a hybrid model layer 0's count is a tensor; its attention layers' counts are
+    ints. Only a cache with no such layer is read back from the device."""
     if cache is None:
         return 0
-    return int(cache.get_seq_length())
+    length = cache.get_seq_length()
+    if isinstance(length, torch.Tensor):
+        for layer in getattr(cache, "layers", ()):
+            counted = layer.get_seq_length()
+            if not isinstance(counted, torch.Tensor) and counted:
+                return int(counted)
+    return int(length)

@@ -339,13 +339,13 @@ def demo(
 
     import torch
 
-    torch.set_num_threads(pick_threads(threads))
     try:
         num_layers = resolve_model(None).num_layers if n else 0
         outside = [value for value in n or () if not 1 <= value <= num_layers]
         if outside:
             raise ValueError(f"--n {outside[0]}: the embedded model has {num_layers} decoder layers; "
                              f"give N in 1..{num_layers}")
+        torch.set_num_threads(pick_threads(threads))  # after the checks: a mistake is one error line, busy or not
         report = run_demo(out, num_calib=num_calib, num_test=num_test, ns=tuple(n) if n else None,
                           batch_size=batch_size, seed=seed, speed_repeats=speed_repeats, overwrite=overwrite)
     except (ValueError, OSError) as error:

@@ -144,7 +144,8 @@ def _decide(state: ShortVState, explicit: Any, args: tuple[Any, ...], kwargs: di
         visual = torch.isin(input_ids, torch.tensor(state.token_ids, device=input_ids.device))
     else:
         return False
-    state.layout = TokenLayout.from_visual_mask(visual) if bool(visual.any()) else None
+    layout = TokenLayout.from_visual_mask(visual)  # the forward's plan, built once; every frozen layer reads it
+    state.layout = layout if layout.has_visual else None
     return True
 
 

@@ -143,9 +143,12 @@ def test_dynamic_quantization_quantizes_frozen_layers_too(llama):
 # ---------------------------------------------------------------------------------------------------------------
 # attention outputs and hooks
 # ---------------------------------------------------------------------------------------------------------------
-def test_output_attentions_one_entry_per_layer_with_text_query_rows():
+@pytest.mark.parametrize("batch", ["mixed layouts", "batch 1"])  # per-sample and shared layout routes
+def test_output_attentions_one_entry_per_layer_with_text_query_rows(batch):
     model = build_model("llava", attn_implementation="eager", init_std=0.2)
-    inputs = build_inputs(model, "llava", batch_layouts=default_layouts("llava"))
+    one = [dict(n_text_before=3, images=1, n_text_after=5)]
+    layouts = default_layouts("llava") if batch == "mixed layouts" else one
+    inputs = build_inputs(model, "llava", batch_layouts=layouts)
     apply_shortv(model, ShortVConfig(FROZEN, mode="reference"))
     reference = model(**inputs, output_attentions=True).attentions
     apply_shortv(model, FROZEN)

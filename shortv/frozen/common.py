@@ -20,7 +20,7 @@ from .._compat import cache_from_kwargs
 from ..layout import TokenLayout
 from .anatomy import LayerAnatomy
 from .hooks import call_attention_hooks, has_forward_hooks
-from .rope import apply_rope
+from .rope import RopeTable, apply_rope_table, rope_table, take_rows
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 _ATTENTION_ATTRIBUTES = ("head_dim", "scaling", "layer_idx")
@@ -101,11 +101,21 @@ def gather_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def run_on_rows(module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """A token-wise block (MLP or MoE) on flat rows, passed as one sequence: MoE blocks expect (batch, seq, dim)."""
-    output = module(rows.unsqueeze(0))
+    """A token-wise block (MLP or MoE) on text rows: (batch, width, dim) as they are, flat (n_text, dim) rows as one
+    sequence (MoE blocks expect (batch, seq, dim))."""
+    output = module(rows) if rows.dim() == 3 else module(rows.unsqueeze(0))
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"{type(module).__name__} returned {type(output).__name__}, expected a tensor")
-    return output.squeeze(0)
+    return output if rows.dim() == 3 else output.squeeze(0)
+
+
+def residual_mlp(layer: nn.Module, anatomy: LayerAnatomy, layout: TokenLayout, hidden_states: torch.Tensor,
+                 branch: torch.Tensor) -> torch.Tensor:
+    """Pre-norm tail of a frozen layer: ``x + branch`` at the text rows, then ``+ mlp(norm(.))`` there; visual rows
+    leave as they entered. Two ``index_add`` do the residual adds and the write-back (the rows round as ``x + y``)."""
+    hidden_states = layout.add_text(hidden_states, branch)
+    mlp = run_on_rows(getattr(layer, anatomy.mlp), getattr(layer, anatomy.mlp_norm)(layout.take_text(hidden_states)))
+    return layout.add_text(hidden_states, mlp, inplace=True)
 
 
 # ---- masks ------------------------------------------------------------------------------------------------------
@@ -117,30 +127,49 @@ def text_query_mask(
     implementation: str,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The rows of the layer's 4-D attention mask that belong to the text queries.
+    """The rows of the layer's 4-D attention mask that belong to the text queries, built once per forward and mask.
 
     Whatever the layer's mask encodes (causal, sliding window, bidirectional image blocks, padding) is kept for the
     text queries. When transformers passed no mask (sdpa's causal fast case), the causal mask is built explicitly:
     the text queries are a subset, so sdpa's ``is_causal`` alignment no longer applies.
     """
-    positions = layout.text_positions
-    batch, width = positions.shape
-    if attention_mask is None:
-        query_index = (positions + past_length).unsqueeze(-1)
-        key_index = torch.arange(kv_length, device=positions.device)
-        allowed = (key_index <= query_index).unsqueeze(1)
-        if implementation == "sdpa":
-            return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4):
         raise TypeError(
             f"the fast ShortV layer expects a 4-D attention mask tensor, got {type(attention_mask).__name__}"
         )
-    mask = attention_mask.expand(batch, attention_mask.shape[1], attention_mask.shape[2], attention_mask.shape[3])
-    index = positions[:, None, :, None].expand(batch, mask.shape[1], width, mask.shape[3])
-    return torch.gather(mask, 2, index)
+    shared = layout.shared_positions
+    positions = layout.text_positions if shared is None else shared
+
+    def build() -> torch.Tensor:
+        if attention_mask is None:
+            query_index = (positions if past_length == 0 else positions + past_length).unsqueeze(-1)
+            allowed = torch.arange(kv_length, device=positions.device) <= query_index
+            allowed = allowed.unsqueeze(1) if shared is None else allowed[None, None]  # (batch or 1, 1, width, kv)
+            if implementation == "sdpa":
+                return allowed
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        if shared is not None:
+            return attention_mask.index_select(2, shared)
+        batch, width = positions.shape
+        mask = attention_mask.expand(batch, *attention_mask.shape[1:])
+        index = positions[:, None, :, None].expand(batch, mask.shape[1], width, mask.shape[3])
+        return torch.gather(mask, 2, index)
+
+    return layout.memo("mask", attention_mask, build, past_length, kv_length, implementation, dtype)
+
+
+def rope_tables(layout: TokenLayout, anatomy: LayerAnatomy, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[RopeTable, RopeTable]:
+    """RoPE tables of every token (keys) and of the text rows (queries), built once per forward and cos/sin pair."""
+
+    def build() -> tuple[RopeTable, RopeTable]:
+        keys = rope_table(cos, sin, anatomy.rope)
+        shared = layout.shared_positions
+        return keys, take_rows(keys, layout.text_positions if shared is None else shared)
+
+    return layout.memo("rope", cos, build, anatomy.rope)
 
 
 # ---- attention --------------------------------------------------------------------------------------------------
@@ -186,8 +215,7 @@ def _keys_values(
     attention: nn.Module,
     anatomy: LayerAnatomy,
     normed: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    rope: RopeTable,
     cache: Any,
     shared: Any,
     kwargs: dict[str, Any],
@@ -197,7 +225,6 @@ def _keys_values(
     if _shares_kv(attention, anatomy):  # another layer's keys and values, over every position so far
         keys, values = shared[attention.layer_type]
         return keys, values, keys.shape[2] - normed.shape[1]
-    batch = normed.shape[0]
     projected = _heads(attention, attention.k_proj(normed), None)
     if attention.v_proj is None and anatomy.value_from_key:
         values = projected
@@ -206,7 +233,7 @@ def _keys_values(
     keys = attention.k_norm(projected) if anatomy.qk_norm else projected
     if anatomy.value_norm:
         values = attention.v_norm(values)
-    keys = apply_rope(keys.transpose(1, 2), cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), anatomy.rope)
+    keys = apply_rope_table(keys.transpose(1, 2), rope)
     values = values.transpose(1, 2)
     past_length = cache.get_seq_length(attention.layer_idx) if cache is not None else 0
     if cache is not None:
@@ -216,68 +243,60 @@ def _keys_values(
     return keys, values, past_length
 
 
+#: Decoder-layer arguments the fast layer consumes itself; the rest go to the attention function, as unpatched.
+_LAYER_ARGUMENTS = frozenset(("attention_mask", "position_ids", "position_embeddings", "cache", "past_key_values",
+                              "use_cache", "shared_kv_states"))
+
+
+def _attention_call(attention: nn.Module, layout: TokenLayout) -> tuple[str, Callable[..., Any]]:
+    """(implementation, attention function) of ``attention``, looked up once per forward for every layer that shares
+    its config (reading a transformers config attribute costs more host time than a small kernel launch)."""
+    config = getattr(attention, "config", None)
+    return layout.memo("attention", config, lambda: (attention_implementation(attention),
+                                                     attention_function(attention)), type(attention))
+
+
 def attention_branch(
     layer: nn.Module, anatomy: LayerAnatomy, layout: TokenLayout, hidden_states: torch.Tensor, kwargs: dict[str, Any]
 ) -> torch.Tensor:
-    """The attention branch of a frozen layer for the text rows: input norm, then `text_attention`.
+    """The attention branch of a frozen layer for the text rows (as `TokenLayout.take_text` gives them): input norm,
+    keys and values for every token, queries, attention and ``o_proj`` for the text rows only.
 
-    ``kwargs`` are the decoder layer's call arguments (mask, positions, RoPE, KV cache ...)."""
-    kwargs = dict(kwargs)
-    attention_mask = kwargs.pop("attention_mask", None)
-    position_ids = kwargs.pop("position_ids", None)
-    position_embeddings = kwargs.pop("position_embeddings", None)
-    normed = getattr(layer, anatomy.input_norm)(hidden_states)
-    return text_attention(getattr(layer, anatomy.attention), anatomy, layout, normed, attention_mask,
-                          position_embeddings, position_ids, kwargs)
-
-
-def text_attention(
-    attention: nn.Module,
-    anatomy: LayerAnatomy,
-    layout: TokenLayout,
-    normed: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-    position_ids: torch.Tensor | None,
-    kwargs: dict[str, Any],
-) -> torch.Tensor:
-    """Attention output after ``o_proj`` for the text rows (n_text, hidden); keys/values for every token.
-
-    ``normed`` is the attention input (batch, seq, hidden); ``kwargs`` the rest of the layer's call arguments
-    (the KV cache among them: it is updated with every token's keys and values, exactly as unpatched).
-    """
-    cache = cache_from_kwargs(kwargs)
-    shared = kwargs.get("shared_kv_states")
-    kwargs = {key: value for key, value in kwargs.items()
-              if key not in ("cache", "past_key_values", "use_cache", "shared_kv_states")}
+    ``kwargs`` are the decoder layer's call arguments (mask, positions, RoPE, KV cache ...): the KV cache is updated
+    with every token's keys and values, exactly as unpatched."""
+    position_embeddings = kwargs.get("position_embeddings")
     if position_embeddings is None:
         raise RuntimeError("the fast ShortV layer needs `position_embeddings` (cos, sin) from the decoder")
     cos, sin = position_embeddings
     if cos.dim() != 3:
         raise RuntimeError(f"expected per-token cos/sin of shape (batch, seq, dim), got {tuple(cos.shape)}")
-    batch = normed.shape[0]
-    positions = layout.text_positions
-    width = positions.shape[1]
+    attention = getattr(layer, anatomy.attention)
+    rest = {key: value for key, value in kwargs.items() if key not in _LAYER_ARGUMENTS}
+    normed = getattr(layer, anatomy.input_norm)(hidden_states)
+    key_rope, query_rope = rope_tables(layout, anatomy, cos, sin)
 
     # Keys and values for every token, from the (frozen) current states.
-    keys, values, past_length = _keys_values(attention, anatomy, normed, cos, sin, cache, shared, kwargs)
-
+    keys, values, past_length = _keys_values(attention, anatomy, normed, key_rope, cache_from_kwargs(kwargs),
+                                             kwargs.get("shared_kv_states"), rest)
+    batch, width = layout.text_positions.shape
     if width == 0:  # no text token in this chunk (all visual): the cache update above is all there is to do
-        output = normed.new_zeros(0, normed.shape[-1])
+        output = layout.take_text(normed)  # no rows
         if has_forward_hooks(attention):
-            call_attention_hooks(attention, layout, output, None, {"hidden_states": normed, **kwargs})
+            call_attention_hooks(attention, layout, output, None, {"hidden_states": normed, **rest})
         return output
 
-    # Queries for text tokens only: flat rows through q_proj, then into a (batch, width) grid for attention.
+    # Queries for text tokens only: text rows through q_proj, then (per-sample layouts) into a (batch, width) grid.
     queries, gate = _query_heads(attention, anatomy, layout.take_text(normed))
-    queries = layout.to_grid(queries).transpose(1, 2)
-    queries = apply_rope(queries, gather_rows(cos, positions), gather_rows(sin, positions), anatomy.rope)
+    queries = apply_rope_table(layout.to_grid(queries).transpose(1, 2), query_rope)
+    position_ids = kwargs.get("position_ids")
     if anatomy.query_scale == "llama4":
-        queries = queries * _llama4_query_scale(attention, position_ids, layout).to(queries.dtype)
+        scale = layout.memo("llama4", position_ids, lambda: _llama4_query_scale(attention, position_ids, layout))
+        queries = queries * scale.to(queries.dtype)
 
-    implementation = attention_implementation(attention)
-    mask = text_query_mask(attention_mask, layout, past_length, keys.shape[2], implementation, queries.dtype)
-    output, weights = attention_function(attention)(
+    implementation, function = _attention_call(attention, layout)
+    mask = text_query_mask(kwargs.get("attention_mask"), layout, past_length, keys.shape[2], implementation,
+                           queries.dtype)
+    output, weights = function(
         attention,
         queries,
         keys,
@@ -287,12 +306,12 @@ def text_attention(
         scaling=attention.scaling,
         sliding_window=getattr(attention, "sliding_window", None),
         position_ids=position_ids,
-        **kwargs,
+        **rest,
     )
     output = layout.from_grid(output.reshape(batch, width, -1))
     if gate is not None:
         output = output * torch.sigmoid(gate)
     output = attention.o_proj(output)
     if has_forward_hooks(attention):  # output_attentions and user hooks on the attention module
-        call_attention_hooks(attention, layout, output, weights, {"hidden_states": normed, **kwargs})
+        call_attention_hooks(attention, layout, output, weights, {"hidden_states": normed, **rest})
     return output

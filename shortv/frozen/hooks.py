@@ -26,8 +26,8 @@ def has_forward_hooks(module: nn.Module) -> bool:
 
 def _scatter_rows(grid: torch.Tensor, layout: TokenLayout, row_dim: int) -> torch.Tensor:
     """``grid`` with a row per text slot along ``row_dim`` -> full ``seq`` rows, zeros at visual positions."""
-    rows = layout.from_grid(grid.movedim(row_dim, 1))
-    full = layout.put_text(rows.new_zeros(*layout.shape, *rows.shape[1:]), rows)
+    grid = grid.movedim(row_dim, 1)  # (batch, width, ...)
+    full = layout.put_text(grid.new_zeros(*layout.shape, *grid.shape[2:]), layout.from_grid(grid))
     return full.movedim(1, row_dim)
 
 

@@ -88,14 +88,15 @@ def _mix_all_tokens(mixer: nn.Module, hidden: torch.Tensor, cache: Any, kwargs: 
 def mixer_branch(
     mixer: nn.Module, layout: TokenLayout, normed: torch.Tensor, kwargs: dict[str, Any]
 ) -> torch.Tensor:
-    """The mixer's output after ``out_proj`` for the text rows (n_text, hidden); state and cache over every token."""
+    """The mixer's output after ``out_proj`` for the text rows (as `TokenLayout.take_text` gives them); state and
+    cache over every token."""
     cache = cache_from_kwargs(kwargs)
     hidden = sys.modules[type(mixer).__module__].apply_mask_to_padding_states(normed, kwargs.get("attention_mask"))
     rest = {key: value for key, value in kwargs.items() if key not in _LAYER_ONLY}
-    output = layout.take_text(_mix_all_tokens(mixer, hidden, cache, rest))  # (n_text, value heads, head dim)
+    output = layout.take_text(_mix_all_tokens(mixer, hidden, cache, rest))  # (text rows, value heads, head dim)
     gate = mixer.in_proj_z(layout.take_text(hidden))
     gated = mixer.norm(output.reshape(-1, mixer.head_v_dim), gate.reshape(-1, mixer.head_v_dim))
-    text_output = mixer.out_proj(gated.reshape(output.shape[0], -1))
+    text_output = mixer.out_proj(gated.reshape(*output.shape[:-2], -1))
     if has_forward_hooks(mixer):  # user hooks on the mixer see its output in the usual shape
         call_mixer_hooks(mixer, layout, text_output, {"hidden_states": normed, **kwargs})
     return text_output
@@ -105,6 +106,5 @@ def fast_frozen_forward(
     layer: nn.Module, anatomy: LayerAnatomy, layout: TokenLayout, hidden_states: torch.Tensor, **kwargs: Any
 ) -> torch.Tensor:
     normed = getattr(layer, anatomy.input_norm)(hidden_states)
-    text = layout.take_text(hidden_states) + mixer_branch(getattr(layer, anatomy.attention), layout, normed, kwargs)
-    text = text + common.run_on_rows(getattr(layer, anatomy.mlp), getattr(layer, anatomy.mlp_norm)(text))
-    return layout.put_text(hidden_states, text)
+    mixed = mixer_branch(getattr(layer, anatomy.attention), layout, normed, kwargs)
+    return common.residual_mlp(layer, anatomy, layout, hidden_states, mixed)

@@ -25,6 +25,5 @@ def unsupported_reason(layer: nn.Module, anatomy: LayerAnatomy) -> str | None:
 def fast_frozen_forward(
     layer: nn.Module, anatomy: LayerAnatomy, layout: TokenLayout, hidden_states: torch.Tensor, **kwargs: Any
 ) -> torch.Tensor:
-    text = layout.take_text(hidden_states) + common.attention_branch(layer, anatomy, layout, hidden_states, kwargs)
-    text = text + common.run_on_rows(getattr(layer, anatomy.mlp), getattr(layer, anatomy.mlp_norm)(text))
-    return layout.put_text(hidden_states, text)
+    attention = common.attention_branch(layer, anatomy, layout, hidden_states, kwargs)
+    return common.residual_mlp(layer, anatomy, layout, hidden_states, attention)

@@ -49,8 +49,9 @@ def _mlp_slot(layer: nn.Module, anatomy: LayerAnatomy, text: torch.Tensor) -> to
     moe = anatomy.parallel_moe
     if not _enabled(layer, moe):
         return mlp
-    _, weights, experts = getattr(layer, moe.router)(text)  # routed per token, from the raw residual stream
-    routed = getattr(layer, moe.experts)(getattr(layer, moe.input_norm)(text), experts, weights)
+    flat = text.reshape(-1, text.shape[-1])  # the router and experts take (tokens, hidden)
+    _, weights, experts = getattr(layer, moe.router)(flat)  # routed per token, from the raw residual stream
+    routed = getattr(layer, moe.experts)(getattr(layer, moe.input_norm)(flat), experts, weights).reshape(text.shape)
     return getattr(layer, moe.mlp_norm)(mlp) + getattr(layer, moe.output_norm)(routed)
 
 
@@ -67,8 +68,13 @@ def fast_frozen_forward(
     branch = anatomy.per_layer_input
     per_layer_input = kwargs.pop(branch.argument, None) if branch is not None else None
     attention = common.attention_branch(layer, anatomy, layout, hidden_states, kwargs)
-    text = layout.take_text(hidden_states) + getattr(layer, anatomy.attention_output_norm)(attention)
-    text = text + getattr(layer, anatomy.mlp_output_norm)(_mlp_slot(layer, anatomy, text))
+    # The residual adds and the write-back of the text rows are `index_add`s (they round as ``x + y``).
+    hidden_states = layout.add_text(hidden_states, getattr(layer, anatomy.attention_output_norm)(attention))
+    text = layout.take_text(hidden_states)
+    update = getattr(layer, anatomy.mlp_output_norm)(_mlp_slot(layer, anatomy, text))
+    if not _enabled(layer, branch) and not anatomy.output_scale:
+        return layout.add_text(hidden_states, update, inplace=True)
+    text = text + update
     if _enabled(layer, branch):
         rows = layout.take_text(per_layer_input.expand(*hidden_states.shape[:2], -1))
         text = text + _per_layer_input_branch(layer, branch, text, rows)
