@@ -376,3 +376,30 @@ def test_shortv_and_pruning_in_one_config(pair, method: str, shortv_layers: tupl
     _check_each_sample(eager, inputs, config, logits, columns, shortv_layers)
     assert not torch.allclose(logits[:, -1], alone[:, -1], atol=1e-3)
     assert torch.equal(generated, _oracle_greedy(eager, inputs, config, shortv_layers)), (family, method)
+
+
+def test_inner_entry_deep_copy_and_reapply(pair) -> None:
+    """Calling the inner model (``model.model``) prunes the same way; a deep copy is an independent pruned model
+    (removing it leaves the original pruned); applying again replaces the config."""
+    import copy
+
+    family, model, _ = pair
+    inputs = _inputs(model, family, padded=True)
+    config = _config("fastv-last")
+    logits, columns, _ = _run_pruned(model, config, inputs, generate=False)
+    apply_token_pruning(model, _config("vtw"))
+    apply_token_pruning(model, config)
+    try:
+        with torch.no_grad():
+            reset_state(model)
+            hidden = model.model(**inputs).last_hidden_state
+            assert torch.equal(kept_columns(model), columns)
+            torch.testing.assert_close(model.lm_head(hidden), logits, rtol=0, atol=1e-6)
+            twin = copy.deepcopy(model)
+            remove_token_pruning(twin)
+            reset_state(model)
+            torch.testing.assert_close(model(**inputs).logits, logits, rtol=0, atol=0)
+            reset_state(twin)
+            assert twin(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+    finally:
+        remove_token_pruning(model)

@@ -85,13 +85,16 @@ class PruningState:
 
 
 class PaddingPreHook:
-    """Records the model call's 2-D attention mask (ranking reads the last real token of each sample) and refuses
-    what a pruned forward cannot return (a loss over every position)."""
+    """On every entry module, after `shortv.entry`'s hook: the outermost call of a forward records its 2-D attention
+    mask (ranking reads the last real token of each sample) and refuses what a pruned forward cannot return (a loss
+    over every position)."""
 
     def __init__(self, state: PruningState):
         self.state = state
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.state.entry.depth != 1:  # an inner entry of a forward already recorded
+            return
         mask = kwargs.get("attention_mask")
         self.state.padding = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         if kwargs.get("labels") is not None:
@@ -167,6 +170,11 @@ class CutForward(_InstanceOverride):
             state.plan = Plan(prefill=False, columns=columns, real=real, past_length=past)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
+    def _padding(self, visual: torch.Tensor) -> torch.Tensor | None:
+        """The forward's 2-D padding mask when it covers this sequence (None: no padding known)."""
+        padding = self.state.padding
+        return padding if padding is not None and tuple(padding.shape) == tuple(visual.shape) else None
+
     def _prune(self, hidden_states: torch.Tensor, kwargs: dict, visual: torch.Tensor):
         """(columns, real) of the rows layers K.. run (`shortv.pruning.ranking.kept_layout`)."""
         state = self.state
@@ -178,7 +186,7 @@ class CutForward(_InstanceOverride):
             if kwargs.get("position_embeddings") is None:
                 raise RuntimeError(f"FastV ranks in layer {self.index}, which got no `position_embeddings`")
             received = received_attention(self.module, state.anatomy, hidden_states, kwargs.get("attention_mask"),
-                                          kwargs["position_embeddings"], state.config.rank, state.padding)
+                                          kwargs["position_embeddings"], state.config.rank, self._padding(visual))
             kept = top_visual(received, visual, keep)
         return kept_layout(~visual | kept)
 
@@ -283,7 +291,8 @@ def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Modu
     if callable(getattr(model, "generate", None)):
         override(lambda model, previous, attribute: ShortVGenerate(entry, model, previous), model)
     install_entry_hooks(entry, entries)
-    model.register_forward_pre_hook(PaddingPreHook(state), with_kwargs=True)
+    for module in entries:
+        module.register_forward_pre_hook(PaddingPreHook(state), with_kwargs=True)
     object.__setattr__(model, STATE_ATTRIBUTE, state)
     return wrapper
 
@@ -308,12 +317,13 @@ def remove_token_pruning(model: nn.Module) -> nn.Module:
             object.__delattr__(module, attribute)
         else:
             object.__setattr__(module, attribute, previous)
+    for module in state.entry.entries:
+        hooks = module._forward_pre_hooks
+        for hook_id in [key for key, hook in hooks.items() if getattr(hook, "state", None) is state]:
+            del hooks[hook_id]
+            module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
     remove_entry_hooks(state.entry)
-    inner = _unwrap(model)
-    for hook_id in [key for key, hook in inner._forward_pre_hooks.items() if getattr(hook, "state", None) is state]:
-        del inner._forward_pre_hooks[hook_id]
-        inner._forward_pre_hooks_with_kwargs.pop(hook_id, None)
-    object.__delattr__(inner, STATE_ATTRIBUTE)
+    object.__delattr__(_unwrap(model), STATE_ATTRIBUTE)
     return model
 
 
