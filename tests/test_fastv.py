@@ -236,6 +236,17 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
             model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
         with pytest.raises(ValueError, match="cannot compute a loss over `labels`"), torch.no_grad():
             model(**inputs, labels=inputs["input_ids"])
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        with pytest.raises(RuntimeError, match="cannot tell which positions of this forward are visual"), \
+                torch.no_grad():
+            model.model.language_model(inputs_embeds=embeds)
+        if family == "llava":  # chunked prefill: text first, then the image after cached positions
+            seq = inputs["input_ids"].shape[1]
+            with torch.no_grad():
+                cache = model(input_ids=inputs["input_ids"][:, :2], use_cache=True).past_key_values
+                with pytest.raises(ValueError, match="prune the visual tokens of a prompt's first forward only"):
+                    model(input_ids=inputs["input_ids"][:, 2:], pixel_values=inputs["pixel_values"],
+                          past_key_values=cache, attention_mask=torch.ones(1, seq, dtype=torch.long))
     finally:
         remove_token_pruning(model)
 
