@@ -414,3 +414,25 @@ def test_inner_entry_deep_copy_and_reapply(pair) -> None:
             assert twin(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
     finally:
         remove_token_pruning(model)
+
+
+def test_torch_save_round_trip_and_hidden_states() -> None:
+    """A pruned model pickles (saved before it runs: transformers' own output hooks, installed by the first vision
+    forward, make a LLaVA unpicklable anyway); ``output_hidden_states`` shrinks from layer K - 1's output on."""
+    import io
+
+    model = build_model("llava", "sdpa", init_std=0.2)
+    apply_fastv(model, k=2)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    inputs = _inputs(model, "llava", padded=False)
+    seq, v = inputs["input_ids"].shape[1], int(inputs.visual_mask.sum())
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        assert torch.equal(loaded(**inputs).logits, out.logits)
+        remove_token_pruning(loaded)
+        assert loaded(**inputs).logits.shape[1] == seq
+    kept = seq - v + TokenPruningConfig(k=2).kept(v)
+    assert [h.shape[1] for h in out.hidden_states] == [seq, seq, kept, kept, kept]

@@ -9,11 +9,11 @@ the mask's rows and columns), so each kept token keeps its original position. Th
 kept positions only; the kept prompt columns are recorded on the cache (``cache.shortv_kept_columns``), and every
 later step masks those layers' keys by them.
 
-What ``model(...)`` returns on a pruned prompt: logits (and hidden states of layers ``>= K``) for the kept
-positions only, in order; `kept_columns(model)` gives their original columns. Samples of a batch that keep fewer
-columns (fewer visual tokens) get padding slots at the start of their row (column -1 in `kept_columns`, logits
-meaningless, hidden from every query by the masks). The last position is always kept, so ``generate`` (which reads
-the last logits) works unchanged.
+What ``model(...)`` returns on a pruned prompt: logits (and hidden states from layer ``K - 1``'s output on) for
+the kept positions only, in order; `kept_columns(model)` gives their original columns. Samples of a batch that keep
+fewer columns (fewer visual tokens) get padding slots at the start of their row (column -1 in `kept_columns`,
+logits meaningless, hidden from every query by the masks). The last position is always kept, so ``generate``
+(which reads the last logits) works unchanged.
 """
 
 from __future__ import annotations
