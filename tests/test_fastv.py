@@ -4,6 +4,8 @@ each layer sees and the KV cache it fills, ``remove_token_pruning`` bit-exact, a
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from pruning_oracle import (
@@ -15,6 +17,7 @@ from pruning_oracle import (
     sample_calls,
 )
 from tiny_models import EOS_ID, build_inputs, build_model, reset_state
+from transformers import DynamicCache
 
 from shortv.pruning import (
     TokenPruningConfig,
@@ -72,7 +75,7 @@ def _kept_for(config: TokenPruningConfig, visual: torch.Tensor):
     return lambda i: _oracle_kept(config, visual[i : i + 1])
 
 
-def _run_pruned(model, config: TokenPruningConfig, inputs, generate: bool = True):
+def _run_pruned(model, config: TokenPruningConfig, inputs, generate: bool = True, **generate_kwargs):
     """(logits, kept columns, generated tokens or None) of ``model`` under ``config``, removed afterwards."""
     apply_token_pruning(model, config)
     try:
@@ -83,7 +86,8 @@ def _run_pruned(model, config: TokenPruningConfig, inputs, generate: bool = True
         generated = None
         if generate:
             reset_state(model)
-            generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
+            generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS,
+                                       **generate_kwargs)
             generated = generated[:, inputs["input_ids"].shape[1]:]
     finally:
         remove_token_pruning(model)
@@ -231,9 +235,12 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
     try:
         with pytest.raises(ValueError, match="with FastV/VTW applied is not supported yet"):
             apply_shortv(model, [3])
-        with pytest.raises(ValueError, match="DynamicCache of full-attention layers only"):
+        text_config = copy.deepcopy(model.config.get_text_config())
+        text_config.sliding_window, text_config.layer_types = 4, ["sliding_attention"] * 4
+        with pytest.raises(ValueError, match="dynamic or static cache of full-attention layers only"), \
+                torch.no_grad():
             reset_state(model)
-            model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+            model(**inputs, past_key_values=DynamicCache(config=text_config))
         with pytest.raises(ValueError, match="cannot compute a loss over `labels`"), torch.no_grad():
             model(**inputs, labels=inputs["input_ids"])
         embeds = model.get_input_embeddings()(inputs["input_ids"])
@@ -392,8 +399,6 @@ def test_shortv_and_pruning_in_one_config(pair, method: str, shortv_layers: tupl
 def test_inner_entry_deep_copy_and_reapply(pair) -> None:
     """Calling the inner model (``model.model``) prunes the same way; a deep copy is an independent pruned model
     (removing it leaves the original pruned); applying again replaces the config."""
-    import copy
-
     family, model, _ = pair
     inputs = _inputs(model, family, padded=True)
     config = _config("fastv-last")
@@ -436,3 +441,14 @@ def test_torch_save_round_trip_and_hidden_states() -> None:
         assert loaded(**inputs).logits.shape[1] == seq
     kept = seq - v + TokenPruningConfig(k=2).kept(v)
     assert [h.shape[1] for h in out.hidden_states] == [seq, seq, kept, kept, kept]
+
+
+@pytest.mark.parametrize("method", ["fastv-last", "vtw"])
+def test_static_cache_generate_equals_the_oracle(pair, method: str) -> None:
+    """A static cache: layers from K write the kept positions at the front of their buffer and the masks hide the
+    unwritten slots; greedy decoding equals the oracle (different visual counts, left padding)."""
+    family, model, eager = pair
+    inputs = _mixed_inputs(model, family)
+    config = _config(method)
+    _, _, generated = _run_pruned(model, config, inputs, cache_implementation="static")
+    assert torch.equal(generated, _oracle_greedy(eager, inputs, config)), (family, method)

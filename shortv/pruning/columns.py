@@ -38,9 +38,20 @@ def _hide_padding(mask: torch.Tensor | None, real_keys: torch.Tensor, query_colu
     return mask.masked_fill(self_only, 0) if self_only is not None else mask
 
 
-def prefill_kwargs(kwargs: dict[str, Any], columns: torch.Tensor, real: torch.Tensor | None) -> dict[str, Any]:
+def _empty_slots(mask: torch.Tensor, key_slots: int | None) -> torch.Tensor:
+    """``mask`` with hidden key columns appended up to ``key_slots``: a static cache's unwritten slots."""
+    missing = 0 if key_slots is None else key_slots - mask.shape[-1]
+    if missing <= 0:
+        return mask
+    fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    return torch.cat([mask, mask.new_full((*mask.shape[:-1], missing), fill)], dim=-1)
+
+
+def prefill_kwargs(kwargs: dict[str, Any], columns: torch.Tensor, real: torch.Tensor | None,
+                   key_slots: int | None = None) -> dict[str, Any]:
     """The layer arguments of a pruned prefill: rotary rows, position ids, mask rows and columns at ``columns``;
-    padding slots (``real`` False) are hidden from every query.
+    padding slots (``real`` False) are hidden from every query, and so are a static cache's slots past the kept
+    ones (``key_slots``: how many keys the layer's cache returns; None: as many as it holds).
 
     An absent mask is the causal mask (sdpa's fast case): on ascending kept columns it is causal again."""
     out = dict(kwargs)
@@ -53,16 +64,20 @@ def prefill_kwargs(kwargs: dict[str, Any], columns: torch.Tensor, real: torch.Te
         mask = gather_columns(gather_columns(mask, -1, columns), -2, columns)
     if real is not None:
         mask = _hide_padding(mask, real, columns, columns, ~real)
+    if key_slots is not None:
+        if mask is None:
+            mask = columns[:, None, None, :] <= columns[:, None, :, None]
+        mask = _empty_slots(mask, key_slots)
     out["attention_mask"] = mask
     return out
 
 
 def decode_kwargs(kwargs: dict[str, Any], key_columns: torch.Tensor, real_keys: torch.Tensor | None,
-                  past_length: int, seq: int) -> dict[str, Any]:
+                  past_length: int, seq: int, key_slots: int | None = None) -> dict[str, Any]:
     """The layer arguments of a step after a pruned prompt: the new tokens are all kept, so only the mask's key
     columns shrink to ``key_columns`` (batch, cached + new) -- the positions the layer's KV cache holds; padding
-    slots (``real_keys`` False) are hidden. An absent mask over several new tokens becomes an explicit causal mask
-    (sdpa's ``is_causal`` would align it wrongly)."""
+    slots (``real_keys`` False) and a static cache's unwritten slots (up to ``key_slots``) are hidden. An absent
+    mask over several new tokens becomes an explicit causal mask (sdpa's ``is_causal`` would align it wrongly)."""
     out = dict(kwargs)
     mask = kwargs.get("attention_mask")
     if mask is not None:
@@ -70,7 +85,7 @@ def decode_kwargs(kwargs: dict[str, Any], key_columns: torch.Tensor, real_keys: 
     queries = torch.arange(past_length, past_length + seq, device=key_columns.device).expand(len(key_columns), -1)
     if real_keys is not None:
         mask = _hide_padding(mask, real_keys, queries, key_columns, None)
-    elif mask is None and seq > 1:
+    elif mask is None and (seq > 1 or key_slots is not None):
         mask = key_columns[:, None, None, :] <= queries[:, None, :, None]
-    out["attention_mask"] = mask
+    out["attention_mask"] = mask if key_slots is None else _empty_slots(mask, key_slots)
     return out

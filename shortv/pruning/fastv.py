@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from .. import _compat
 from ..config import ShortVConfig
@@ -109,11 +109,18 @@ def _kwargs(override: _InstanceOverride, original, hidden: torch.Tensor, args: t
 def _check_cache(cache: Any) -> None:
     if cache is None:
         return
-    if not isinstance(cache, DynamicCache) or not all(type(layer) is DynamicLayer for layer in cache.layers):
-        kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
-        raise ValueError(f"FastV/VTW support a DynamicCache of full-attention layers only, got {type(cache).__name__}"
-                         f"{' (' + ', '.join(kinds) + ')' if kinds else ''}; use generate's default cache "
-                         "(no cache_implementation='static')")
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, (DynamicCache, StaticCache)) or not all(type(layer) in (DynamicLayer, StaticLayer)
+                                                                     for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers or []})
+        raise ValueError(f"FastV/VTW support a dynamic or static cache of full-attention layers only, got "
+                         f"{type(cache).__name__}{' (' + ', '.join(kinds) + ')' if kinds else ''}")
+
+
+def _key_slots(cache: Any, index: int) -> int | None:
+    """How many keys layer ``index``'s cache returns when it is a static one (its whole buffer), else None."""
+    layer = cache.layers[index] if cache is not None and index < len(cache.layers) else None
+    return layer.max_cache_len if isinstance(layer, StaticLayer) else None
 
 
 class CutForward(_InstanceOverride):
@@ -129,7 +136,7 @@ class CutForward(_InstanceOverride):
         bound = _kwargs(self, original, hidden_states, args, kwargs)
         cache = _compat.cache_from_kwargs(bound)
         _check_cache(cache)
-        past = cache.get_seq_length(self.index) if cache is not None else 0
+        past = int(cache.get_seq_length(self.index)) if cache is not None else 0
         entry = state.entry
         if not entry.decided:
             raise RuntimeError(
@@ -163,7 +170,7 @@ class CutForward(_InstanceOverride):
             columns = torch.cat([kept, later], dim=1)
             if real is not None:
                 real = torch.cat([real, torch.ones_like(later, dtype=torch.bool)], dim=1)
-            held = cache.get_seq_length(self.index + 1) + hidden.shape[1]
+            held = int(cache.get_seq_length(self.index + 1)) + hidden.shape[1]
             if columns.shape[1] != held or columns.shape[0] != hidden.shape[0]:
                 raise ValueError(f"this KV cache does not match the FastV/VTW prompt it was filled with (layer "
                                  f"{self.index + 1} holds {held} positions, expected {columns.shape[1]})")
@@ -195,9 +202,10 @@ class KeptForward(_InstanceOverride):
     """``forward`` of a layer ``>= K``: its arguments cut to the kept columns (the hidden states already are); a
     ShortV layer (``frozen``) freezes the kept visual rows in a pruned prefill."""
 
-    def __init__(self, state: PruningState, layer: nn.Module, previous: Any, attribute: str, frozen: bool = False):
+    def __init__(self, state: PruningState, layer: nn.Module, previous: Any, attribute: str, index: int,
+                 frozen: bool = False):
         super().__init__(layer, previous)
-        self.state, self.attribute, self.frozen = state, attribute, frozen
+        self.state, self.attribute, self.index, self.frozen = state, attribute, index, frozen
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         plan, original = self.state.plan, self.original()
@@ -206,13 +214,14 @@ class KeptForward(_InstanceOverride):
         bound = _kwargs(self, original, hidden_states, args, kwargs)
         columns = plan.columns.to(hidden_states.device)
         real = None if plan.real is None else plan.real.to(hidden_states.device)
+        slots = _key_slots(_compat.cache_from_kwargs(bound), self.index)
         if plan.prefill:
-            bound = prefill_kwargs(bound, columns, real)
+            bound = prefill_kwargs(bound, columns, real, slots)
             if self.frozen and plan.layout is not None:
                 layout = plan.layout.to(hidden_states.device)
                 return self.state.fast.fast_frozen_forward(self.module, layout, hidden_states, **bound)
         else:
-            bound = decode_kwargs(bound, columns, real, plan.past_length, hidden_states.shape[1])
+            bound = decode_kwargs(bound, columns, real, plan.past_length, hidden_states.shape[1], slots)
         return original(hidden_states, **bound)
 
 
@@ -286,7 +295,7 @@ def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Modu
     override(lambda layer, previous, attribute: CutForward(state, layer, previous, attribute, config.k - 1),
              layers[config.k - 1])
     for index in range(config.k, len(layers)):
-        override(lambda layer, previous, attribute, index=index: KeptForward(state, layer, previous, attribute,
+        override(lambda layer, previous, attribute, index=index: KeptForward(state, layer, previous, attribute, index,
                                                                             index in frozen), layers[index])
     if callable(getattr(model, "generate", None)):
         override(lambda model, previous, attribute: ShortVGenerate(entry, model, previous), model)

@@ -53,7 +53,7 @@ def received_attention(
     if attention_mask is None:  # sdpa's causal fast case
         allowed = (torch.arange(seq, device=rows.device)[None, None, :] <= rows[:, :, None]).unsqueeze(1)
     else:
-        mask = attention_mask.expand(batch, -1, -1, -1)
+        mask = attention_mask[..., :seq].expand(batch, -1, -1, -1)  # a static cache's mask spans its whole buffer
         mask = torch.gather(mask, 2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
         allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     received = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).mean(dim=1)  # (batch, rows, seq)
