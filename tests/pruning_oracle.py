@@ -127,16 +127,19 @@ def kept_columns(visual_mask: torch.Tensor, kept_visual: torch.Tensor) -> torch.
 
 
 def rank_by_attention(weights: torch.Tensor, visual_mask: torch.Tensor, keep: int, queries: str = "last",
-                      last: torch.Tensor | None = None):
+                      last: torch.Tensor | None = None, real: torch.Tensor | None = None):
     """FastV's choice: the ``keep`` visual columns that receive the most attention in ``weights`` (batch, heads,
     query, key; eager attention of layer K - 1), averaged over heads, from the last query row (``"last"``: the last
     prompt token, with left padding or none; ``last`` (batch,): each sample's last real row, with right padding)
-    or averaged over every query row (``"mean"``). Ascending columns."""
+    or averaged over every query row (``"mean"``; ``real`` (batch, query) bool: over the real rows only, not the
+    padding). Ascending columns."""
     received = weights.mean(dim=1)
     if queries == "last":
         received = received[:, -1] if last is None else received[torch.arange(len(received)), last]
-    else:
+    elif real is None:
         received = received.mean(dim=1)
+    else:
+        received = (received * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
     received = received.masked_fill(~visual_mask.bool(), float("-inf"))
     return received.topk(keep, dim=-1).indices.sort(dim=-1).values
 

@@ -349,31 +349,33 @@ def test_vtw_rule_chooses_the_first_layer_under_the_threshold(pair) -> None:
         choose_vtw_layer(model, batches, min(means) / 2)
 
 
-@pytest.mark.parametrize("method", ["fastv-last", "fastv-mean"])
-def test_right_padding_ranks_by_the_last_real_token(pair, method: str) -> None:
-    """With right padding the last prompt token is not the last column: FastV ranks by each sample's last real token
-    (``"last"``), or by the mean over its real tokens (``"mean"``, checked here on a batch that needs none)."""
+@pytest.mark.parametrize(("method", "side"), [("fastv-last", "right"), ("fastv-mean", "right"),
+                                              ("fastv-mean", "left")])
+def test_padding_side_and_ranking_queries(pair, method: str, side: str) -> None:
+    """With right padding the last prompt token is not the last column: ``"last"`` ranks by each sample's last real
+    token; ``"mean"`` averages over each sample's real tokens, never the padding, on either side (here a few padding
+    rows would not change the choice; the parity with the real-rows oracle is what is checked)."""
     family, model, eager = pair
-    padded = method == "fastv-last"
-    inputs = build_inputs(model, family, batch_layouts=_layouts(family, padded), padding_side="right")
+    inputs = build_inputs(model, family, batch_layouts=_layouts(family, padded=True), padding_side=side)
     visual = inputs.visual_mask
     config = _config(method)
-    last = inputs["attention_mask"].sum(dim=1) - 1
+    real_rows = inputs["attention_mask"].bool()
+    last = inputs["attention_mask"].sum(dim=1) - 1 if side == "right" else None
     keep = config.kept(int(visual[0].sum()))
-    if padded:
-        assert (last < visual.shape[1] - 1).any()
     logits, columns, _ = _run_pruned(model, config, inputs, generate=False)
     reset_state(eager)
-    oracle = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, config.k,
-                            lambda weights: rank_by_attention(weights, visual, keep, config.rank, last))
-    assert torch.equal(columns, oracle.columns)
-    real = inputs["attention_mask"].bool().gather(1, columns)
-    expected = eager.get_output_embeddings()(oracle.hidden_states)
-    torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=ATOL)
-    if padded:  # the padding column's attention would choose other visual tokens
-        by_padding = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, config.k,
-                                    lambda weights: rank_by_attention(weights, visual, keep))
-        assert not torch.equal(by_padding.columns, columns)
+    calls = capture_decoder_calls(eager, inputs)
+
+    def oracle(**ranking):
+        return pruned_forward(eager, calls, visual, config.k,
+                              lambda weights: rank_by_attention(weights, visual, keep, config.rank, **ranking))
+    expected = oracle(last=last, real=real_rows)
+    assert torch.equal(columns, expected.columns)
+    real = real_rows.gather(1, columns)
+    torch.testing.assert_close(logits[real], eager.get_output_embeddings()(expected.hidden_states)[real],
+                               rtol=0, atol=ATOL)
+    if config.rank == "last":  # ranking by the padding column would choose other visual tokens
+        assert not torch.equal(oracle().columns, columns)
 
 
 @pytest.mark.parametrize(("method", "shortv_layers"), [("fastv-last", (0, 1, 3)), ("vtw", (0, 2))])

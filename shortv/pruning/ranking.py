@@ -60,7 +60,9 @@ def received_attention(
     if rank == "last":
         return received[:, 0]
     real = torch.ones(batch, seq, device=rows.device) if padding is None else padding.to(rows.device).float()
-    return (received * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
+    # A padding query may see no key at all (a row of -inf, NaN after the softmax): it counts for nothing.
+    received = torch.where(real[:, :, None] > 0, received, 0.0)
+    return received.sum(dim=1) / real.sum(dim=1, keepdim=True)
 
 
 def top_visual(received: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
