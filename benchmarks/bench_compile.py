@@ -4,12 +4,15 @@ prefill of the baseline and of ShortV.
     python benchmarks/bench_compile.py                                  # llava-1.5-7b, first 5 layers, 3 of them frozen
     python benchmarks/bench_compile.py --shape qwen2-vl-7b --layers 5 --threads 2 --out benchmarks/results/compile.json
 
-Three measurements, all on one random-weight prefix of the shape (``--dtype``, 576 visual + 64 text tokens, batch 1):
+Four measurements, all on one random-weight prefix of the shape (``--dtype``, 576 visual + 64 text tokens, batch 1):
 
 1. ``torch._dynamo.explain`` of the unpatched and the patched model: graphs and graph-break reasons.
 2. Recompiles: ``--prompts`` prompts whose text/visual split and length all differ, through one compiled patched
    model (``backend="eager"``, which compiles nothing but dynamo's graphs, so only guards and graphs are counted).
-3. Prefill time, interleaved baseline/ShortV (`shortv.benchmark.time_prefill`), eager and with the default
+3. Graphs of the CUDA-graph recipe (`shortv.cuda_graphs`, docs/cuda_graphs.md): ``--prompts`` prompts with the
+   shape's visual tokens, their text length (up to ``--text-tokens``) and image position all differ, left-padded
+   to one bucket, prefilled into a static cache by the compiled decoder stack (a graph-counting backend): one graph.
+4. Prefill time, interleaved baseline/ShortV (`shortv.benchmark.time_prefill`), eager and with the default
    ``torch.compile`` backend (inductor); compile time is the first call of each variant.
 """
 
@@ -24,7 +27,8 @@ import torch
 
 from shortv import apply_shortv, remove_shortv
 from shortv.benchmark import causal_lm_inputs, machine_info, shape_shortv_config, time_prefill
-from shortv.benchmark.shapes import build_shape_model
+from shortv.benchmark.shapes import build_shape_model, make_token_layout
+from shortv.cuda_graphs import compile_decoder, pad_to_bucket, static_cache, uncompile_decoder
 
 
 def explain(model: torch.nn.Module, kwargs: dict) -> dict:
@@ -53,6 +57,30 @@ def count_recompiles(model: torch.nn.Module, config, prompts: int, text_tokens: 
     remove_shortv(model)
     return {"prompts": prompts, "unique_graphs_after_each_prompt": graphs,
             "recompiles_after_second_prompt": graphs[-1] - graphs[1]}
+
+
+def count_bucket_graphs(model: torch.nn.Module, config, prompts: int, text_tokens: int, visual_tokens: int) -> dict:
+    graphs: list = []
+    torch._dynamo.reset()
+    apply_shortv(model, config)
+    bucket = text_tokens + visual_tokens
+    compile_decoder(model, backend=lambda graph, example_inputs: graphs.append(graph) or graph.forward)
+    cache = static_cache(model, 1, bucket)
+    after_each = []
+    try:
+        for index in range(prompts):
+            text = text_tokens - index * max(1, text_tokens // (2 * prompts))  # shorter prompts, then padded
+            layout = make_token_layout(1, text, visual_tokens, image_position=(index * 7) % (text + 1),
+                                       vocab_size=model.config.vocab_size, seed=index)
+            padded = pad_to_bucket(bucket, layout.input_ids, visual_mask=layout.visual_mask)
+            cache.reset()
+            with torch.inference_mode():
+                model(**padded, cache=cache, use_cache=True, logits_to_keep=1)
+            after_each.append(len(graphs))
+    finally:
+        uncompile_decoder(model)
+        remove_shortv(model)
+    return {"prompts": prompts, "bucket": bucket, "graphs_after_each_prompt": after_each}
 
 
 def main() -> None:
@@ -87,6 +115,9 @@ def main() -> None:
 
     report["recompiles"] = count_recompiles(model, config, args.prompts, args.text_tokens, args.visual_tokens)
     print(json.dumps(report["recompiles"]), flush=True)
+    report["cuda_graph_bucket"] = count_bucket_graphs(model, config, args.prompts, args.text_tokens,
+                                                      args.visual_tokens)
+    print(json.dumps(report["cuda_graph_bucket"]), flush=True)
 
     for mode in ("eager", "compiled"):
         torch._dynamo.reset()

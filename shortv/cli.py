@@ -47,6 +47,9 @@ def _main() -> None:
 
         show.shortv = True
         warnings.showwarning = show
+    # Every command says it each time, even when the process said it before (a library caller running commands in
+    # one process, a test suite): Python's default shows a warning once per place in the code.
+    warnings.simplefilter("always", WeightsWarning)
     if "--help" in sys.argv[1:]:  # help is shown whatever the version
         return
     from shortv._compat import check_transformers_version
@@ -289,8 +292,8 @@ def _print_operators(lc: Any, config: Any, out: Path) -> None:
     provenance = config.provenance
     console.print(f"operator-level selection at {100 * provenance['flops_ratio']:.1f}% prefill FLOPs "
                   f"(target {100 * provenance['flops_ratio_target']:.1f}%, t={provenance['text_tokens']}, "
-                  f"v={provenance['visual_tokens']}): layers {config.layers}, attention-only {config.attention_layers}, "
-                  f"MLP-only {config.mlp_layers}")
+                  f"v={provenance['visual_tokens']}): layers {config.layers}, "
+                  f"attention-only {config.attention_layers}, MLP-only {config.mlp_layers}")
     console.print(f"wrote {out / 'shortv_operators_config.json'}, {out / 'lc_operators.png'}")
 
 

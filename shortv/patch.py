@@ -232,6 +232,9 @@ def apply_shortv(model: nn.Module, config_or_layers: ShortVConfig | Sequence[int
     config = _coerce_config(config_or_layers)
     layers = find_decoder_layers(model)
     _check_applicable(model, config, layers)
+    if getattr(model, "_shortv_pruning_state", None) is not None:  # shortv.pruning's state attribute
+        raise ValueError("ShortV on a model with FastV/VTW applied is not supported yet; remove_token_pruning(model) "
+                         "first")
     entries = entry_modules(model, _decoder_layers_path(model, layers))
 
     if get_shortv_state(model) is not None:

@@ -126,12 +126,20 @@ def kept_columns(visual_mask: torch.Tensor, kept_visual: torch.Tensor) -> torch.
     return keep.nonzero()[:, 1].view(len(keep), -1)
 
 
-def rank_by_attention(weights: torch.Tensor, visual_mask: torch.Tensor, keep: int, queries: str = "last"):
+def rank_by_attention(weights: torch.Tensor, visual_mask: torch.Tensor, keep: int, queries: str = "last",
+                      last: torch.Tensor | None = None, real: torch.Tensor | None = None):
     """FastV's choice: the ``keep`` visual columns that receive the most attention in ``weights`` (batch, heads,
     query, key; eager attention of layer K - 1), averaged over heads, from the last query row (``"last"``: the last
-    prompt token, with left padding or none) or averaged over every query row (``"mean"``). Ascending columns."""
+    prompt token, with left padding or none; ``last`` (batch,): each sample's last real row, with right padding)
+    or averaged over every query row (``"mean"``; ``real`` (batch, query) bool: over the real rows only, not the
+    padding). Ascending columns."""
     received = weights.mean(dim=1)
-    received = received[:, -1] if queries == "last" else received.mean(dim=1)
+    if queries == "last":
+        received = received[:, -1] if last is None else received[torch.arange(len(received)), last]
+    elif real is None:
+        received = received.mean(dim=1)
+    else:
+        received = (received * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
     received = received.masked_fill(~visual_mask.bool(), float("-inf"))
     return received.topk(keep, dim=-1).indices.sort(dim=-1).values
 
@@ -186,3 +194,63 @@ def pruned_forward(
             kwargs = prune_kwargs(calls.kwargs[index], columns)
             hidden = run_layer(index, layers[index], hidden, visual, index in frozen, kwargs)
     return PrunedOutput(find_final_norm(model)(hidden), columns)
+
+
+def extend_inputs(inputs: dict, token: torch.Tensor) -> dict:
+    """``inputs`` with one more column: ``token`` (batch,) in ``input_ids``, 1 in the padding mask, 0 (text) in any
+    other per-token integer tensor (e.g. ``mm_token_type_ids``)."""
+    batch, seq = inputs["input_ids"].shape
+    out = dict(inputs)
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and tuple(value.shape) == (batch, seq):
+            fill = token if key == "input_ids" else torch.full_like(token, 1 if key == "attention_mask" else 0)
+            out[key] = torch.cat([value, fill[:, None].to(value.dtype)], dim=1)
+    return out
+
+
+def sample_calls(calls: DecoderCalls, index: int) -> DecoderCalls:
+    """Sample ``index`` of a batch's recorded calls, as a batch of 1 (the batch's padding and positions kept)."""
+    def pick(x, batch_dim):
+        return x.narrow(batch_dim, index, 1) if x.shape[batch_dim] > 1 else x
+    kwargs = []
+    for layer_kwargs in calls.kwargs:
+        out = dict(layer_kwargs)
+        if out.get("position_embeddings") is not None:
+            out["position_embeddings"] = tuple(pick(x, -3) for x in out["position_embeddings"])
+        if out.get("position_ids") is not None:
+            out["position_ids"] = pick(out["position_ids"], -2)
+        if isinstance(out.get("attention_mask"), torch.Tensor):
+            out["attention_mask"] = pick(out["attention_mask"], 0)
+        kwargs.append(out)
+    return DecoderCalls(calls.hidden_states[index : index + 1], kwargs)
+
+
+@torch.no_grad()
+def pruned_greedy(model: nn.Module, inputs: dict, visual_mask: torch.Tensor, cut: int, kept_for: Callable, steps: int,
+                  reset: Callable[[nn.Module], None] = lambda model: None, frozen_layers=(),
+                  banned=()) -> torch.Tensor:
+    """Greedy decoding without a cache: each step re-runs the whole batch (prompt and tokens so far), then
+    `pruned_forward` on each sample alone (so samples may keep different numbers of columns), with the visual
+    columns kept at the prompt (``kept_for(i)``: sample ``i``'s ``kept_visual``, ranked once, by the prompt's last
+    token: generated tokens never re-rank). ``reset(model)`` clears state a model keeps between calls;
+    ``frozen_layers``: ShortV layers (reference freeze; generated tokens are text); ``banned``: token ids never
+    chosen (EOS under generate's ``min_new_tokens``). Returns (batch, steps)."""
+    head = model.get_output_embeddings()
+    kept = [kept_for(i) for i in range(len(visual_mask))]
+    tokens = []
+    for _ in range(steps):
+        reset(model)
+        calls = capture_decoder_calls(model, inputs)
+        seq = inputs["input_ids"].shape[1]
+        visual = torch.cat([visual_mask, visual_mask.new_zeros(len(visual_mask), seq - visual_mask.shape[1])], 1)
+        token = []
+        for i in range(len(visual)):
+            out = pruned_forward(model, sample_calls(calls, i), visual[i : i + 1], cut, kept[i], frozen_layers)
+            if callable(kept[i]):  # fix the prompt's choice for the later steps
+                kept[i] = out.columns[visual[i : i + 1].gather(1, out.columns)].view(1, -1)
+            logits = head(out.hidden_states[:, -1])
+            logits[:, list(banned)] = float("-inf")
+            token.append(logits.argmax(dim=-1))
+        tokens.append(torch.cat(token))
+        inputs = extend_inputs(inputs, tokens[-1])
+    return torch.stack(tokens, dim=1)

@@ -23,8 +23,6 @@ from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-#: Pages the README links to that other work in progress adds (checked once they exist).
-PENDING = {"docs/cuda_graphs.md"}
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
@@ -108,8 +106,6 @@ def test_links_lead_to_files():
             if "://" in target:
                 continue
             path = (page.parent / target).resolve()
-            if path.relative_to(REPO).as_posix() in PENDING:
-                continue
             assert path.exists(), f"{page.name} links to {target}, which does not exist"
 
 

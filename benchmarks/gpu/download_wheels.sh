@@ -8,8 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 # transformers: what shortv needs. regex: transformers 5.24 checks regex >= 2025.10.22 at import, and the GPU
-# image's own version is not on record. Everything else transformers and shortv need is on the GPU image in
-# versions they accept (huggingface-hub 1.33, tokenizers 0.23.2, safetensors 0.8, accelerate 1.15, typer, rich).
+# image's own version is not on record. Everything else transformers 5.24 and shortv need is on the GPU image in
+# versions they accept (huggingface-hub 1.33 for >=1.31, tokenizers 0.23.2, safetensors 0.8, numpy, packaging,
+# pyyaml, tqdm, typer, accelerate 1.15, rich, psutil). Not 5.25: it needs huggingface-hub >= 2.4 and kernels 0.19,
+# neither of which the image has, and 5.24 is the oldest release shortv supports, so the GPU check covers it.
 PACKAGES=(transformers==5.24.0 regex==2026.11.19)
 rm -rf wheels
 "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -9,13 +9,22 @@ the paper's N ShortV layers; `shortv.benchmark.shape_shortv_config`), at each ba
 * ``prefill`` cell, eager: `shortv.benchmark.time_prefill`, the prompt forward alone timed with CUDA events,
   median of 10 after 3 warm-up rounds, next to the FLOPs-ideal and the roofline speedups.
 
-Then, in the time left, the same prefill cells through ``torch.compile`` (shape by shape; a cell is skipped when
-the deadline is too close). Every finished, failed or skipped cell is appended to ``OUTDIR/cells.jsonl`` at once,
-so a run stopped by its time limit keeps what it measured.
+Then, in the time left and in the order of `compiled_jobs` (the cells issue #23 sets targets for first), compiled
+cells (a cell is skipped when the deadline is too close):
 
-``--smoke`` runs the same on CPU with miniatures of the shapes (same family and attention layout, hidden size 64,
-4 layers, 1/24 of the visual tokens) and 1-2 repetitions; compile cells are skipped there (inductor compiles for
-minutes on a small CPU).
+* ``prefill_cuda_graphs``: the same prefill, the decoder stack compiled by `shortv.cuda_graphs.compile_decoder`
+  (inductor, ``mode="reduce-overhead"``: CUDA graphs) into a static cache;
+* ``prefill_compiled``: the same prefill through ``torch.compile(model, dynamic=False)`` (no CUDA graphs);
+* ``generate_cuda_graphs``: the ``generate`` cell with the CUDA-graph recipe (stack compiled, one static cache
+  reset before each run): decode tokens/s with CUDA graphs.
+
+Every finished, failed or skipped cell is appended to ``OUTDIR/cells.jsonl`` at once, so a run stopped by its time
+limit keeps what it measured.
+
+``--smoke`` runs the same cells on CPU with miniatures of the shapes (same family and attention layout, hidden
+size 64, 4 layers, 1/24 of the visual tokens) and 1-2 repetitions; its compiled cells use dynamo's ``eager``
+backend (graphs traced, nothing compiled: inductor compiles for minutes on a small CPU), so they check the code
+path, not the speed.
 """
 
 from __future__ import annotations
@@ -53,6 +62,8 @@ from shortv.flops import PAPER_SHAPES, LayerDims, PaperShape
 #: Qwen3-VL-8B runs as soon as its shape (and its family in `shortv.benchmark.shapes.FAMILIES`) is registered.
 GPU_SHAPES = ("llava-1.5-7b", "next-7b", "qwen2-vl-7b", "qwen3-vl-8b")
 CELLS = "cells.jsonl"
+#: Compiled cell kinds, in the order they run for one shape and batch.
+COMPILED_KINDS = ("prefill_cuda_graphs", "prefill_compiled", "generate_cuda_graphs")
 
 
 @dataclass(frozen=True)
@@ -64,14 +75,37 @@ class Settings:
     generate_warmup: int = 1
     prefill_repeats: int = 10
     prefill_warmup: int = 3
-    #: Seconds kept free for a compile cell before its first one has been timed.
+    #: Seconds kept free for a compile cell before its first one has been timed (generate: it compiles a prefill
+    #: and a decode graph per variant).
     compile_reserve_s: float = 90.0
+    generate_compile_reserve_s: float = 150.0
+    #: Warm-up runs of a generate cell with CUDA graphs: the first compiles, the second records the prefill graph.
+    cuda_graph_generate_warmup: int = 2
+    #: torch.compile backend of the compiled cells ("eager" in --smoke: dynamo traces, nothing is compiled).
+    compile_backend: str = "inductor"
+    #: Run only the first this many compiled cells of `compiled_jobs` (None: all, as the deadline allows).
+    compiled_jobs_limit: int | None = None
     rates: dict[str, Any] = field(default_factory=lambda: {"gemm_size": 8192, "copy_bytes": 2**30, "min_run_time": 1.0})
 
 
 SMOKE = Settings(batches=(1, 2), text_tokens=8, new_tokens=3, generate_repeats=1, generate_warmup=0,
-                 prefill_repeats=2, prefill_warmup=1,
+                 prefill_repeats=2, prefill_warmup=1, cuda_graph_generate_warmup=1, compile_backend="eager",
+                 # the cells every GPU run starts with: each kind once, the CUDA-graph prefill of every shape
+                 compiled_jobs_limit=len(COMPILED_KINDS) + len(GPU_SHAPES) - 1,
                  rates={"gemm_size": 256, "copy_bytes": 2**24, "min_run_time": 0.05})
+
+
+def compiled_jobs(shapes: list[str], batches: tuple[int, ...]) -> list[tuple[str, int, str]]:
+    """``(shape, batch, kind)`` of every compiled cell, most wanted first: the first shape at the first batch (issue
+    #23's compiled and CUDA-graph targets are for LLaVA-1.5-7B at batch 1), the CUDA-graph prefill of the other
+    shapes at that batch, then the rest shape by shape (consecutive cells of one shape share its model)."""
+    if not shapes or not batches:
+        return []
+    jobs = [(shapes[0], batches[0], kind) for kind in COMPILED_KINDS]
+    jobs += [(shape, batches[0], "prefill_cuda_graphs") for shape in shapes[1:]]
+    jobs += [(shape, batch, kind) for shape in shapes for batch in batches for kind in COMPILED_KINDS
+             if (shape, batch, kind) not in jobs]
+    return jobs
 
 
 class Cells:
@@ -110,10 +144,14 @@ class Cells:
 
 
 def prefill_cell(model: torch.nn.Module, inputs: BenchInputs, config: ShortVConfig, rates: DeviceRates,
-                 settings: Settings, compiled: bool) -> dict[str, Any]:
+                 settings: Settings, mode: str = "eager") -> dict[str, Any]:
+    """``mode``: "eager", "compiled" (``torch.compile(model)``) or "cuda_graphs" (`shortv.cuda_graphs` recipe)."""
+    backend = {"backend": settings.compile_backend}
+    options = {"compiled": {**backend, "dynamic": False}, "cuda_graphs": backend}.get(mode)
+    skips = cudagraph_skips()
     timing = time_prefill(
-        model, inputs, config, repeats=settings.prefill_repeats, warmup=settings.prefill_warmup, compile=compiled,
-        compile_options={"dynamic": False} if compiled else None,
+        model, inputs, config, repeats=settings.prefill_repeats, warmup=settings.prefill_warmup,
+        compile=mode == "compiled", cuda_graphs=mode == "cuda_graphs", compile_options=options,
         progress=lambda message: print(f"   {message}", flush=True),
     )
     dims, counts, layers = LayerDims.from_config(model.config), inputs.token_counts(), config.layers
@@ -131,7 +169,15 @@ def prefill_cell(model: torch.nn.Module, inputs: BenchInputs, config: ShortVConf
         "text_tokens": [t for t, _ in counts],
         "visual_tokens": [v for _, v in counts],
         "shortv_layers": list(layers),
+        "cudagraph_skips": cudagraph_skips() - skips,
     }
+
+
+def cudagraph_skips() -> int:
+    """How many graphs inductor has compiled without the CUDA graph asked for (its log says why)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def measure(out: Path, device: torch.device, smoke: bool, deadline: float, shape_names: list[str],
@@ -151,51 +197,79 @@ def measure(out: Path, device: torch.device, smoke: bool, deadline: float, shape
     print(f"device rates: {rates.flops_per_s / 1e12:.3g} TFLOP/s bf16 GEMM, {rates.bytes_per_s / 1e12:.3g} TB/s",
           flush=True)
 
-    def run_shape(name: str, shape: PaperShape, compiled: bool) -> None:
+    def generate_cell(model, inputs, config, note, name, cuda_graphs=False) -> dict[str, Any]:
+        warmup = settings.cuda_graph_generate_warmup if cuda_graphs else settings.generate_warmup
+        skips = cudagraph_skips()
+        result = benchmark(
+            model, inputs, config, new_tokens=settings.new_tokens, repeats=settings.generate_repeats, warmup=warmup,
+            name=name, source="shape", layer_selection=note, cuda_graphs=cuda_graphs,
+            compile_options={"backend": settings.compile_backend} if cuda_graphs else None,
+        )
+        return {"result": result.to_dict(), "cudagraph_skips": cudagraph_skips() - skips}
+
+    def shape_model(name: str, shape: PaperShape) -> tuple[torch.nn.Module, ShortVConfig, str]:
         config, note = (shape_shortv_config(name, num_layers=shape.dims.num_layers, proportional=True) if smoke
                         else shape_shortv_config(name))
-        model = build_shape_model(shape, dtype=torch.bfloat16, device=device)
-        try:
-            for batch in settings.batches:
-                inputs = causal_lm_inputs(batch, settings.text_tokens, shape.visual_tokens, shape.dims.vocab_size)
-                label = {"shape": name, "batch": batch}
-                if compiled:
-                    cells.attempt("prefill_compiled", label,
-                                  lambda: prefill_cell(model, inputs, config, rates, settings, compiled=True),
-                                  reserve_s=settings.compile_reserve_s, deadline=deadline)
-                    continue
-                if generate_cells:
-                    cells.attempt("generate", label, lambda: {"result": benchmark(
-                        model, inputs, config, new_tokens=settings.new_tokens, repeats=settings.generate_repeats,
-                        warmup=settings.generate_warmup, name=name, source="shape", layer_selection=note,
-                    ).to_dict()}, reserve_s=5.0, deadline=deadline)
-                cells.attempt("prefill", label, lambda: prefill_cell(model, inputs, config, rates, settings, False),
-                              reserve_s=5.0, deadline=deadline)
-        finally:
-            del model
-            gc.collect()
-            torch._dynamo.reset()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        return build_shape_model(shape, dtype=torch.bfloat16, device=device), config, note
+
+    def release() -> None:
+        """Free the model the caller dropped its references to (and dynamo's, which hold it too)."""
+        gc.collect()
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def inputs_for(shape: PaperShape, batch: int) -> BenchInputs:
+        return causal_lm_inputs(batch, settings.text_tokens, shape.visual_tokens, shape.dims.vocab_size)
 
     for name, shape in shapes.items():  # every eager cell first: they matter most and take the least time
-        run_shape(name, shape, compiled=False)
-    if compile_cells and smoke:
-        cells.write("skipped", cell="prefill_compiled", reason="--smoke: inductor compiles for minutes on a CPU")
-    elif compile_cells:
-        for name, shape in shapes.items():
-            run_shape(name, shape, compiled=True)
+        model, config, note = shape_model(name, shape)
+        try:
+            for batch in settings.batches:
+                inputs, label = inputs_for(shape, batch), {"shape": name, "batch": batch}
+                if generate_cells:
+                    cells.attempt("generate", label, lambda: generate_cell(model, inputs, config, note, name),
+                                  reserve_s=5.0, deadline=deadline)
+                cells.attempt("prefill", label, lambda: prefill_cell(model, inputs, config, rates, settings),
+                              reserve_s=5.0, deadline=deadline)
+        finally:
+            model = None
+            release()
+
+    if compile_cells:
+        current: tuple[str, torch.nn.Module, ShortVConfig, str] | None = None
+        for name, batch, kind in compiled_jobs(list(shapes), settings.batches)[:settings.compiled_jobs_limit]:
+            if kind == "generate_cuda_graphs" and not generate_cells:
+                continue
+            if current is None or current[0] != name:
+                current = model = None
+                release()
+                current = (name, *shape_model(name, shapes[name]))
+            _, model, config, note = current
+            inputs, label = inputs_for(shapes[name], batch), {"shape": name, "batch": batch}
+            if kind == "generate_cuda_graphs":
+                work = lambda: generate_cell(model, inputs, config, note, name, cuda_graphs=True)  # noqa: E731
+                reserve = settings.generate_compile_reserve_s
+            else:
+                mode = "cuda_graphs" if kind == "prefill_cuda_graphs" else "compiled"
+                work = lambda: prefill_cell(model, inputs, config, rates, settings, mode)  # noqa: E731
+                reserve = settings.compile_reserve_s
+            cells.attempt(kind, label, work, reserve_s=reserve, deadline=deadline)
+            torch._dynamo.reset()  # each cell compiles afresh: its compile time is its own
+        current = model = None
+        release()
     cells.write("done", wall_s=time.time() - started)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="output folder (cells.jsonl is appended to)")
-    parser.add_argument("--smoke", action="store_true", help="CPU, miniature shapes, 1-2 repetitions, no compile")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, miniature shapes, 1-2 repetitions, compiled cells traced but not compiled")
     parser.add_argument("--device", default=None, help="default: cuda, or cpu with --smoke")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="Unix time by which to stop starting cells")
     parser.add_argument("--shapes", nargs="+", default=list(GPU_SHAPES))
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile cells")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled and CUDA-graph cells")
     parser.add_argument("--no-generate", action="store_true", help="skip the generate cells (prefill cells only)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default: 1 8)")
     parser.add_argument("--threads", type=int, default=None,

@@ -1,6 +1,7 @@
 """The GPU check's report: ``OUTDIR/cells.jsonl`` (``measure.py``) and ``OUTDIR/parity.txt`` (pytest) become
 ``OUTDIR/results.json`` (format ``shortv-gpu-check``, version 1: the setup, the device rates, the parity summary and
-every cell as measured) and ``OUTDIR/report.md`` (tables). Runs also when the measurement was cut off."""
+every cell as measured) and ``OUTDIR/report.md`` (tables, each number beside the target issue #23 sets for it,
+met or not met). Runs also when the measurement was cut off."""
 
 from __future__ import annotations
 
@@ -50,19 +51,64 @@ def _tokens(cell: dict[str, Any]) -> str:
     return f"{cell['batch']} x ({cell['visual_tokens'][0]} + {cell['text_tokens'][0]})"
 
 
+#: Issue #23's targets. Prefill at batch 1: eager ShortV never slower; LLaVA-1.5-7B compiled and with CUDA graphs
+#: at least these speedups. Batched prefill (batch 8 on the GPU; the --smoke batch 2 checks the code) at least this
+#: fraction of the roofline speedup, in every mode. Decode tokens/s at least this fraction of the baseline's.
+EAGER_B1_SPEEDUP = 1.0
+LLAVA_B1_SPEEDUP = {"compile": 1.45, "CUDA graphs": 1.55}
+TARGET_SHAPE = "llava-1.5-7b"
+BATCHED_OF_ROOFLINE = 0.90
+DECODE_RATIO = 0.97
+
+
+PREFILL_HEADING = "## Prefill (the prompt forward alone, CUDA events; ms, median [min-max] after warm-up)"
+
+
+def _verdict(label: str, met: bool) -> str:
+    return f"{label}: {'met' if met else '**not met**'}"
+
+
+def _skipped(cell: dict[str, Any]) -> str:
+    """A CUDA-graph cell whose graphs inductor compiled without CUDA graphs says so (log.txt says why)."""
+    skips = cell.get("cudagraph_skips") or 0
+    return f" ({skips} graphs without CUDA graph)" if skips else ""
+
+
+def prefill_mode(cell: dict[str, Any]) -> str:
+    timing = cell["timing"]
+    return "CUDA graphs" if timing.get("cuda_graphs") else "compile" if timing["compiled"] else "eager"
+
+
+def prefill_target(cell: dict[str, Any]) -> str:
+    """The issue's target for this prefill cell, and whether it is met ("" where the issue sets none)."""
+    mode, speedup = prefill_mode(cell), cell["timing"]["speedup"]
+    if cell["batch"] > 1:
+        return _verdict(f">= {BATCHED_OF_ROOFLINE:.0%} of roofline", cell["realized_of_roofline"] >= BATCHED_OF_ROOFLINE)
+    if mode == "eager":
+        return _verdict(f">= {EAGER_B1_SPEEDUP:.2f}x", speedup >= EAGER_B1_SPEEDUP)
+    if cell["shape"] == TARGET_SHAPE:
+        return _verdict(f">= {LLAVA_B1_SPEEDUP[mode]:.2f}x", speedup >= LLAVA_B1_SPEEDUP[mode])
+    return ""
+
+
+def decode_target(cell: dict[str, Any]) -> str:
+    ratio = cell["result"]["decode_ratio"]
+    return "" if ratio is None else _verdict(f">= {DECODE_RATIO:.2f}x", ratio >= DECODE_RATIO)
+
+
 def prefill_rows(cells: list[dict[str, Any]]) -> list[str]:
     rows = []
     for cell in cells:
-        if cell["kind"] not in ("prefill", "prefill_compiled"):
+        if cell["kind"] not in ("prefill", "prefill_compiled", "prefill_cuda_graphs"):
             continue
         timing = cell["timing"]
-        mode = "compile" if timing["compiled"] else "eager"
+        mode = prefill_mode(cell) + _skipped(cell)
         compile_s = "" if not timing.get("compile_s") else " / ".join(f"{s:.0f}" for s in timing["compile_s"].values())
         rows.append(
             f"| {cell['shape']} | {_tokens(cell)} | {mode} | {_ms(timing['baseline_s'])} | {_ms(timing['shortv_s'])} "
             f"| **{timing['speedup']:.2f}x** | {cell['flops_ideal']:.2f}x | {cell['roofline_ideal']:.2f}x "
             f"| {cell['realized_of_flops_ideal']:.0%} | {cell['realized_of_roofline']:.0%} "
-            f"| {cell['roofline_seconds']['baseline'] * 1e3:.2f} | {compile_s} |"
+            f"| {cell['roofline_seconds']['baseline'] * 1e3:.2f} | {compile_s} | {prefill_target(cell)} |"
         )
     return rows
 
@@ -70,18 +116,20 @@ def prefill_rows(cells: list[dict[str, Any]]) -> list[str]:
 def generate_rows(cells: list[dict[str, Any]]) -> list[str]:
     rows = []
     for cell in cells:
-        if cell["kind"] != "generate":
+        if cell["kind"] not in ("generate", "generate_cuda_graphs"):
             continue
         result = cell["result"]
         base, short = result["baseline"], result["shortv"]
         decode = result["decode_ratio"]
+        mode = ("CUDA graphs" if cell["kind"] == "generate_cuda_graphs" else "eager") + _skipped(cell)
         rows.append(
-            f"| {cell['shape']} | {cell['batch']} | {_ms(base['ttft_s'])} | {_ms(short['ttft_s'])} "
+            f"| {cell['shape']} | {cell['batch']} | {mode} | {_ms(base['ttft_s'])} | {_ms(short['ttft_s'])} "
             f"| {result['prefill_speedup']:.2f}x "
             f"| {(base['decode_tokens_per_s'] or {}).get('median', float('nan')):.1f} / "
             f"{(short['decode_tokens_per_s'] or {}).get('median', float('nan')):.1f} "
             f"| {'n/a' if decode is None else f'{decode:.3f}x'} "
-            f"| {_gib(base['peak_memory_total_bytes'])} / {_gib(short['peak_memory_total_bytes'])} |"
+            f"| {_gib(base['peak_memory_total_bytes'])} / {_gib(short['peak_memory_total_bytes'])} "
+            f"| {decode_target(cell)} |"
         )
     return rows
 
@@ -105,24 +153,31 @@ def markdown(cells: list[dict[str, Any]], parity: str) -> str:
         f"- measurement: {'finished' if done else 'cut off by the time limit (cells below are what finished)'}"
         + (f" in {done['wall_s']:.0f} s" if done else ""),
         "",
-        "## Prefill (the prompt forward alone, CUDA events; ms, median [min-max] after warm-up)",
+        PREFILL_HEADING,
         "",
         "*Roofline*: each projection costs max(FLOPs / measured GEMM rate, weight bytes / measured bandwidth), "
         "attention its FLOPs; *base roofline ms* is the dense prefill on that roofline. *compile s*: first call of "
-        "baseline / ShortV.",
+        "baseline / ShortV. *compile*: `torch.compile(model, dynamic=False)`; *CUDA graphs*: the decoder stack "
+        "compiled by `shortv.cuda_graphs.compile_decoder` (mode reduce-overhead) into a static cache. *target*: "
+        "issue #23's.",
         "",
         "| shape | tokens | mode | baseline ms | ShortV ms | speedup | FLOPs-ideal | roofline | of FLOPs-ideal "
-        "| of roofline | base roofline ms | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| of roofline | base roofline ms | compile s | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *prefill_rows(cells),
         "",
         "## Generate (greedy, KV cache: TTFT in ms, decode tokens/s, peak torch.cuda.max_memory_allocated in GiB)",
         "",
-        "| shape | batch | TTFT baseline | TTFT ShortV | TTFT speedup | decode tok/s baseline / ShortV | decode ratio "
-        "| peak GiB baseline / ShortV |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape | batch | mode | TTFT baseline | TTFT ShortV | TTFT speedup | decode tok/s baseline / ShortV "
+        "| decode ratio | peak GiB baseline / ShortV | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *generate_rows(cells),
     ]
+    verdicts = [target for target in [prefill_target(cell) for cell in cells if cell["kind"].startswith("prefill")]
+                + [decode_target(cell) for cell in cells if cell["kind"].startswith("generate")] if target]
+    met = sum(verdict.endswith(": met") for verdict in verdicts)
+    lines.insert(lines.index(PREFILL_HEADING) - 1,
+                 f"- issue #23's targets: {met} of {len(verdicts)} measured cells meet theirs (column *target*)")
     problems = [cell for cell in cells if cell["kind"] in ("error", "skipped")]
     if problems:
         lines += ["", "## Skipped and failed cells", ""]

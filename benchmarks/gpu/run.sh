@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check in one command: parity tests on CUDA, then prefill/decode/memory of baseline vs ShortV at the paper
-# shapes, eager and torch.compile, beside the FLOPs-ideal and roofline speedups. See benchmarks/gpu/README.md.
+# The GPU check in one command: parity tests on CUDA (and the CUDA-graph recipe), then prefill/decode/memory of
+# baseline vs ShortV at the paper shapes, eager, CUDA graphs and torch.compile, beside the FLOPs-ideal and roofline
+# speedups and issue #23's targets. See benchmarks/gpu/README.md.
 #
-#   bash benchmarks/gpu/run.sh OUTDIR            # on a machine with a CUDA GPU (6 minutes on an H200)
+#   bash benchmarks/gpu/run.sh OUTDIR            # on a machine with a CUDA GPU (8 minutes on an H200)
 #   bash benchmarks/gpu/run.sh OUTDIR --smoke    # anywhere, on CPU, with miniature shapes (CI runs this)
 #
 # Writes into OUTDIR: log.txt, env.txt, parity.txt, parity.xml, cells.jsonl, results.json, report.md.
@@ -31,12 +32,16 @@ main() {
     started=$(date +%s)
     deadline=$((started + BUDGET_S))
     export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+    # The CUDA-graph recipe as a user runs it (inductor, reduce-overhead): on CUDA it also checks that no graph
+    # skipped its CUDA graph.
+    local cuda_graphs_test=tests/test_compile.py::test_cuda_graph_recipe_with_inductor_reduce_overhead_equals_eager
     if [[ -n $SMOKE ]]; then
         device=cpu
-        parity_args=("tests/test_parity.py::test_fast_matches_reference_and_changes_text_logits[llava]")
+        parity_args=("tests/test_parity.py::test_fast_matches_reference_and_changes_text_logits[llava]" \
+            "$cuda_graphs_test")
     else
         device=cuda
-        parity_args=(tests/test_parity.py)
+        parity_args=(tests/test_parity.py "$cuda_graphs_test")
         # The GPU machine's transformers is older than shortv supports: install the wheels fetched beforehand
         # by download_wheels.sh (they shadow the installed packages through PYTHONPATH; torch is left alone).
         if compgen -G "$WHEELS/*.whl" >/dev/null; then

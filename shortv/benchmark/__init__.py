@@ -9,7 +9,7 @@ speedup to expect. One job per module, in the order data flows:
 ``memory``      `PeakMemory`: the CUDA allocator's peak, or the process's resident-set peak on CPU
 ``machine``     `machine_info`: where the numbers were taken
 ``timing``      the harness: interleaved baseline/ShortV ``generate`` runs, timed per step -> `BenchResult`
-``prefill``     interleaved prefill forwards alone, eager or ``torch.compile``\\ d -> `PrefillTiming`
+``prefill``     interleaved prefill forwards alone: eager, ``torch.compile``\\ d or CUDA graphs -> `PrefillTiming`
 ``ideal``       FLOPs-ideal and roofline speedups; ``rates`` measures a device's GEMM rate and bandwidth
 ``results``     `Stats`, `VariantMetrics`, `BenchResult` and their JSON
 ``report``      a result as terminal rows and markdown

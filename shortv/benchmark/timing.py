@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..config import ShortVConfig
+from ..cuda_graphs import compile_decoder, static_cache, uncompile_decoder
 from ..flops import LayerDims
 from ..patch import apply_shortv, disable_shortv, get_shortv_state, remove_shortv, using_visual_mask
 from .devices import Clock, dtype_name, model_device, model_dtype, torch_threads
@@ -133,9 +134,14 @@ class _Run:
         return f"TTFT {self.ttft_s:.3f}s, e2e {self.e2e_s:.3f}s"
 
 
-def _run_once(model: nn.Module, inputs: BenchInputs, new_tokens: int, device: torch.device) -> _Run:
+def _run_once(model: nn.Module, inputs: BenchInputs, new_tokens: int, device: torch.device, cache=None) -> _Run:
+    """One timed ``generate`` call; with ``cache`` (a static cache, reset first) instead of a fresh one."""
     from transformers import LogitsProcessorList
 
+    extra = {}
+    if cache is not None:
+        cache.reset()
+        extra["cache"] = cache
     clock = Clock(device)
     kwargs = dict(
         inputs.kwargs,
@@ -146,6 +152,7 @@ def _run_once(model: nn.Module, inputs: BenchInputs, new_tokens: int, device: to
         use_cache=True,
         pad_token_id=pad_token_id(model),
         logits_processor=LogitsProcessorList([_StepClock(clock)]),
+        **extra,
     )
     meter = PeakMemory(device)
     meter.start()
@@ -191,32 +198,50 @@ def benchmark(
     notes: Sequence[str] = (),
     threads: int | None = None,
     progress: Progress | None = None,
+    cuda_graphs: bool = False,
+    compile_options: dict | None = None,
 ) -> BenchResult:
     """Baseline vs ShortV on ``model`` (already on its device and in its dtype) with ready ``inputs``.
 
     ShortV is applied for the duration of the call and the model's previous ShortV state restored afterwards.
-    ``threads`` sets torch's intra-op CPU threads for the call (default: leave as is).
+    ``threads`` sets torch's intra-op CPU threads for the call (default: leave as is). With ``cuda_graphs``, every
+    ``generate`` runs the recipe of `shortv.cuda_graphs`: the decoder stack compiled by ``compile_decoder(model,
+    **compile_options)`` and one static cache for prompt and new tokens, reset before each run (``warmup`` must
+    then be at least 1: the first runs compile).
     """
     if not isinstance(config, ShortVConfig):
         config = ShortVConfig(layers=list(config))
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    if cuda_graphs and warmup < 1:
+        raise ValueError("generate with CUDA graphs needs warmup >= 1: the first run of each variant compiles")
     with torch_threads(threads):
         load_before = machine_info().get("load_average")
         device = model_device(model)
         inputs = inputs.to(device, model_dtype(model))
         model.eval()
 
+        cache = None
+        if cuda_graphs:
+            compile_decoder(model, **(compile_options or {}))
+            cache = static_cache(model, inputs.batch_size, int(inputs.visual_mask.shape[1]) + new_tokens)
+
         def run(variant: str) -> _Run:
             with variant_context(model, inputs, variant):
-                return _run_once(model, inputs, new_tokens, device)
+                return _run_once(model, inputs, new_tokens, device, cache)
 
-        with shortv_applied(model, config):
-            runs = interleaved(run, repeats, warmup, _Run.describe, progress)
+        try:
+            with shortv_applied(model, config):
+                runs = interleaved(run, repeats, warmup, _Run.describe, progress)
+        finally:
+            if cuda_graphs:
+                uncompile_decoder(model)
         machine = {**machine_info(device), "load_average_before": load_before}
 
     counts = inputs.token_counts()
     notes = list(notes)
+    if cuda_graphs:
+        notes.append(f"CUDA graphs: decoder stack compiled ({compile_options or 'mode=reduce-overhead'}), static cache")
     if not config.frozen_operators:
         notes.append("no ShortV layers: both variants compute the same thing")
     if config.operator_level:

@@ -147,7 +147,9 @@ def text_query_mask(
 
     def build() -> torch.Tensor:
         if attention_mask is None:
-            query_index = (positions if past_length == 0 else positions + past_length).unsqueeze(-1)
+            # A static cache's length is a tensor: added without a branch on its value (no graph break, no sync).
+            offset = isinstance(past_length, torch.Tensor) or past_length != 0
+            query_index = (positions + past_length if offset else positions).unsqueeze(-1)
             allowed = torch.arange(kv_length, device=positions.device) <= query_index
             allowed = allowed.unsqueeze(1) if shared is None else allowed[None, None]  # (batch or 1, 1, width, kv)
             if implementation == "sdpa":
@@ -241,6 +243,8 @@ def _keys_values(
     keys = apply_rope_table(keys.transpose(1, 2), rope)
     values = values.transpose(1, 2)
     past_length = cache.get_seq_length(attention.layer_idx) if cache is not None else 0
+    if isinstance(past_length, torch.Tensor):  # a static cache's counter: the update below advances it in place
+        past_length = past_length.clone()
     if cache is not None:
         keys, values = cache.update(keys, values, attention.layer_idx, kwargs=kwargs)
     if anatomy.kv_sharing and attention.store_full_length_kv:

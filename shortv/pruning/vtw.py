@@ -1,0 +1,53 @@
+"""VTW's own choice of K: the first layer from which withdrawing every visual token barely moves the output.
+
+For each candidate ``K = 1, 2, ...`` the model runs each calibration input with VTW at ``K`` and without it, and
+the divergence of the next-token distributions at the last position is averaged over the inputs; the first ``K``
+whose mean is below ``threshold`` is chosen. The divergence is shortv's layer-contribution KL,
+``KL(P_withdrawn || P_original)`` (`shortv.contribution.divergence_between`). The returned config records the rule,
+the threshold and every mean it computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..contribution import divergence_between
+from ..registry import find_decoder_layers
+from .config import TokenPruningConfig
+from .fastv import apply_vtw, get_pruning_state, remove_token_pruning
+
+
+def _last_log_probs(model: nn.Module, inputs: dict) -> torch.Tensor:
+    return model(**inputs, use_cache=False).logits[:, -1].float().log_softmax(dim=-1)
+
+
+@torch.no_grad()
+def choose_vtw_layer(model: nn.Module, inputs: Iterable[dict], threshold: float) -> TokenPruningConfig:
+    """The VTW config at the first K whose mean KL over ``inputs`` (each a ``model(**x)`` batch) is < ``threshold``.
+
+    Raises when no K in ``1..layers-1`` qualifies (the message lists the means)."""
+    if get_pruning_state(model) is not None:
+        raise ValueError("choose_vtw_layer needs a model without FastV/VTW applied; remove_token_pruning(model)")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        raise ValueError(f"the KL threshold must be a positive number, got {threshold!r}")
+    batches = list(inputs)
+    if not batches:
+        raise ValueError("choose_vtw_layer needs at least one calibration input")
+    original = [_last_log_probs(model, batch) for batch in batches]
+    means: list[float] = []
+    for k in range(1, len(find_decoder_layers(model))):
+        apply_vtw(model, k)
+        try:
+            values = [divergence_between(_last_log_probs(model, batch), log_original, "kl")
+                      for batch, log_original in zip(batches, original)]
+        finally:
+            remove_token_pruning(model)
+        means.append(float(torch.cat(values).mean()))
+        if means[-1] < threshold:
+            provenance = {"rule": "vtw_kl", "threshold": float(threshold), "kl": means, "samples": len(batches)}
+            return TokenPruningConfig("vtw", k, provenance=provenance)
+    listed = ", ".join(f"K={k}: {value:.4g}" for k, value in enumerate(means, start=1))
+    raise ValueError(f"no K withdraws the visual tokens with a mean KL below {threshold}: {listed}")
