@@ -53,21 +53,23 @@ class FastLayer:
                     f"supports {', '.join(self.kinds)}; mode='reference' works with any layer")
         return fast.module.unsupported_reason(layer, fast.anatomy)
 
-    def fast_frozen_forward(
-        self, layer: nn.Module, layout: TokenLayout, hidden_states: torch.Tensor, **layer_kwargs: Any
-    ) -> torch.Tensor:
+    def _runnable(self, layer: nn.Module) -> FastLayer:
         fast = self._for(layer)
         if fast is None:
             raise RuntimeError(self.unsupported_reason(layer))
+        return fast
+
+    def fast_frozen_forward(
+        self, layer: nn.Module, layout: TokenLayout, hidden_states: torch.Tensor, **layer_kwargs: Any
+    ) -> torch.Tensor:
+        fast = self._runnable(layer)
         return fast.module.fast_frozen_forward(layer, fast.anatomy, layout, hidden_states, **layer_kwargs)
 
     def fast_attention_frozen_forward(
         self, layer: nn.Module, layout: TokenLayout, hidden_states: torch.Tensor, **layer_kwargs: Any
     ) -> torch.Tensor:
         """Operator-level: visual rows skip only the attention update (`shortv.frozen.operators`)."""
-        fast = self._for(layer)
-        if fast is None:
-            raise RuntimeError(self.unsupported_reason(layer))
+        fast = self._runnable(layer)
         return fast.module.fast_attention_frozen_forward(layer, fast.anatomy, layout, hidden_states, **layer_kwargs)
 
     def __repr__(self) -> str:
