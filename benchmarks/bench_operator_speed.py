@@ -68,8 +68,8 @@ def main() -> None:
         f"--threads {args.threads} --dtype {args.dtype} --device {args.device}`. {machine_line()}",
         "",
         f"First {args.layers} decoder layers of each shape, {args.text_tokens} text + the shape's visual tokens, "
-        f"batch 1, {args.dtype}, {args.repeats} interleaved repeats; prefill speedup = per-pair median (min-max); FLOPs-ideal "
-        "with the exact count (decoder prefix + LM head for one position).",
+        f"batch 1, {args.dtype}, {args.repeats} interleaved repeats; prefill speedup = per-pair median (min-max); "
+        "FLOPs-ideal with the exact count (decoder prefix + LM head for one position).",
         "",
         "| shape | selection | FLOPs | prefill speedup | FLOPs-ideal | realized |",
         "|---|---|---|---|---|---|",
