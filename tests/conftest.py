@@ -21,6 +21,9 @@ import pytest
 import torch
 
 DEVICE_ENV = "SHORTV_TEST_DEVICE"
+# No test reaches a model hub (tiny models are built from configs); offline, a stray hub lookup fails at once instead
+# of retrying for ~20 s. Set before any test module imports huggingface_hub, which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +75,11 @@ def tiny_lmms_eval(monkeypatch):
         import shortv.integrations.lmms_eval as integration
         from shortv.loading import ModelSource
 
-        source = ModelSource(f"tiny-{name}", f"tiny-{name}", model.config)
+        from shortv.fingerprint import fingerprint_model
+
+        # The weights' identity from memory: the made-up hub id would otherwise send the fingerprint to the hub
+        # (unreachable here: ~23 s of retries per model).
+        source = ModelSource(f"tiny-{name}", f"tiny-{name}", model.config, _fingerprint=fingerprint_model(model))
         monkeypatch.setattr(integration, "resolve_model", lambda *args, **kwargs: source)
         monkeypatch.setattr(integration, "load_model", lambda *args, **kwargs: (model, processor, f"tiny-{name}"))
         return getattr(integration, class_name)(pretrained=f"tiny-{name}", device="cpu", **model_args)
