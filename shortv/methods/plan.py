@@ -72,7 +72,7 @@ def plan_runs(
     ratio: float | None = None,
     rank: str | None = None,
 ) -> list[MethodRun]:
-    """The runs of ``specs`` (``--method``) and ``configs`` (each one method; config objects or layer lists), in that
+    """The runs of ``configs`` (each one method; config objects or layer lists) and ``specs`` (``--method``), in that
     order, identical ones once.
 
     ``shortv``: the ShortV layers of ``--lc --n`` (None: none given); when it is None and exactly one of ``configs``
@@ -88,9 +88,10 @@ def plan_runs(
     for key in defaults:
         if not any(key in method.parameters for method, _ in parsed):
             takers = [name for name, method in METHODS.items() if key in method.parameters]
-            named = ", ".join(method.name for method, _ in parsed) or "a --config file"
-            raise ValueError(f"--{key} applies to {' / '.join(takers)}; {named} takes no {key}")
-    runs: list[tuple[Method, Any]] = []
+            named = ", ".join(method.name for method, _ in parsed)
+            raise ValueError(f"--{key} applies to {' / '.join(takers)}; "
+                             + (f"{named} takes no {key}" if named else "give --method"))
+    runs: list[tuple[Method, Any]] = [(method_of(config), config) for config in configs]
     for spec, (method, values) in zip(specs, parsed):
         parameters = {key: value for key, value in defaults.items() if key in method.parameters}
         parameters.update({key: value for key, value in values.items() if key != "n"})
@@ -110,7 +111,6 @@ def plan_runs(
             runs.append((method, method.build(**parameters)))
         except (TypeError, ValueError) as error:
             raise ValueError(f"--method {spec!r}: {error}") from None
-    runs += [(method_of(config), config) for config in configs]
     if not runs:
         raise ValueError("give --config FILE, --lc FILE with --n N, or --method")
     return _keyed(runs)
