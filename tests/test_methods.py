@@ -259,6 +259,8 @@ def test_bench_shape_mode_with_fastv_at_a_two_layer_prefix(monkeypatch, tmp_path
     both = bench_shape("qwen2-vl-7b", num_layers=2, method="shortv+fastv", k=1, proportional=True, visual_tokens=12,
                        text_tokens=4, dtype="fp32", new_tokens=2, repeats=1, warmup=0)
     assert both.method["method"] == "shortv+fastv" and both.method["layers"] == both.shortv_layers
+    with pytest.raises(ValueError, match="fastv takes no ShortV layers, but a ShortV config was given"):
+        bench_shape("llava-1.5-7b", num_layers=2, config=ShortVConfig([1]), method="fastv", k=1)
     result = runner.invoke(app, ["bench", "--shape", "llava-1.5-7b", "--layers", "2", "--method", "fastv"])
     assert "K (the first pruned layer) must be in 1..1 for a model of 2 decoder layers, got 2" in single_error_line(
         result)

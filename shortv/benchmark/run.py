@@ -54,11 +54,12 @@ def bench_shape(
     of `shape_shortv_config`. ``method`` (with ``k``/``ratio``/``rank``): measure that method instead of ShortV
     (`layers.with_method`); the shape's explicit visual mask serves every method."""
     full = get_shape(name).dims.num_layers
+    given = config is not None
     if config is None:
         config, selection = shape_shortv_config(name, num_layers, n, proportional)
     else:
         selection = given_note(config)
-    config, selection = with_method(config, selection, num_layers or full, method, k, ratio, rank)
+    config, selection = with_method(config, selection, num_layers or full, method, k, ratio, rank, given)
     say = progress or (lambda message: None)
     say(f"building {name} shape model ({num_layers or full} of {full} layers, {dtype_name(resolve_dtype(dtype))})")
     model = shapes.build_shape_model(
@@ -120,8 +121,9 @@ def bench_pretrained(
         visual_tokens = 576 if visual_tokens is None else visual_tokens
         inputs = causal_lm_inputs(batch_size, text_tokens, visual_tokens, vocab)
     model = model.to(torch_device).eval()
+    given = config is not None
     config, selection = choose_config(model, config, n, Path(path))
-    config, selection = with_method(config, selection, source.num_layers, method, k, ratio, rank)
+    config, selection = with_method(config, selection, source.num_layers, method, k, ratio, rank, given)
     return benchmark(
         model, inputs, config, new_tokens=new_tokens, repeats=repeats, warmup=warmup, name=path,
         source="pretrained", layer_selection=selection, threads=threads, progress=progress,
@@ -170,8 +172,10 @@ def bench_embedded(
     model, processor = load_embedded_model()
     model = model.to(device=torch_device, dtype=torch_dtype).eval()
     inputs = multimodal_inputs(model, processor, batch_size, prompt)
+    given = config is not None
     config, selection = choose_config(model, config, n, embedded_model_path())
-    config, selection = with_method(config, selection, len(find_decoder_layers(model)), method, k, ratio, rank)
+    config, selection = with_method(config, selection, len(find_decoder_layers(model)), method, k, ratio, rank,
+                                    given)
     return benchmark(
         model, inputs, config, new_tokens=new_tokens, repeats=repeats, warmup=warmup, name="embedded tiny LLaVA",
         source="embedded", layer_selection=selection, notes=[SMALL_MODEL_CAVEAT], threads=threads, progress=progress,

@@ -68,6 +68,10 @@ class Method:
         """`prefill_flops` over the unpatched model's."""
         return self.prefill_flops(dims, t, v, config, formula) / model_flops(dims, t, v, (), formula)
 
+    def key(self, config: Any) -> str:
+        """The name of a config's row and answers in a run (``fastv``; ShortV tells operator-level apart)."""
+        return self.name
+
     def describe(self, config: Any) -> str:
         """The record as one short line: ``fastv k=2 ratio=0.5 rank=last``."""
         return describe_record(self.record(config))

@@ -117,7 +117,8 @@ def plan_runs(
 
 
 def _keyed(runs: list[tuple[Method, Any]]) -> list[MethodRun]:
-    """Identical records once; keys ``name``, ``name_2``, ... in order."""
+    """Identical records once; keys ``name``, ``name_2``, ... in order (``shortv-operators`` for operator-level
+    ShortV)."""
     result: list[MethodRun] = []
     seen: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
@@ -126,8 +127,9 @@ def _keyed(runs: list[tuple[Method, Any]]) -> list[MethodRun]:
         if record in seen:
             continue
         seen.append(record)
-        counts[method.name] = counts.get(method.name, 0) + 1
-        key = method.name if counts[method.name] == 1 else f"{method.name}_{counts[method.name]}"
+        name = method.key(config)
+        counts[name] = counts.get(name, 0) + 1
+        key = name if counts[name] == 1 else f"{name}_{counts[name]}"
         result.append(MethodRun(key, method, config))
     return result
 

@@ -32,6 +32,9 @@ class ShortV(Method):
     def unpatched(self, model, config: ShortVConfig):  # noqa: ANN001, ANN201 - switched off, not removed
         return disable_shortv(model)
 
+    def key(self, config: ShortVConfig) -> str:
+        return "shortv-operators" if config.operator_level else self.name
+
     def prefill_flops(self, dims: LayerDims, t: int, v: int, config: ShortVConfig, formula: Formula = "exact") -> int:
         return model_flops(dims, t, v, sorted(config.frozen_layers), formula,
                            attention_layers=config.attention_layers, mlp_layers=config.mlp_layers)
