@@ -273,3 +273,18 @@ def test_plan_refuses_a_flag_no_method_takes_and_keeps_one_of_identical_runs() -
     assert [(run.key, run.config.k) for run in runs] == [("fastv", 2), ("fastv_2", 3)]
     with pytest.raises(ValueError, match="--k applies to fastv / vtw / shortv\\+fastv / shortv\\+vtw; give --method"):
         plan_runs([], [SHORTV], k=2)
+
+
+def test_the_baseline_of_each_method_is_the_unpatched_model_bit_exactly(embedded) -> None:
+    model, processor, samples = embedded
+    inputs = batch_inputs(processor, samples[:BATCH])
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        for name, config in CONFIGS.items():
+            method = method_of(config)
+            method.apply(model, config)
+            with method.unpatched(model, config):
+                assert torch.equal(model(**inputs).logits, plain), name
+            assert applied_config(model) == config  # in force again after the block
+            method.remove(model)
+            assert applied_config(model) is None and torch.equal(model(**inputs).logits, plain), name
