@@ -231,7 +231,7 @@ def _unpatched(model: Any) -> Iterator[Any]:
 def _check_runs(model: Any, runs: Sequence[MethodRun]) -> None:
     """Each method applies to this model (family, K, layers: its own checks) before anything is generated."""
     for run in runs:
-        if run.method.name != "shortv" and not visual_token_ids(model):
+        if run.method.needs_visual_ids and not visual_token_ids(model):
             raise ValueError(f"{run.method.name} needs the visual positions: {type(model).__name__} declares no visual "
                              "token ids (a bare LM); use the Python API with visual_mask= (docs/pruning.md)")
         try:

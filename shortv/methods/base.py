@@ -32,6 +32,9 @@ class Method:
     #: The parameters it cannot run without.
     required: ClassVar[tuple[str, ...]] = ()
     config_type: ClassVar[type]
+    #: Whether the harness refuses a model that declares no visual token ids (the method would do nothing there
+    #: without an explicit mask).
+    needs_visual_ids: ClassVar[bool] = False
 
     def build(self, **parameters: Any) -> Any:
         """The config from harness parameters (only those in `parameters`; the caller checked the names)."""

@@ -21,6 +21,7 @@ class TokenPruning(Method):
     kind: ClassVar[str]
     with_shortv: ClassVar[bool] = False
     config_type = TokenPruningConfig
+    needs_visual_ids = True
 
     def build(self, layers: Any = (), k: int | None = None, ratio: float | None = None, rank: str | None = None,
               **_: Any) -> TokenPruningConfig:
