@@ -89,16 +89,18 @@ Threads = Annotated[Optional[int], typer.Option(
 Overwrite = Annotated[bool, typer.Option(help="Replace what --out already holds (refused otherwise).")]
 
 
-def load_config_option(path: Optional[Path]):  # noqa: ANN201 - ShortVConfig, imported lazily
-    """The ShortVConfig from a ``--config`` path, or None."""
+def load_config_option(path: Optional[Path], any_method: bool = False):  # noqa: ANN201 - imported lazily
+    """The ShortVConfig from a ``--config`` path (``any_method``: any method's config, `shortv.methods.load_config`),
+    or None."""
     if path is None:
         return None
     from shortv import ShortVConfig
+    from shortv.methods import load_config
 
     if not path.is_file():
         raise fail(f"config file not found: {path}")
     try:
-        return ShortVConfig.load(path)
+        return load_config(path) if any_method else ShortVConfig.load(path)
     except (ValueError, OSError) as error:
         raise fail(str(error)) from None
 
@@ -109,8 +111,9 @@ def load_config_option(path: Optional[Path]):  # noqa: ANN201 - ShortVConfig, im
 def _print_bench(result) -> None:  # noqa: ANN001 - shortv.benchmark.BenchResult
     from shortv.benchmark import layers_line, speedup_lines, summary_rows
 
-    table = Table(title=f"ShortV benchmark: {result.model}", title_justify="left")
-    for column in ("metric", "baseline", "ShortV", "ShortV vs baseline"):
+    name = "ShortV" if result.method_name == "shortv" else result.method_name
+    table = Table(title=f"{name} benchmark: {result.model}", title_justify="left")
+    for column in ("metric", "baseline", name, f"{name} vs baseline"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for row in summary_rows(result):
         table.add_row(*(escape(cell) for cell in row))
@@ -143,9 +146,15 @@ def bench(
     proportional: Annotated[
         bool, typer.Option(help="Shape mode with --layers: freeze the full model's share of the prefix.")
     ] = False,
-    config: Annotated[
-        Optional[Path], typer.Option(help="shortv_config.json with the ShortV layers (overrides --n).")
-    ] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        help="shortv_config.json with the ShortV layers (overrides --n), or a FastV/VTW config to measure.")] = None,
+    method: Annotated[Optional[str], typer.Option(
+        help="Measure this method instead of ShortV: fastv, vtw, shortv+fastv, shortv+vtw, optionally with "
+        "parameters (fastv:k=2,ratio=0.5); a ShortV part takes the ShortV layers chosen as without it.")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="FastV/VTW: the first pruned layer K.")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="FastV: the fraction R of visual tokens pruned.")] = None,
+    rank: Annotated[Optional[str], typer.Option(help="FastV: rank by the last prompt token (last) or all (mean).")
+                    ] = None,
     visual_tokens: Annotated[Optional[int], typer.Option(
         help="Visual tokens per sample (shape mode: default the shape's own, 576 or 2880; causal LM: 576; a multimodal "
         "checkpoint's processor sets its own).", min=0)] = None,
@@ -163,7 +172,8 @@ def bench(
     quiet: Annotated[bool, typer.Option(help="No per-repetition progress lines.")] = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Time to first token, decode tokens/s, latency and peak memory: baseline vs ShortV on the same model.
+    """Time to first token, decode tokens/s, latency and peak memory: baseline vs ShortV (or --method) on the same
+    model.
 
     Without --model or --shape, benchmarks the embedded tiny LLaVA.
     """
@@ -176,7 +186,7 @@ def bench(
         raise fail(f"model not found: {model} is not a local checkpoint folder (with config.json)")
     if shape is None and (layers is not None or proportional):
         raise fail("--layers and --proportional apply to --shape only")
-    shortv_config = load_config_option(config)
+    shortv_config = load_config_option(config, any_method=True)
     if out is not None:  # checked writable before the run, not after it
         from shortv.files import output_file
 
@@ -193,7 +203,8 @@ def bench(
     progress = None if quiet else (lambda message: console.print(f"[dim]{escape(message)}[/]"))
     common = dict(
         config=shortv_config, n=n, batch_size=batch_size, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
-        dtype=dtype, device=device, threads=pick_threads(threads), progress=progress,
+        dtype=dtype, device=device, threads=pick_threads(threads), progress=progress, method=method, k=k, ratio=ratio,
+        rank=rank,
     )
     try:
         if shape is not None:
@@ -304,7 +315,20 @@ def _print_operators(lc: Any, config: Any, out: Path) -> None:
 def evaluate_command(
     model: Annotated[Optional[str], typer.Option(help="Local folder or hub id (default: the embedded tiny LLaVA).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="VQA JSONL with answers (default: embedded test split).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="shortv_config.json to evaluate.")] = None,
+    config: Annotated[Optional[list[Path]], typer.Option(
+        help="A config file to evaluate, one method each (repeatable): shortv_config.json, "
+        "shortv_operators_config.json, a FastV/VTW config. With --method, a lone ShortV config is also the ShortV "
+        "part of shortv+fastv / shortv+vtw.")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(
+        help="A method to compare (repeatable): shortv, fastv, vtw, shortv+fastv or shortv+vtw, optionally with "
+        "parameters: fastv:k=2,ratio=0.5,rank=last, vtw:k=16, shortv+fastv:n=19 (n: the first N layers of --lc). "
+        "ShortV layers come from --lc/--n or the ShortV --config.")] = None,
+    k: Annotated[Optional[int], typer.Option(
+        "--k", help="FastV/VTW: the first pruned layer K, for the --method specs without k=.")] = None,
+    ratio: Annotated[Optional[float], typer.Option(
+        help="FastV: the fraction R of visual tokens pruned, in [0, 1), for the specs without ratio=.")] = None,
+    rank: Annotated[Optional[str], typer.Option(
+        help="FastV: rank by the last prompt token's attention (last) or the mean over all queries (mean).")] = None,
     n: Annotated[
         Optional[int], typer.Option("--n", "-n", help="With --lc: freeze the first N layers of the order.")
     ] = None,
@@ -324,8 +348,9 @@ def evaluate_command(
         help="Accept a --config/--lc file made on other weights (same layer count), with a warning naming "
         "both.")] = False,
 ) -> None:
-    """Accuracy of the unpatched model vs ShortV on the same samples, side by side.
+    """Accuracy of the unpatched model vs one or several methods on the same samples, side by side.
 
+    One row per method: each --config file, each --method, and ShortV from --lc/--n when no --method is given.
     Under torchrun or accelerate launch, the processes share the samples.
     """
     from shortv.evaluation import evaluate_files
@@ -335,13 +360,14 @@ def evaluate_command(
         summary = evaluate_files(
             model, data=data, config=config, lc=lc, n=n, num_samples=num_samples, batch_size=batch_size,
             max_new_tokens=max_new_tokens, out_dir=out, resume=resume, seed=seed, dtype=dtype, device_map=device_map,
-            trust_remote_code=trust_remote_code, allow_other_model=allow_other_model,
+            trust_remote_code=trust_remote_code, allow_other_model=allow_other_model, methods=method or (), k=k,
+            ratio=ratio, rank=rank,
         )
     except (ValueError, OSError) as error:
         raise fail(str(error)) from error
     if not is_main_process():  # a multi-process run: the main process reports
         return
-    console.print(summary.markdown())
+    typer.echo(summary.markdown())  # plain text: the table survives a pipe
     console.print(f"wrote {out / 'predictions.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}")
 
 

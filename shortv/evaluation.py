@@ -1,10 +1,12 @@
-"""Accuracy of the unpatched model against ShortV on the same VQA samples, with batched greedy generation.
+"""Accuracy of the unpatched model against one or several methods (ShortV, FastV, VTW, ShortV + FastV...: see
+`shortv.methods`) on the same VQA samples, with batched greedy generation.
 
-Both runs use the same model object (ShortV switched off with `disable_shortv` for the baseline), left padding and
-greedy decoding, so the only difference is the frozen layers. Predictions are appended per batch to a JSONL file;
-an interrupted run resumes from it, after checking that it had the same model, layers, samples and generation
-settings (``eval_run.json``). `evaluate_files` is ``shortv eval`` as a library call: paths in, every check before
-the model loads.
+Every run uses the same model object: each batch is answered by the unpatched model, then by each method in turn
+(applied, generated, removed: `remove_*` is bit-exact), with left padding and greedy decoding, so the only
+difference is the method. Predictions are appended per batch to a JSONL file; an interrupted run resumes from it,
+after checking that it had the same model, methods and their parameters, samples and generation settings
+(``eval_run.json``). `evaluate_files` is ``shortv eval`` as a library call: paths in, every check before the model
+loads.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import re
 import string
 import time
 from collections import defaultdict
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +42,9 @@ from .data import (
 )
 from .files import atomic_write_text, exclusive_output
 from .fingerprint import WeightsFingerprint, fingerprint_model
-from .flops import LayerDims, flops_ratio
+from .flops import LayerDims
 from .loading import context_length, inputs_for, load_model, model_id_of, resolve_model
-from .patch import apply_shortv, disable_shortv, get_shortv_state
+from .methods import MethodRun, applied_config, describe_record, load_config, method_of, parse_spec, plan_runs, runs_of
 from .processes import is_main_process, main_holds, on_main, process_device_map, process_index, share
 from .records import append_records, check_fresh, check_weights, merge_shards, shard_path, start_run
 from .registry import find_decoder_layers, visual_token_ids
@@ -136,7 +138,22 @@ class ModelScores:
 
 
 @dataclass
+class MethodSummary:
+    """One method's row: ``key`` names its answers in predictions.jsonl, ``method`` is its record (name and every
+    parameter, `shortv.methods.Method.record`)."""
+
+    key: str
+    method: dict[str, Any]
+    scores: ModelScores
+    agreement: float
+    flops_ratio: float
+
+
+@dataclass
 class EvalSummary:
+    """The baseline and one row per method. ``shortv``, ``agreement``, ``flops_ratio``, ``layers``,
+    ``attention_layers`` and ``mlp_layers`` repeat the first method's (the fields of a one-method summary)."""
+
     num_samples: int
     baseline: ModelScores
     shortv: ModelScores
@@ -147,28 +164,26 @@ class EvalSummary:
     #: Operator-level layers (`ShortVConfig.attention_layers` / ``mlp_layers``): visual rows skip only that update.
     attention_layers: list[int] = field(default_factory=list)
     mlp_layers: list[int] = field(default_factory=list)
+    methods: list[MethodSummary] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def markdown(self) -> str:
-        rows = [
-            "| | baseline | ShortV |",
-            "|---|---|---|",
-            f"| accuracy (n={self.num_samples}) | {100 * self.baseline.accuracy:.1f}% | {100 * self.shortv.accuracy:.1f}% |",
-        ]
-        for kind in sorted(self.per_type_counts):
-            rows.append(f"| {kind} (n={self.per_type_counts[kind]}) | {100 * self.baseline.per_type[kind]:.1f}% | "
-                        f"{100 * self.shortv.per_type[kind]:.1f}% |")
-        rows += [
-            f"| generation time | {self.baseline.seconds:.2f} s | {self.shortv.seconds:.2f} s |",
-            f"| prefill FLOPs | 100% | {100 * self.flops_ratio:.1f}% |",
-            f"| answers agreeing | | {100 * self.agreement:.1f}% |",
-        ]
-        header = f"ShortV layers ({len(self.layers)}): {self.layers}\n"
-        if self.attention_layers or self.mlp_layers:
-            header += (f"attention-only layers ({len(self.attention_layers)}): {self.attention_layers}\n"
-                       f"MLP-only layers ({len(self.mlp_layers)}): {self.mlp_layers}\n")
+        kinds = sorted(self.per_type_counts)
+        columns = ["prefill FLOPs", f"accuracy (n={self.num_samples})",
+                   *(f"{kind} (n={self.per_type_counts[kind]})" for kind in kinds), "answers agreeing",
+                   "generation time"]
+        rows = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+
+        def row(name: str, scores: ModelScores, flops: float, agreement: str) -> str:
+            cells = [f"{100 * flops:.1f}%", f"{100 * scores.accuracy:.1f}%",
+                     *(f"{100 * scores.per_type[kind]:.1f}%" for kind in kinds), agreement, f"{scores.seconds:.2f} s"]
+            return f"| {name} | " + " | ".join(cells) + " |"
+
+        rows.append(row("baseline", self.baseline, 1.0, ""))
+        rows += [row(m.key, m.scores, m.flops_ratio, f"{100 * m.agreement:.1f}%") for m in self.methods]
+        header = "".join(f"- {m.key}: {describe_record(m.method)}\n" for m in self.methods)
         return header + "\n" + "\n".join(rows) + "\n"
 
 
@@ -181,20 +196,17 @@ def _scores(records: list[dict[str, Any]], key: str) -> ModelScores:
     return ModelScores(sum(r[f"{key}_correct"] for r in records) / len(records), per_type, seconds)
 
 
-def _run_settings(model: Any, config: ShortVConfig, samples: Sequence[VQASample], max_new_tokens: int,
+def _run_settings(model: Any, runs: Sequence[MethodRun], samples: Sequence[VQASample], max_new_tokens: int,
                   model_id: str | None, metadata: dict[str, Any] | None) -> dict[str, Any]:
     """What must not change between an interrupted evaluation and its resumption (batch size may: it changes no
-    answer)."""
+    answer). Each method's record is flattened (``fastv.ratio``), so a refusal names the parameter that differs."""
     ids = "\n".join(sample.id for sample in samples).encode()
     return {
         "model_id": model_id or model_id_of(model) or type(model).__name__,
         "num_layers": len(find_decoder_layers(model)),
         "dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""),
-        "shortv_layers": sorted(config.frozen_layers),
-        **({"attention_layers": sorted(config.attention_layers), "mlp_layers": sorted(config.mlp_layers)}
-           if config.operator_level else {}),
-        "mode": config.mode,
-        "frozen_tokens": config.frozen_tokens,
+        "methods": [run.key for run in runs],
+        **{f"{run.key}.{name}": value for run in runs for name, value in run.record.items()},
         "max_new_tokens": max_new_tokens,
         "num_samples": len(samples),
         "sample_ids_sha256": hashlib.sha256(ids).hexdigest(),
@@ -202,11 +214,38 @@ def _run_settings(model: Any, config: ShortVConfig, samples: Sequence[VQASample]
     }
 
 
+@contextmanager
+def _unpatched(model: Any) -> Iterator[Any]:
+    """The model without the method it came with (if any) for the block; that method applied again after it."""
+    config = applied_config(model)
+    method = None if config is None else method_of(config)
+    if method is not None:
+        method.remove(model)
+    try:
+        yield model
+    finally:
+        if method is not None:
+            method.apply(model, config)
+
+
+def _check_runs(model: Any, runs: Sequence[MethodRun]) -> None:
+    """Each method applies to this model (family, K, layers: its own checks) before anything is generated."""
+    for run in runs:
+        if run.method.needs_visual_ids and not visual_token_ids(model):
+            raise ValueError(f"{run.method.name} needs the visual positions: {type(model).__name__} declares no visual "
+                             "token ids (a bare LM); use the Python API with visual_mask= (docs/pruning.md)")
+        try:
+            run.method.apply(model, run.config)
+        except ValueError as error:
+            raise ValueError(f"{run.describe()}: {error}") from None
+        run.method.remove(model)
+
+
 def evaluate(
     model: Any,
     processor: Any,
     samples: Sequence[VQASample],
-    config: ShortVConfig | Sequence[int] | None = None,
+    config: Any = None,
     batch_size: int = 8,
     max_new_tokens: int = 8,
     out_dir: str | Path | None = None,
@@ -216,14 +255,17 @@ def evaluate(
     metadata: dict[str, Any] | None = None,
     weights: WeightsFingerprint | None = None,
 ) -> EvalSummary:
-    """Baseline vs ShortV on ``samples``. With ``config`` ShortV is applied first; otherwise the model must have it.
+    """The unpatched model vs each method of ``config`` on ``samples``: one config of any method (`ShortVConfig`,
+    `shortv.pruning.TokenPruningConfig`), a list of layer indices (ShortV), or a list of configs (one row each) or
+    of `shortv.methods.MethodRun` objects.
+    Without ``config``, the method applied to the model. The model is left as it came.
 
     With ``out_dir``: the folder is locked for this run; ``resume=True`` continues from its predictions after
-    checking the interrupted run had the same settings (model, layers, samples, ``max_new_tokens``, ``metadata``)
-    and the same ``weights`` (`shortv.fingerprint`; default: the fingerprint of the model's tensors in memory).
-    Every input's length is checked against the model's context before generating. Under a distributed launcher
-    each process generates its share of the samples (`shortv.processes`); every process returns the whole summary,
-    and the main process writes the files.
+    checking the interrupted run had the same settings (model, methods and their parameters, samples,
+    ``max_new_tokens``, ``metadata``) and the same ``weights`` (`shortv.fingerprint`; default: the fingerprint of the
+    model's tensors in memory). Every input's length is checked against the model's context, and every method
+    against the model, before generating. Under a distributed launcher each process generates its share of the
+    samples (`shortv.processes`); every process returns the whole summary, and the main process writes the files.
     """
     if not samples:
         raise ValueError("no samples to evaluate")
@@ -232,56 +274,68 @@ def evaluate(
         raise missing[0].error("evaluation needs an 'answer' for every sample")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if config is not None:
-        apply_shortv(model, ShortVConfig.coerce(config))
-    state = get_shortv_state(model)
-    if state is None:
-        raise ValueError("give a ShortV config (or apply_shortv first) to compare against the baseline")
+    if config is None:
+        config = applied_config(model)
+        if config is None:
+            raise ValueError("give a config (ShortV, FastV, VTW...) or apply one first to compare against the baseline")
+    runs = runs_of(config)
     video = next((sample for sample in samples if sample.video is not None), None)
     if video is not None:
         check_takes_video(processor, f"{video.source}: the sample has a video")
     check_context(processor, samples, context_length(model.config), new_tokens=max_new_tokens)
-    if out_dir is None:
-        return _summarize(model, _predict(model, processor, samples, batch_size, max_new_tokens, None, {}, progress))
-    with main_holds(exclusive_output, out_dir) as out_dir:  # several processes: the main one writes the results
-        settings = _run_settings(model, state.config, samples, max_new_tokens, model_id, metadata)
-        weights = fingerprint_model(model) if weights is None else weights
-        done = on_main(start_run, out_dir, PREDICTIONS_FILE, RUN_FILE, settings, resume, FINAL_FILES, weights)
-        predictions_path = shard_path(out_dir, PREDICTIONS_FILE, process_index())
-        records = _predict(model, processor, samples, batch_size, max_new_tokens, predictions_path, done, progress)
-        summary = _summarize(model, records)
-        if is_main_process():
-            merge_shards(out_dir, PREDICTIONS_FILE, records)
-            atomic_write_text(out_dir / SUMMARY_JSON, json.dumps(summary.to_dict(), indent=1) + "\n")
-            atomic_write_text(out_dir / SUMMARY_MARKDOWN, summary.markdown())
-    return summary
+    with _unpatched(model):
+        _check_runs(model, runs)
+        if out_dir is None:
+            return _summarize(model, runs, _predict(model, processor, samples, runs, batch_size, max_new_tokens, None,
+                                                    {}, progress))
+        with main_holds(exclusive_output, out_dir) as out_dir:  # several processes: the main one writes the results
+            settings = _run_settings(model, runs, samples, max_new_tokens, model_id, metadata)
+            weights = fingerprint_model(model) if weights is None else weights
+            done = on_main(start_run, out_dir, PREDICTIONS_FILE, RUN_FILE, settings, resume, FINAL_FILES, weights)
+            predictions_path = shard_path(out_dir, PREDICTIONS_FILE, process_index())
+            records = _predict(model, processor, samples, runs, batch_size, max_new_tokens, predictions_path, done,
+                               progress)
+            summary = _summarize(model, runs, records)
+            if is_main_process():
+                merge_shards(out_dir, PREDICTIONS_FILE, records)
+                atomic_write_text(out_dir / SUMMARY_JSON, json.dumps(summary.to_dict(), indent=1) + "\n")
+                atomic_write_text(out_dir / SUMMARY_MARKDOWN, summary.markdown())
+        return summary
 
 
 def _predict(
-    model: Any, processor: Any, samples: Sequence[VQASample], batch_size: int, max_new_tokens: int,
-    predictions_path: Path | None, done: dict[str, dict[str, Any]], progress: bool,
+    model: Any, processor: Any, samples: Sequence[VQASample], runs: Sequence[MethodRun], batch_size: int,
+    max_new_tokens: int, predictions_path: Path | None, done: dict[str, dict[str, Any]], progress: bool,
 ) -> list[dict[str, Any]]:
-    """Every sample's record (answers of both models, correctness, tokens, seconds), in sample order: those in
-    ``done``, and the others generated now, batch by batch, each batch appended to ``predictions_path``. Several
+    """Every sample's record (answers of the baseline and of each method, correctness, tokens, seconds), in sample
+    order: those in ``done``, and the others generated now, batch by batch, each batch appended to
+    ``predictions_path``. The model comes unpatched; each method is applied for its answers and removed. Several
     processes: each generates its part (`shortv.processes.share`) and all get every record."""
     todo = [sample for sample in samples if sample.id not in done]
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="evaluating", unit="sample",
                disable=not progress or not is_main_process())
+
+    def answer(batch: Sequence[VQASample]) -> tuple[list[str], list[dict[str, int]], float]:
+        began = time.perf_counter()
+        answers, tokens = generate_answers(model, processor, batch, max_new_tokens)
+        return answers, tokens, (time.perf_counter() - began) / len(batch)
 
     def predict_part(part: Sequence[VQASample]) -> list[dict[str, Any]]:
         lines = []
         for start in range(0, len(part), batch_size):
             batch = part[start : start + batch_size]
             answers, seconds = {}, {}
-            for key in ("baseline", "shortv"):
-                with disable_shortv(model) if key == "baseline" else nullcontext():
-                    began = time.perf_counter()
-                    answers[key], tokens = generate_answers(model, processor, batch, max_new_tokens)
-                    seconds[key] = (time.perf_counter() - began) / len(batch)
+            answers["baseline"], tokens, seconds["baseline"] = answer(batch)
+            for run in runs:
+                run.method.apply(model, run.config)
+                try:
+                    answers[run.key], _, seconds[run.key] = answer(batch)
+                finally:
+                    run.method.remove(model)
             batch_lines = []
             for index, sample in enumerate(batch):
                 record = {"id": sample.id, "type": sample.type, "answer": sample.answer, **tokens[index]}
-                for key in ("baseline", "shortv"):
+                for key in answers:
                     record[key] = answers[key][index]
                     record[f"{key}_correct"] = is_correct(answers[key][index], sample)
                     record[f"{key}_seconds"] = seconds[key]
@@ -299,33 +353,43 @@ def _predict(
     return [records[sample.id] for sample in samples]
 
 
-def _summarize(model: Any, records: list[dict[str, Any]]) -> EvalSummary:
-    """Accuracy per model and type, agreement and the FLOPs ratio of the model's ShortV layers, over ``records``."""
-    state = get_shortv_state(model)
+def _summarize(model: Any, runs: Sequence[MethodRun], records: list[dict[str, Any]]) -> EvalSummary:
+    """Accuracy per model and type, agreement with the baseline and each method's prefill FLOPs ratio (at the mean
+    token counts of ``records``)."""
     dims = LayerDims.from_config(model.config)
     text_tokens = max(1, round(sum(r["text_tokens"] for r in records) / len(records)))
     visual_tokens = round(sum(r["visual_tokens"] for r in records) / len(records))
     per_type_counts: dict[str, int] = defaultdict(int)
     for record in records:
         per_type_counts[record["type"] or "all"] += 1
+    methods = [
+        MethodSummary(
+            key=run.key, method=run.record, scores=_scores(records, run.key),
+            agreement=sum(normalize_answer(r["baseline"]) == normalize_answer(r[run.key]) for r in records)
+            / len(records),
+            flops_ratio=run.method.flops_ratio(dims, text_tokens, visual_tokens, run.config),
+        )
+        for run in runs
+    ]
+    first = methods[0]
     return EvalSummary(
         num_samples=len(records),
         baseline=_scores(records, "baseline"),
-        shortv=_scores(records, "shortv"),
-        agreement=sum(normalize_answer(r["baseline"]) == normalize_answer(r["shortv"]) for r in records) / len(records),
-        flops_ratio=flops_ratio(dims, text_tokens, visual_tokens, sorted(state.config.frozen_layers), formula="exact",
-                                attention_layers=state.config.attention_layers, mlp_layers=state.config.mlp_layers),
-        layers=list(state.config.layers),
+        shortv=first.scores,
+        agreement=first.agreement,
+        flops_ratio=first.flops_ratio,
+        layers=list(first.method.get("layers", [])),
         per_type_counts=dict(per_type_counts),
-        attention_layers=list(state.config.attention_layers),
-        mlp_layers=list(state.config.mlp_layers),
+        attention_layers=list(first.method.get("attention_layers", [])),
+        mlp_layers=list(first.method.get("mlp_layers", [])),
+        methods=methods,
     )
 
 
 def evaluate_files(
     model: str | Path | None = None,
     data: str | Path | None = None,
-    config: str | Path | None = None,
+    config: str | Path | Sequence[str | Path] | None = None,
     lc: str | Path | None = None,
     n: int | None = None,
     num_samples: int | None = None,
@@ -339,32 +403,61 @@ def evaluate_files(
     trust_remote_code: bool = False,
     allow_other_model: bool = False,
     progress: bool = True,
+    methods: Sequence[str] = (),
+    k: int | None = None,
+    ratio: float | None = None,
+    rank: str | None = None,
 ) -> EvalSummary:
-    """``shortv eval``: the model (path, hub id, None for the embedded one) with ``config`` or the first ``n`` layers
-    of ``lc``'s order, on ``data`` (default: the embedded test split).
+    """``shortv eval``: the model (path, hub id, None for the embedded one) on ``data`` (default: the embedded test
+    split), unpatched and with each method: every ``config`` file (ShortV or token pruning: one method each), the
+    first ``n`` layers of ``lc``'s order (ShortV, when no ``methods`` are given), and each ``methods`` spec
+    (``fastv:k=2,ratio=0.5``: `shortv.methods.plan`; ``k``/``ratio``/``rank`` fill what a spec leaves out).
 
-    Checked before the model loads: the flags agree, the config or LC file was made for this model (layer count,
-    weights unless ``allow_other_model``), every data line parses and every image opens, the output folder is free.
+    Checked before the model loads: the flags agree, every method's parameters, the config and LC files were made
+    for this model (layer count, weights unless ``allow_other_model``), every data line parses and every image
+    opens, the output folder is free.
     """
     from .contribution import LCResult
 
-    if config is not None and lc is not None:
-        raise ValueError("give either --config FILE or --lc FILE with --n N, not both")
-    if config is not None and n is not None:
-        raise ValueError("--n goes with --lc (the first N layers of its order); --config FILE already lists its layers")
-    if config is None and (lc is None or n is None):
+    paths = [] if config is None else [config] if isinstance(config, (str, Path)) else list(config)
+    methods = list(methods)
+    if n is not None and lc is None:
+        raise ValueError("--n goes with --lc (the first N layers of its order); --config FILE already lists its layers"
+                         if paths else "give either --config FILE or --lc FILE with --n N")
+    parsed = [parse_spec(spec) for spec in methods]
+    if lc is not None and n is None and not any("n" in values for _, values in parsed):
         raise ValueError("give either --config FILE or --lc FILE with --n N")
+    if not paths and lc is None and not methods:
+        raise ValueError("give either --config FILE or --lc FILE with --n N (or --method)")
     source = resolve_model(model, trust_remote_code)
-    if config is not None:
-        shortv_config = ShortVConfig.load(config)
-        check_matches_model(shortv_config, source.num_layers, source.model_id, str(config), allow_other_model,
-                            source.fingerprint)
-    else:
+    configs = []
+    for path in paths:
+        loaded = load_config(path)
+        if isinstance(loaded, ShortVConfig):
+            check_matches_model(loaded, source.num_layers, source.model_id, str(path), allow_other_model,
+                                source.fingerprint)
+        configs.append(loaded)
+    shortv, first_n = None, None
+    if lc is not None:
         lc_result = LCResult.load(lc)
         check_matches_model(lc_result, source.num_layers, source.model_id, str(lc), allow_other_model,
                             source.fingerprint)
-        shortv_config = select_layers(lc_result, n=n)
-        shortv_config.provenance["lc"] = str(lc)
+
+        def first_n(count: int) -> ShortVConfig:
+            chosen = select_layers(lc_result, n=count)
+            chosen.provenance["lc"] = str(lc)
+            return chosen
+
+        if n is not None:
+            shortv = first_n(n)
+            if not methods:
+                configs.append(shortv)
+            elif not any("layers" in method.parameters for method, _ in parsed):
+                raise ValueError("--lc/--n give ShortV layers, but none of the --method specs takes them; add "
+                                 "--method shortv")
+    runs = plan_runs(methods, configs, shortv, first_n, k, ratio, rank)
+    for run in runs:
+        run.method.check(run.config, source.num_layers)
     if data is None:
         from .tiny import embedded_split_path
 
@@ -378,6 +471,7 @@ def evaluate_files(
         loaded, processor, model_id = load_model(source, dtype=dtype, device_map=process_device_map(device_map))
         metadata = {"data": str(Path(data).resolve()), "data_sha256": file_sha256(data), "seed": seed,
                     "num_samples_requested": num_samples}
-        return evaluate(loaded, processor, samples, shortv_config, batch_size=batch_size,
+        return evaluate(loaded, processor, samples, runs, batch_size=batch_size,
                         max_new_tokens=max_new_tokens, out_dir=out_dir, resume=resume, progress=progress,
                         model_id=model_id, metadata=metadata, weights=source.fingerprint)
+

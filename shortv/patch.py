@@ -296,9 +296,10 @@ def using_visual_mask(model: nn.Module, visual_mask: torch.Tensor) -> Iterator[n
 
     For custom MLLMs, bare ``*ForCausalLM`` models and ``inputs_embeds`` callers. ``visual_mask`` (bool, batch x
     seq) covers the prompt's positions; tokens after it (generated ones) are text; generate's beam copies are
-    expanded automatically.
+    expanded automatically. Works for a model with ShortV or with FastV/VTW (`shortv.pruning`) applied.
     """
-    state = _require_state(model)
+    pruning = getattr(_unwrap(model), "_shortv_pruning_state", None)  # FastV/VTW decide through the same entry
+    state = pruning.entry if pruning is not None and get_shortv_state(model) is None else _require_state(model)
     previous = state.context_visual_mask, state.context_checked
     state.context_visual_mask, state.context_checked = visual_mask, False
     try:

@@ -41,15 +41,24 @@ def test_calibrate_operators_then_eval(tiny_llava_dir, tmp_path):
     last_saving = operator_saving(dims, t, v, last_layer, last_operator) / model_flops(dims, t, v, (), "exact")
     assert p["flops_ratio_target"] - p["flops_ratio"] < last_saving
 
+    # Operator-level and layer-level selections side by side in one run (issue #25): one row each.
     evaluation = tmp_path / "eval"
     result = runner.invoke(app, ["eval", "--model", str(tiny_llava_dir), "--data", str(test), "--config",
-                                 str(out / "shortv_operators_config.json"), "--batch-size", "2", "--out",
-                                 str(evaluation)])
+                                 str(out / "shortv_operators_config.json"), "--config", str(out / "shortv_config.json"),
+                                 "--batch-size", "2", "--out", str(evaluation)])
     assert result.exit_code == 0, result.output
     summary = json.loads((evaluation / "summary.json").read_text())
     assert summary["attention_layers"] == config.attention_layers and summary["mlp_layers"] == config.mlp_layers
-    assert summary["flops_ratio"] < 1.0
-    assert layer_config.layers  # the layer-level config is still written beside it
+    operators, layers = summary["methods"]
+    assert (operators["key"], layers["key"]) == ("shortv-operators", "shortv")
+    assert layers["method"]["layers"] == layer_config.layers and "attention_layers" not in layers["method"]
+    records = [json.loads(line) for line in (evaluation / "predictions.jsonl").read_text().splitlines()]
+    t, v = (round(sum(record[key] for record in records) / len(records)) for key in ("text_tokens", "visual_tokens"))
+    assert operators["flops_ratio"] == flops_ratio(dims, t, v, config.layers, "exact",
+                                                   attention_layers=config.attention_layers,
+                                                   mlp_layers=config.mlp_layers) < 1.0
+    assert layers["flops_ratio"] == flops_ratio(dims, t, v, layer_config.layers, "exact") < 1.0
+    assert "| shortv-operators | " in result.output and "| shortv | " in result.output
 
 
 def test_flops_needs_operators(tiny_llava_dir, tmp_path):

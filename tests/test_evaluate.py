@@ -105,8 +105,8 @@ def test_resume_after_interruption_gives_same_summary(tiny, test_samples, tmp_pa
 
     def without_times(summary):
         data = summary.to_dict()
-        for key in ("baseline", "shortv"):
-            data[key].pop("seconds")
+        for scores in (data["baseline"], data["shortv"], *(row["scores"] for row in data["methods"])):
+            scores.pop("seconds")
         return data
 
     assert without_times(resumed) == without_times(full)
@@ -142,7 +142,7 @@ def test_resume_refuses_a_different_setup_naming_what_differs(tiny, test_samples
     monkeypatch.setattr(evaluation, "generate_answers", lambda *a, **k: pytest.fail("resumed a different setup"))
     before = (tmp_path / "predictions.jsonl").read_text()
     cases = [
-        (dict(config=ShortVConfig([2, 4])), r"shortv_layers: \[2, 3\] before, \[2, 4\] now"),
+        (dict(config=ShortVConfig([2, 4])), r"shortv.layers: \[2, 3\] before, \[2, 4\] now"),
         (dict(max_new_tokens=3), r"max_new_tokens: 2 before, 3 now"),
         (dict(samples=test_samples[:3]), r"num_samples: 2 before, 3 now; sample_ids_sha256: "),
         (dict(metadata={"data": "/data/other.jsonl"}), r"data: '/data/test.jsonl' before, '/data/other.jsonl' now"),

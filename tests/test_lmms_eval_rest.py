@@ -223,3 +223,56 @@ def test_multi_round_answers_every_round_like_single_rounds(model_path, round_do
     broken = multi_round_requests(docs[1:2], lambda doc, **kwargs: "just a string", gen_kwargs)
     with pytest.raises(ValueError, match=r"doc_to_text must return \(visuals, context, terminal"):
         lm.generate_until_multi_round(broken)
+
+
+def pruned_oracle(model, processor, docs, request):
+    """`oracle` under FastV/VTW: the forward returns the kept positions only; `kept_columns` says which."""
+    from shortv.pruning import kept_columns
+
+    _, continuation, _, doc_id, _, _ = request.args
+    content = [{"type": "image"}, {"type": "text", "text": request.args[0]}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                           tokenize=False)
+    images = [docs[doc_id]["image"]]
+    prompt_length = processor(images=images, text=prompt, return_tensors="pt")["input_ids"].shape[1]
+    inputs = processor(images=images, text=prompt + continuation, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+    row = {int(column): index for index, column in enumerate(kept_columns(model)[0])}
+    width = inputs["input_ids"].shape[1]
+    log_probs = logits[[row[column] for column in range(prompt_length - 1, width - 1)]].log_softmax(-1)
+    targets = inputs["input_ids"][0, prompt_length:]
+    return float(-log_probs.gather(-1, targets[:, None]).mean()), bool((log_probs.argmax(-1) == targets).all())
+
+
+def test_token_pruning_methods_through_model_args(model_path, docs, reference_model, tmp_path):
+    """``method=shortv+fastv,k=..,ratio=..`` with a ShortV config: the method and its parameters are recorded, and
+    the loglikelihood scores are the pruned model's (oracle: the pruned forward by hand, rows by `kept_columns`)."""
+    from shortv.integrations.lmms_eval import ModelLoadError
+    from shortv.pruning import TokenPruningConfig, apply_token_pruning, remove_token_pruning
+
+    config = ShortVConfig(LAYERS).save(tmp_path / "c.json")
+    lm = make_model(ShortV, model_path, docs, f"shortv_config={config},method=shortv+fastv,k=2,ratio=0.75")
+    assert lm.method_record == {"method": "shortv+fastv", "layers": LAYERS, "k": 2, "ratio": 0.75, "rank": "last"}
+    assert lm.shortv_layers == LAYERS
+    requests = [request for request in loglikelihood_requests(docs, "red") if len(request.args) == 6][:4]
+    lm._batch_size = 4
+    got = scores(lm, requests)
+    model, processor = reference_model
+    apply_token_pruning(model, TokenPruningConfig("fastv", k=2, ratio=0.75, shortv_layers=LAYERS))
+    try:
+        expected = [pruned_oracle(model, processor, docs, request) for request in requests]
+    finally:
+        remove_token_pruning(model)
+    plain = [oracle(model, processor, docs, request) for request in requests]
+    torch.testing.assert_close(torch.tensor([v for v, _ in got]), torch.tensor([v for v, _ in expected]),
+                               rtol=0, atol=1e-5)
+    assert min(abs(a - b) for (a, _), (b, _) in zip(expected, plain)) > 1e-4  # pruning changes the scores
+    vtw = TokenPruningConfig("vtw", k=3).save(tmp_path / "vtw.json")  # a token pruning config file
+    assert make_model(ShortV, model_path, docs, f"shortv_config={vtw}").method_record == {"method": "vtw", "k": 3}
+    for args, message in ((f"shortv_config={config},method=fastv", "method=fastv takes no ShortV layers"),
+                          ("method=vtw", "needs K"), ("k=2", "give --method"),
+                          ("method=fastv,ratio=1.0", r"must be in \[0, 1\)"),
+                          ("method=fastv,k=12", r"must be in 1..11 for a model of 12 decoder layers")):
+        with pytest.raises(ModelLoadError, match=message):
+            make_model(ShortV, model_path, docs, args)

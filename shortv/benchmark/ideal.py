@@ -49,6 +49,19 @@ def ideal_prefill_speedup(
     return dense / sparse
 
 
+def method_ideal_speedup(dims: LayerDims, token_counts: Sequence[tuple[int, int]], config: object,
+                         formula: str = "exact") -> float:
+    """`ideal_prefill_speedup` for any method's config (`shortv.methods`: ShortV, FastV, VTW, ShortV + FastV...):
+    dense over the method's prefill FLOPs summed over samples ``(t, v)``, with the same LM head term."""
+    from ..methods import method_of
+
+    method = method_of(config)
+    head = 2 * dims.hidden_size * dims.vocab_size if formula == "exact" else 0
+    dense = sum(model_flops(dims, t, v, (), formula) + head for t, v in token_counts)  # type: ignore[arg-type]
+    sparse = sum(method.prefill_flops(dims, t, v, config, formula) + head for t, v in token_counts)  # type: ignore[arg-type]
+    return dense / sparse
+
+
 def _product_seconds(rows: int, fan_in: int, fan_out: int, rates: DeviceRates, bytes_per_weight: float) -> float:
     """One ``(rows x fan_in) @ (fan_in x fan_out)`` product on the roofline."""
     compute = 2 * rows * fan_in * fan_out / rates.flops_per_s

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -118,6 +119,31 @@ def default_shortv_config(model: nn.Module, n: int | None = None) -> tuple[Short
         "pass a calibrated config for real use"
     )
     return ShortVConfig(layers=layers, provenance={"policy": "last-n", "n": n}), note
+
+
+def with_method(
+    config: Any, selection: str, num_layers: int, method: str | None = None, k: int | None = None,
+    ratio: float | None = None, rank: str | None = None, given: bool = False,
+) -> tuple[Any, str]:
+    """The config a benchmark measures: ``config`` (chosen above, or ``given`` by the caller: any method's) when no
+    ``method`` spec is given, else the spec's (``fastv``, ``fastv:k=2,ratio=0.5``, ``shortv+fastv``...:
+    `shortv.methods.plan`), whose ShortV part, if any, is ``config``'s layers. Every parameter is checked against
+    ``num_layers`` decoder layers."""
+    from ..methods import method_of, plan_runs
+
+    if method is None and (k, ratio, rank) == (None, None, None):
+        method_of(config).check(config, num_layers)
+        return config, selection
+    if not isinstance(config, ShortVConfig):
+        raise ValueError("give either --method or a token pruning --config, not both")
+    run = plan_runs([method] if method is not None else [], shortv=config, k=k, ratio=ratio, rank=rank)[0]
+    run.method.check(run.config, num_layers)
+    if given and "layers" not in run.method.parameters:
+        raise ValueError(f"{run.method.name} takes no ShortV layers, but a ShortV config was given; drop it, or "
+                         f"measure shortv+{run.method.name}")
+    if "layers" in run.method.parameters:
+        return run.config, f"{run.describe()}; ShortV layers: {selection}"
+    return run.config, run.describe()
 
 
 def given_note(config: ShortVConfig) -> str:

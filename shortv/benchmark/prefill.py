@@ -26,7 +26,7 @@ from ..cuda_graphs import compile_decoder, static_cache, uncompile_decoder
 from .devices import Clock, model_device, model_dtype
 from .inputs import BenchInputs
 from .results import Stats
-from .timing import Progress, interleaved, shortv_applied, variant_context
+from .timing import Progress, interleaved, method_applied, variant_context
 
 
 @dataclass
@@ -100,7 +100,7 @@ def time_prefill(
         return seconds
 
     try:
-        with shortv_applied(model, config):
+        with method_applied(model, config):
             runs = interleaved(run, repeats, warmup, lambda seconds: f"prefill {seconds * 1e3:.2f} ms", progress)
     finally:
         if cuda_graphs:

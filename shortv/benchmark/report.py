@@ -81,7 +81,8 @@ def speedup_lines(result: BenchResult) -> list[str]:
     paired = result.prefill_speedup_paired
     realized = paired.median / result.ideal_speedup
     lines = [
-        f"prefill speedup: {paired.median:.3f}x, median of {len(paired.values)} back-to-back baseline/ShortV pairs "
+        f"prefill speedup: {paired.median:.3f}x, median of {len(paired.values)} back-to-back baseline/"
+        f"{'ShortV' if result.method_name == 'shortv' else result.method_name} pairs "
         f"({_spread_text(paired)}; ratio of the medians {result.prefill_speedup:.3f}x)",
         f"FLOPs-ideal speedup (exact formula, model dims, t={fmt_counts(result.text_tokens)}, "
         f"v={fmt_counts(result.visual_tokens)}): {result.ideal_speedup:.3f}x "
@@ -110,6 +111,8 @@ def layers_line(result: BenchResult) -> str:
         if result.full_num_layers and result.full_num_layers != result.num_layers
         else f"{result.num_layers} layers"
     )
+    if result.method_name != "shortv":
+        return f"{prefix}; {result.layer_selection}"
     return (
         f"{prefix}; ShortV layers ({len(result.shortv_layers)}, mode {result.shortv_mode}): "
         f"{sorted(result.shortv_layers)} - {result.layer_selection}"
@@ -136,7 +139,8 @@ def to_markdown(result: BenchResult, title: str | None = None) -> str:
         f"{machine.get('date', '?')}",
         f"- peak memory: {result.memory_method}",
         "",
-        "| metric | baseline | ShortV | ShortV vs baseline |",
+        "| metric | baseline | {0} | {0} vs baseline |".format(
+            "ShortV" if result.method_name == "shortv" else result.method_name),
         "|---|---|---|---|",
     ]
     lines += [f"| {metric} | {base} | {short} | {ratio} |" for metric, base, short, ratio in summary_rows(result)]

@@ -115,9 +115,19 @@ class BenchResult:
     memory_method: str
     machine: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: The method measured against the baseline: its record (`shortv.methods.Method.record`; ``{}`` in results
+    #: written before methods were recorded, all ShortV). The ``shortv`` metrics are that method's.
+    method: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method_name(self) -> str:
+        return self.method.get("method", "shortv")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not data["method"]:  # a result of before methods were recorded reads back as it was written
+            del data["method"]
+        return data
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ShortVConfig
 from ..flops import get_shape
 from . import shapes
 from ..placement import available_device as resolve_device
 from .devices import dtype_name, resolve_dtype
 from .inputs import DEFAULT_PROMPT, causal_lm_inputs, multimodal_inputs
-from .layers import choose_config, given_note, shape_shortv_config
+from ..registry import find_decoder_layers
+from .layers import choose_config, given_note, shape_shortv_config, with_method
 from .report import SMALL_MODEL_CAVEAT
 from .results import BenchResult
 from .timing import Progress, benchmark
@@ -29,7 +29,7 @@ def bench_shape(
     *,
     num_layers: int | None = None,
     n: int | None = None,
-    config: ShortVConfig | None = None,
+    config: Any = None,
     proportional: bool = False,
     visual_tokens: int | None = None,
     text_tokens: int = 64,
@@ -42,17 +42,24 @@ def bench_shape(
     seed: int = 0,
     threads: int | None = None,
     progress: Progress | None = None,
+    method: str | None = None,
+    k: int | None = None,
+    ratio: float | None = None,
+    rank: str | None = None,
 ) -> BenchResult:
     """Shape mode: a random-weight causal LM with a paper model's real dims (its first ``num_layers`` layers),
     ``batch_size`` prompts of ``text_tokens`` text tokens around one block of ``visual_tokens`` image tokens, and
     an explicit visual mask. ``visual_tokens`` defaults to the shape's own count (576 for
     LLaVA-1.5 and the Qwen2-VL shape, 2880 for LLaVA-NeXT's AnyRes grid). ``config`` overrides the layer selection
-    of `shape_shortv_config`."""
+    of `shape_shortv_config`. ``method`` (with ``k``/``ratio``/``rank``): measure that method instead of ShortV
+    (`layers.with_method`); the shape's explicit visual mask serves every method."""
     full = get_shape(name).dims.num_layers
+    given = config is not None
     if config is None:
         config, selection = shape_shortv_config(name, num_layers, n, proportional)
     else:
         selection = given_note(config)
+    config, selection = with_method(config, selection, num_layers or full, method, k, ratio, rank, given)
     say = progress or (lambda message: None)
     say(f"building {name} shape model ({num_layers or full} of {full} layers, {dtype_name(resolve_dtype(dtype))})")
     model = shapes.build_shape_model(
@@ -72,7 +79,7 @@ def bench_shape(
 def bench_pretrained(
     path: str | Path,
     *,
-    config: ShortVConfig | None = None,
+    config: Any = None,
     n: int | None = None,
     visual_tokens: int | None = None,
     text_tokens: int = 64,
@@ -86,6 +93,10 @@ def bench_pretrained(
     threads: int | None = None,
     progress: Progress | None = None,
     trust_remote_code: bool = False,
+    method: str | None = None,
+    k: int | None = None,
+    ratio: float | None = None,
+    rank: str | None = None,
 ) -> BenchResult:
     """A local checkpoint folder, loaded and checked as every command loads one (`shortv.loading.load_model`).
     Multimodal models (``AutoModelForImageTextToText``) get a synthetic image and ``prompt`` through their
@@ -110,7 +121,9 @@ def bench_pretrained(
         visual_tokens = 576 if visual_tokens is None else visual_tokens
         inputs = causal_lm_inputs(batch_size, text_tokens, visual_tokens, vocab)
     model = model.to(torch_device).eval()
+    given = config is not None
     config, selection = choose_config(model, config, n, Path(path))
+    config, selection = with_method(config, selection, source.num_layers, method, k, ratio, rank, given)
     return benchmark(
         model, inputs, config, new_tokens=new_tokens, repeats=repeats, warmup=warmup, name=path,
         source="pretrained", layer_selection=selection, threads=threads, progress=progress,
@@ -136,7 +149,7 @@ def load_embedded_model() -> tuple[nn.Module, Any]:
 
 def bench_embedded(
     *,
-    config: ShortVConfig | None = None,
+    config: Any = None,
     n: int | None = None,
     batch_size: int = 1,
     new_tokens: int = 16,
@@ -147,6 +160,10 @@ def bench_embedded(
     prompt: str = DEFAULT_PROMPT,
     threads: int | None = None,
     progress: Progress | None = None,
+    method: str | None = None,
+    k: int | None = None,
+    ratio: float | None = None,
+    rank: str | None = None,
 ) -> BenchResult:
     """The embedded tiny LLaVA with a synthetic image."""
     from ..tiny import embedded_model_path
@@ -155,7 +172,10 @@ def bench_embedded(
     model, processor = load_embedded_model()
     model = model.to(device=torch_device, dtype=torch_dtype).eval()
     inputs = multimodal_inputs(model, processor, batch_size, prompt)
+    given = config is not None
     config, selection = choose_config(model, config, n, embedded_model_path())
+    config, selection = with_method(config, selection, len(find_decoder_layers(model)), method, k, ratio, rank,
+                                    given)
     return benchmark(
         model, inputs, config, new_tokens=new_tokens, repeats=repeats, warmup=warmup, name="embedded tiny LLaVA",
         source="embedded", layer_selection=selection, notes=[SMALL_MODEL_CAVEAT], threads=threads, progress=progress,

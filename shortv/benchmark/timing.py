@@ -9,8 +9,9 @@ every step on a `Clock` (CUDA events on a GPU), so from a single call we get
 * **end-to-end latency**: the whole ``generate`` call;
 * **peak memory**: how far memory rose above its level at the start of the run (`PeakMemory`).
 
-Baseline and ShortV always run on the *same* model object: ShortV is applied once and switched off with
-`disable_shortv` for the baseline. Runs are interleaved and their order alternates every repetition
+Baseline and the method (ShortV, or any of `shortv.methods`) always run on the *same* model object: the method is
+applied once, and the baseline runs under its `Method.unpatched` (ShortV switched off with `disable_shortv`; FastV /
+VTW removed, bit-exact, and applied again after the run, outside the timed call). Runs are interleaved and their order alternates every repetition
 (B S, S B, B S, ...), so drift from thermal state or other processes on the machine hits both alike. Every
 number is reported as median / min / max over the repetitions, after ``warmup`` untimed rounds of both.
 
@@ -32,6 +33,7 @@ descheduled thread; that inflates both variants, and mostly the per-token work S
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -42,9 +44,10 @@ from torch import nn
 from ..config import ShortVConfig
 from ..cuda_graphs import compile_decoder, static_cache, uncompile_decoder
 from ..flops import LayerDims
-from ..patch import apply_shortv, disable_shortv, get_shortv_state, remove_shortv, using_visual_mask
+from ..methods import applied_config, coerce_config, method_of
+from ..patch import get_shortv_state, using_visual_mask
 from .devices import Clock, dtype_name, model_device, model_dtype, torch_threads
-from .ideal import ideal_prefill_speedup
+from .ideal import method_ideal_speedup
 from .inputs import BenchInputs
 from .machine import machine_info
 from .memory import PeakMemory
@@ -76,27 +79,35 @@ def interleaved(
 
 
 @contextmanager
-def shortv_applied(model: nn.Module, config: ShortVConfig) -> Iterator[None]:
-    """Apply ``config`` for the block, then put back whatever ShortV state the model had before."""
+def method_applied(model: nn.Module, config: Any) -> Iterator[None]:
+    """Apply ``config`` (any method's, `shortv.methods`) for the block, then put back whatever method the model had
+    before (a ShortV one switched off stays off)."""
+    previous = applied_config(model)
     state = get_shortv_state(model)
-    previous = (state.config, state.enabled) if state is not None else None
-    apply_shortv(model, config)
+    enabled = state.enabled if state is not None else True
+    if previous is not None:
+        method_of(previous).remove(model)
+    method = method_of(config)
+    method.apply(model, config)
     try:
         yield
     finally:
-        remove_shortv(model)
+        method.remove(model)
         if previous is not None:
-            apply_shortv(model, previous[0])
-            get_shortv_state(model).enabled = previous[1]  # type: ignore[union-attr]
+            method_of(previous).apply(model, previous)
+            if state is not None:
+                get_shortv_state(model).enabled = enabled  # type: ignore[union-attr]
 
 
 def variant_context(model: nn.Module, inputs: BenchInputs, variant: str) -> ExitStack:
-    """Inside `shortv_applied`: the explicit visual mask if the inputs carry one, and ShortV off for the baseline."""
+    """Inside `method_applied`: the unpatched model for the baseline (`shortv.methods.Method.unpatched`), else the
+    method with the explicit visual mask if the inputs carry one."""
     stack = ExitStack()
-    if inputs.explicit_mask:
-        stack.enter_context(using_visual_mask(model, inputs.visual_mask))
+    config = applied_config(model)
     if variant == "baseline":
-        stack.enter_context(disable_shortv(model))
+        stack.enter_context(method_of(config).unpatched(model, config))
+    elif inputs.explicit_mask:
+        stack.enter_context(using_visual_mask(model, inputs.visual_mask))
     return stack
 
 
@@ -186,7 +197,7 @@ def _variant_metrics(runs: list[_Run]) -> VariantMetrics:
 def benchmark(
     model: nn.Module,
     inputs: BenchInputs,
-    config: ShortVConfig | Sequence[int],
+    config: Any,
     *,
     new_tokens: int = 16,
     repeats: int = 5,
@@ -201,20 +212,24 @@ def benchmark(
     cuda_graphs: bool = False,
     compile_options: dict | None = None,
 ) -> BenchResult:
-    """Baseline vs ShortV on ``model`` (already on its device and in its dtype) with ready ``inputs``.
+    """Baseline vs a method on ``model`` (already on its device and in its dtype) with ready ``inputs``.
 
-    ShortV is applied for the duration of the call and the model's previous ShortV state restored afterwards.
+    ``config``: any method's config (`shortv.methods`: ShortV, FastV, VTW, ShortV + FastV...; a list of layers is
+    ShortV); the result's ``shortv`` metrics are that method's, its ``method`` the method's record. The method is
+    applied for the duration of the call and the model's previous method restored afterwards.
     ``threads`` sets torch's intra-op CPU threads for the call (default: leave as is). With ``cuda_graphs``, every
     ``generate`` runs the recipe of `shortv.cuda_graphs`: the decoder stack compiled by ``compile_decoder(model,
     **compile_options)`` and one static cache for prompt and new tokens, reset before each run (``warmup`` must
     then be at least 1: the first runs compile).
     """
-    if not isinstance(config, ShortVConfig):
-        config = ShortVConfig(layers=list(config))
+    config = coerce_config(config)
+    method = method_of(config)
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     if cuda_graphs and warmup < 1:
         raise ValueError("generate with CUDA graphs needs warmup >= 1: the first run of each variant compiles")
+    if cuda_graphs and method.name != "shortv":
+        raise ValueError(f"the CUDA-graph benchmark runs ShortV only, not {method.name}")
     with torch_threads(threads):
         load_before = machine_info().get("load_average")
         device = model_device(model)
@@ -231,7 +246,7 @@ def benchmark(
                 return _run_once(model, inputs, new_tokens, device, cache)
 
         try:
-            with shortv_applied(model, config):
+            with method_applied(model, config):
                 runs = interleaved(run, repeats, warmup, _Run.describe, progress)
         finally:
             if cuda_graphs:
@@ -242,18 +257,18 @@ def benchmark(
     notes = list(notes)
     if cuda_graphs:
         notes.append(f"CUDA graphs: decoder stack compiled ({compile_options or 'mode=reduce-overhead'}), static cache")
-    if not config.frozen_operators:
+    shortv = config if isinstance(config, ShortVConfig) else ShortVConfig(layers=config.shortv_layers)
+    if shortv is config and not config.frozen_operators:
         notes.append("no ShortV layers: both variants compute the same thing")
-    if config.operator_level:
+    if shortv is config and config.operator_level:
         notes.append(f"operator-level: visual tokens skip only the attention in layers {config.attention_layers}, "
                      f"only the MLP in layers {config.mlp_layers}")
-    operators = dict(attention_layers=config.attention_layers, mlp_layers=config.mlp_layers)
     if not any(v for _, v in counts):
-        notes.append("the prompt has no visual tokens: ShortV layers have nothing to freeze")
-    baseline, shortv = _variant_metrics(runs["baseline"]), _variant_metrics(runs["shortv"])
+        notes.append(f"the prompt has no visual tokens: {method.name} has nothing to freeze or prune")
+    baseline, patched = _variant_metrics(runs["baseline"]), _variant_metrics(runs["shortv"])
     dims = LayerDims.from_config(model.config)
-    measured = baseline.ttft_s.median / shortv.ttft_s.median
-    ideal = ideal_prefill_speedup(dims, counts, config.layers, "exact", **operators)
+    measured = baseline.ttft_s.median / patched.ttft_s.median
+    ideal = method_ideal_speedup(dims, counts, config, "exact")
     paired = [b.ttft_s / s.ttft_s for b, s in zip(runs["baseline"], runs["shortv"])]
     return BenchResult(
         model=name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
@@ -268,21 +283,22 @@ def benchmark(
         warmup=warmup,
         num_layers=dims.num_layers,
         full_num_layers=full_num_layers,
-        shortv_layers=list(config.layers),
-        shortv_mode=config.mode,
+        shortv_layers=list(shortv.layers),
+        shortv_mode=shortv.mode,
         layer_selection=layer_selection,
         baseline=baseline,
-        shortv=shortv,
+        shortv=patched,
         prefill_speedup=measured,
         prefill_speedup_paired=Stats.of(paired),
         ideal_speedup=ideal,
-        ideal_speedup_paper=ideal_prefill_speedup(dims, counts, config.layers, "paper", **operators),
+        ideal_speedup_paper=method_ideal_speedup(dims, counts, config, "paper"),
         realized=measured / ideal,
         saved_time_realized=None if ideal <= 1.0 else (1 - 1 / measured) / (1 - 1 / ideal),
-        decode_ratio=median_ratio(shortv.decode_tokens_per_s, baseline.decode_tokens_per_s),
-        e2e_speedup=baseline.e2e_s.median / shortv.e2e_s.median,
-        memory_ratio=median_ratio(shortv.peak_memory_bytes, baseline.peak_memory_bytes),
+        decode_ratio=median_ratio(patched.decode_tokens_per_s, baseline.decode_tokens_per_s),
+        e2e_speedup=baseline.e2e_s.median / patched.e2e_s.median,
+        memory_ratio=median_ratio(patched.peak_memory_bytes, baseline.peak_memory_bytes),
         memory_method=PeakMemory(device).method,
         machine=machine,
         notes=notes,
+        method=method.record(config),
     )

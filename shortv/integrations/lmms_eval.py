@@ -12,7 +12,14 @@ Model arguments (``--model_args key=value,...``):
 ``pretrained``
     Local folder or hub id, loaded with `shortv.loading.load_model` (left out: the embedded tiny LLaVA).
 ``shortv_config``
-    A ShortV config JSON (``shortv select`` writes one).
+    A config JSON of any method: ShortV (``shortv calibrate`` writes one, layer- or operator-level), or FastV / VTW
+    (`shortv.pruning.TokenPruningConfig`); its fields say which.
+``method``, ``k``, ``ratio``, ``rank``
+    Another method than ShortV (`shortv.methods`): ``method=fastv,k=2,ratio=0.5`` (``rank=last`` or ``mean``),
+    ``method=vtw,k=16``, ``method=shortv+fastv,n=19,lc=lc.json,k=2,ratio=0.5`` (the ShortV part from ``n``/``lc``/
+    ``preset``/``shortv_config``). The log line of the loaded model, and the model's ``method_record``, name the
+    method and every parameter. Under FastV/VTW, ``loglikelihood`` scores the continuation, which is text after
+    every visual token, so it is never pruned (checked on every batch).
 ``n`` and ``lc``
     Freeze the ``n`` layers with the lowest visual Layer Contribution in ``lc`` (an LC JSON from ``shortv
     calibrate``). ``n`` without ``lc`` takes the first ``n`` layers of the published order for ``preset`` (default:
@@ -78,10 +85,11 @@ except ImportError as _error:  # pragma: no cover - exercised only without the e
 from ..config import MODES, PRESET_ALIASES, PRESET_LAYER_ORDERS, ShortVConfig
 from ..data import DEFAULT_VIDEO_FRAMES, check_takes_video, encode, read_video, to_rgb
 from ..loading import inputs_for, load_model, resolve_model
-from ..patch import apply_shortv, get_shortv_state
+from ..methods import describe_record, load_config, method_of, plan_runs
+from ..pruning import get_pruning_state, kept_columns
 from ..selection import check_matches_model
 
-__all__ = ["ShortV", "ShortVChat", "GenerationSettings", "Visuals", "resolve_shortv_config"]
+__all__ = ["ShortV", "ShortVChat", "GenerationSettings", "Visuals", "resolve_method_config", "resolve_shortv_config"]
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 #: lmms-eval 0.7.3's evaluator passes every model output through ``unwrap_generation_output``, which turns a
@@ -119,9 +127,9 @@ def resolve_shortv_config(
     if lc is not None and preset is not None:
         raise ValueError("give either lc= (your Layer Contribution file) or preset= (a published order), not both")
 
-    config: ShortVConfig | None
-    if shortv_config is not None:
-        config = shortv_config if isinstance(shortv_config, ShortVConfig) else ShortVConfig.load(shortv_config)
+    config: Any
+    if shortv_config is not None:  # a config file of any method (`shortv.methods.load_config`)
+        config = shortv_config if not isinstance(shortv_config, (str, Path)) else load_config(shortv_config)
     elif lc is not None:
         if n is None:
             raise ValueError("lc= needs n= (how many of the lowest-LC layers to freeze), e.g. n=19,lc=lc.json")
@@ -147,9 +155,28 @@ def resolve_shortv_config(
     if not _is_none(shortv_mode):
         if shortv_mode not in MODES:
             raise ValueError(f"shortv_mode must be one of {MODES}, got {shortv_mode!r}")
+        if config is not None and not isinstance(config, ShortVConfig):
+            raise ValueError("shortv_mode applies to a ShortV config; this shortv_config is a token pruning config")
         if config is not None:
             config = replace(config, mode=shortv_mode)
     return config
+
+
+def resolve_method_config(
+    config: Any, method: str | None = None, k: int | None = None, ratio: float | None = None, rank: str | None = None,
+) -> Any:
+    """The config of ``method`` (``fastv``, ``vtw``, ``shortv+fastv``...: `shortv.methods`) with ``k``/``ratio``/
+    ``rank``, whose ShortV part is ``config`` (from `resolve_shortv_config`); ``config`` itself without a method."""
+    method = None if _is_none(method) else str(method)
+    if method is None and (k, ratio, rank) == (None, None, None):
+        return config
+    if config is not None and not isinstance(config, ShortVConfig):
+        raise ValueError("give either method= or a token pruning shortv_config=, not both")
+    run = plan_runs([method] if method is not None else [], shortv=config, k=k, ratio=ratio, rank=rank)[0]
+    if config is not None and "layers" not in run.method.parameters:
+        raise ValueError(f"method={run.method.name} takes no ShortV layers; drop shortv_config / n / lc / preset, or "
+                         f"use method=shortv+{run.method.name}")
+    return run.config
 
 
 # --------------------------------------------------------------------------- generation settings
@@ -317,6 +344,17 @@ class ModelLoadError(SystemExit):
     this name when calling lmms-eval from Python."""
 
 
+def _check_scored_columns(columns: torch.Tensor | None, width: int, keep: int) -> None:
+    """FastV/VTW return the kept positions only: the ``keep`` scored ones must be the prompt's last, unpruned (they
+    are text after every visual token)."""
+    if columns is None:
+        return
+    expected = torch.arange(width - keep, width, device=columns.device)
+    if columns.shape[1] < keep or not bool((columns[:, -keep:] == expected).all()):
+        raise ValueError("FastV/VTW pruned a position whose log-likelihood is scored (a visual token after the "
+                         "context's start of the continuation); score this task without token pruning")
+
+
 class _ShortVModel(lmms):
     """Loading, batching and generation shared by the simple and chat variants (they differ in the prompt)."""
 
@@ -338,6 +376,10 @@ class _ShortVModel(lmms):
         lc: str | None = None,
         preset: str | None = None,
         shortv_mode: str | None = None,
+        method: str | None = None,
+        k: int | None = None,
+        ratio: float | None = None,
+        rank: str | None = None,
         dtype: str | None = None,
         device: str | None = None,
         device_map: str | None = None,
@@ -357,7 +399,8 @@ class _ShortVModel(lmms):
         if unknown:
             raise TypeError(
                 f"unknown model argument(s) for the shortv lmms-eval model: {', '.join(sorted(unknown))}. Known: "
-                "pretrained, shortv_config, n, lc, preset, shortv_mode, dtype, device, device_map, "
+                "pretrained, shortv_config, n, lc, preset, shortv_mode, method, k, ratio, rank, dtype, device, "
+                "device_map, "
                 "attn_implementation, batch_size, max_new_tokens, chat_template, system_prompt, trust_remote_code, "
                 "allow_other_model, num_frames"
             )
@@ -365,6 +408,12 @@ class _ShortVModel(lmms):
             raise ValueError("trust_remote_code and allow_other_model take true or false")
         pretrained = None if _is_none(pretrained) else str(pretrained)
         self.shortv_config = resolve_shortv_config(pretrained, shortv_config, n, lc, preset, shortv_mode)
+        #: The config applied (any method's) and its record: method name and every parameter (None: the baseline).
+        self.method_config = resolve_method_config(self.shortv_config, method, k, ratio, rank)
+        if not isinstance(self.shortv_config, ShortVConfig):
+            self.shortv_config = None
+        self.method_record = None if self.method_config is None else method_of(self.method_config).record(
+            self.method_config)
         try:
             self._batch_size = int(batch_size)
         except (TypeError, ValueError):
@@ -396,6 +445,8 @@ class _ShortVModel(lmms):
             where = next((str(v) for v in (shortv_config, lc) if not _is_none(v)), "the ShortV preset")
             check_matches_model(self.shortv_config, source.num_layers, source.model_id, where, allow_other_model,
                                 source.fingerprint)
+        if self.method_config is not None:
+            method_of(self.method_config).check(self.method_config, source.num_layers)
         model, processor, self.model_id = load_model(
             source, dtype=None if _is_none(dtype) else dtype, device_map=None if _is_none(device_map) else device_map,
             attn_implementation=attn_implementation,
@@ -403,12 +454,12 @@ class _ShortVModel(lmms):
         if _is_none(device_map):
             model.to(device)
         self._device = model.get_input_embeddings().weight.device
-        if self.shortv_config is not None:
-            apply_shortv(model, self.shortv_config)
-            logger.info(f"shortv: {self.model_id} with ShortV layers {self.shortv_config.layers} "
-                        f"(mode={self.shortv_config.mode})")
+        if self.method_config is not None:
+            method_of(self.method_config).apply(model, self.method_config)
+            logger.info(f"shortv: {self.model_id} with {describe_record(self.method_record)}")
         else:
-            logger.warning(f"shortv: no ShortV config given; evaluating the unmodified {self.model_id} (baseline)")
+            logger.warning(f"shortv: no ShortV config or method given; evaluating the unmodified {self.model_id} "
+                           "(baseline)")
         self._model, self._processor = model, processor
 
         tokenizer = self.tokenizer
@@ -455,9 +506,8 @@ class _ShortVModel(lmms):
 
     @property
     def shortv_layers(self) -> list[int]:
-        """The layers ShortV freezes in the loaded model ([] for the baseline)."""
-        state = get_shortv_state(self._model)
-        return [] if state is None else list(state.config.layers)
+        """The layers ShortV freezes in the loaded model, alone or with FastV/VTW ([] for the baseline)."""
+        return [] if self.method_record is None else list(self.method_record.get("layers", []))
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -686,7 +736,12 @@ class _ShortVModel(lmms):
         # Logits only from the first position that predicts a continuation token on: less memory than all of them.
         first = min(length - count - 1 for length, count in zip(lengths, counts))
         keep = ids.shape[1] - first
+        pruning = get_pruning_state(self._model)
+        if pruning is not None:
+            pruning.last_columns = None  # set again by a forward that prunes
         logits = self._model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        if pruning is not None:
+            _check_scored_columns(kept_columns(self._model), ids.shape[1], keep)
         results = []
         for row, (length, count) in enumerate(zip(lengths, counts)):
             positions = torch.arange(length - count - 1, length - 1, device=logits.device)
