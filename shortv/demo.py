@@ -327,19 +327,20 @@ def _compare_methods(report: DemoReport, model: Any, processor: Any, samples: li
     report.comparison = compare(score, targets, lc, dims, t, v)
     batches = [inputs_for(model, batch_inputs(processor, calibration_samples[start : start + batch_size]))
                for start in range(0, len(calibration_samples), batch_size)]
-    lowest = method_grid("vtw", dims, t, v, lc.order)[0].flops_ratio
+    grid = method_grid("vtw", dims, t, v, lc.order)
+    span = (grid[0].flops_ratio, grid[-1].flops_ratio)
     try:
         setting, report.vtw_rule = vtw_rule_setting(model, batches, dims, t, v, VTW_THRESHOLD)
         report.vtw_rule["calibration_samples"] = len(calibration_samples)
     except ValueError as error:  # no K meets the threshold: said in the row
         report.vtw_rule = {"rule": "vtw_kl", "threshold": VTW_THRESHOLD, "error": str(error)}
         report.comparison.append(ComparisonRow(None, "vtw_rule", None, f"no K with mean KL < {VTW_THRESHOLD}", None,
-                                               lowest, 0.0))
+                                               *span, 0.0))
     else:
         kl = report.vtw_rule["kl"][setting.k - 1]
         report.comparison.append(ComparisonRow(None, "vtw_rule", asdict(setting),
                                                f"{setting.describe()} (mean KL {kl:.3g} < {VTW_THRESHOLD})",
-                                               setting.flops_ratio, lowest, 0.0, *score(setting)))
+                                               setting.flops_ratio, *span, 0.0, *score(setting)))
     bar.close()
     report.verdicts = verdicts(report.comparison)
 

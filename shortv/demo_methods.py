@@ -15,7 +15,7 @@ Each method has its own grid of settings, priced by the library's FLOPs models (
 A nearest-setting method reaches a target inside its grid widened by half a step at each end, so the chosen
 setting is within half a step of the target (its `Match.tolerance`); operator-level reaches any target down to all
 its operators frozen, and lands at most one operator's saving below. A target a method cannot reach is a row of
-its own that gives the method's lowest FLOPs and no accuracy: never a silently moved setting.
+its own that gives the span of the method's FLOPs and no accuracy: never a silently moved setting.
 """
 
 from __future__ import annotations
@@ -123,13 +123,14 @@ def method_grid(method: str, dims: LayerDims, t: int, v: int, order: list[int]) 
 
 @dataclass
 class Match:
-    """A method at a FLOPs target: its setting (None: the target is out of its reach), its lowest FLOPs ratio, and
-    how far from the target its rule may land (``tolerance``; operator-level lands at or below the target)."""
+    """A method at a FLOPs target: its setting (None: the target is out of its reach), its lowest and highest FLOPs
+    ratios, and how far from the target its rule may land (``tolerance``; operator-level lands at or below it)."""
 
     target: float
     method: str
     setting: Setting | None
     lowest: float
+    highest: float
     tolerance: float
 
 
@@ -138,10 +139,10 @@ def nearest(target: float, method: str, grid: list[Setting]) -> Match:
     ratios = [s.flops_ratio for s in grid]
     steps = [high - low for low, high in zip(ratios, ratios[1:])]
     if not ratios[0] - steps[0] / 2 <= target <= ratios[-1] + steps[-1] / 2:
-        return Match(target, method, None, ratios[0], steps[0] / 2)
+        return Match(target, method, None, ratios[0], ratios[-1], 0.0)
     index = min(range(len(grid)), key=lambda i: (abs(ratios[i] - target), ratios[i]))
     around = steps[max(index - 1, 0) : index + 1]
-    return Match(target, method, grid[index], ratios[0], max(around) / 2)
+    return Match(target, method, grid[index], ratios[0], ratios[-1], max(around) / 2)
 
 
 def operator_match(target: float, lc: LCResult, dims: LayerDims, t: int, v: int) -> Match:
@@ -152,13 +153,13 @@ def operator_match(target: float, lc: LCResult, dims: LayerDims, t: int, v: int)
     every = chosen(n=len(chosen(n=0).provenance["operator_order"]))
     lowest = every.provenance["flops_ratio"]
     if target < lowest:
-        return Match(target, "operators", None, lowest, 0.0)
+        return Match(target, "operators", None, lowest, 1.0, 0.0)
     config = chosen(flops_ratio=target)
     count = config.provenance["n_operators"]
     step = chosen(n=count - 1).provenance["flops_ratio"] - config.provenance["flops_ratio"] if count else 0.0
     setting = Setting("operators", config.provenance["flops_ratio"], tuple(config.layers),
                       tuple(config.attention_layers), tuple(config.mlp_layers))
-    return Match(target, "operators", setting, lowest, step)
+    return Match(target, "operators", setting, lowest, 1.0, step)
 
 
 def matches(targets: tuple[float, ...], lc: LCResult, dims: LayerDims, t: int, v: int) -> list[Match]:
@@ -187,6 +188,7 @@ class ComparisonRow:
     description: str
     flops_ratio: float | None
     lowest: float
+    highest: float
     tolerance: float
     accuracy: float | None = None
     per_type: dict[str, float] = field(default_factory=dict)
@@ -198,12 +200,14 @@ class ComparisonRow:
     @classmethod
     def of(cls, match: Match, accuracy: float | None = None, per_type: dict | None = None) -> ComparisonRow:
         s = match.setting
-        return cls(match.target, match.method, None if s is None else asdict(s),
-                   f"unreachable: lowest {100 * match.lowest:.1f}%" if s is None else s.describe(),
-                   None if s is None else s.flops_ratio, match.lowest, match.tolerance, accuracy, per_type or {})
+        span = f"out of reach: {_percent(match.lowest)} to {_percent(match.highest)}"
+        return cls(match.target, match.method, None if s is None else asdict(s), span if s is None else s.describe(),
+                   None if s is None else s.flops_ratio, match.lowest, match.highest, match.tolerance, accuracy,
+                   per_type or {})
 
 
-def compare(score: Any, targets: tuple[float, ...], lc: LCResult, dims: LayerDims, t: int, v: int) -> list[ComparisonRow]:
+def compare(score: Any, targets: tuple[float, ...], lc: LCResult, dims: LayerDims, t: int,
+            v: int) -> list[ComparisonRow]:
     """The comparison's rows at ``targets``: each method's `Match`, scored by ``score(setting) -> (accuracy,
     per_type)`` when reached (the caller caches: a setting met twice is scored once)."""
     return [ComparisonRow.of(match, *(score(match.setting) if match.setting is not None else (None, None)))
@@ -248,7 +252,8 @@ def verdicts(rows: list[ComparisonRow]) -> list[str]:
         lines.append(f"{100 * target:.0f}% of the FLOPs: {named} {verb} at {_percent(best)}{alone}{out}.")
     pairs = []
     for target in targets:
-        layer, operator = (next(r for r in rows if r.target == target and r.method == m) for m in ("shortv", "operators"))
+        layer, operator = (next(r for r in rows if r.target == target and r.method == method)
+                           for method in ("shortv", "operators"))
         if layer.reached and operator.reached:
             pairs.append((target, layer, operator))
     if not pairs:

@@ -244,7 +244,7 @@ def methods_figure(report):  # noqa: ANN001, ANN201 - shortv.demo.DemoReport -> 
               label=LABELS["unpatched"])
     axes.axhline(100 * report.row("blind").accuracy, color="black", ls=":", lw=1, label=LABELS["blind"])
     targets = [100 * r.target for r in report.comparison if r.target is not None]
-    axes.set_xlim(min(shown + targets) - 5, 103)
+    axes.set_xlim(min(shown + targets, default=100) - 5, 103)
     axes.set_ylim(0, 100)
     axes.set_xlabel("prefill FLOPs (% of unpatched; dotted: the targets)")
     axes.set_ylabel("test accuracy (%)")
