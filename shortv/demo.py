@@ -28,6 +28,7 @@ from .benchmark import BenchInputs, benchmark
 from .benchmark.report import SMALL_MODEL_CAVEAT
 from .calibrate import calibrate
 from .config import ShortVConfig
+from .contribution import LCResult
 from .data import VQASample, read_jsonl, subsample
 from .demo_methods import (FLOPS_TARGETS, VTW_THRESHOLD, ComparisonRow, Setting, applied, compare,
                            comparison_markdown, method_grid, verdicts, vtw_rule_setting)
@@ -306,7 +307,7 @@ def run_demo(
 
 
 def _compare_methods(report: DemoReport, model: Any, processor: Any, samples: list[VQASample], batch_size: int,
-                     lc: Any, dims: LayerDims, shape: tuple[int, int], targets: tuple[float, ...],
+                     lc: LCResult, dims: LayerDims, shape: tuple[int, int], targets: tuple[float, ...],
                      calibration_samples: list[VQASample], progress: bool) -> None:
     """The methods at matched FLOPs into ``report``: every setting scored once (the ablation's LC-ranked rows are
     reused), then VTW at the K of its own KL rule on the calibration samples (the ones LC was calibrated on)."""
@@ -331,12 +332,12 @@ def _compare_methods(report: DemoReport, model: Any, processor: Any, samples: li
     span = (grid[0].flops_ratio, grid[-1].flops_ratio)
     try:
         setting, report.vtw_rule = vtw_rule_setting(model, batches, dims, t, v, VTW_THRESHOLD)
-        report.vtw_rule["calibration_samples"] = len(calibration_samples)
     except ValueError as error:  # no K meets the threshold: said in the row
         report.vtw_rule = {"rule": "vtw_kl", "threshold": VTW_THRESHOLD, "error": str(error)}
         report.comparison.append(ComparisonRow(None, "vtw_rule", None, f"no K with mean KL < {VTW_THRESHOLD}", None,
                                                *span, 0.0))
     else:
+        report.vtw_rule["calibration_samples"] = len(calibration_samples)  # its "samples" counts the batches
         kl = report.vtw_rule["kl"][setting.k - 1]
         report.comparison.append(ComparisonRow(None, "vtw_rule", asdict(setting),
                                                f"{setting.describe()} (mean KL {kl:.3g} < {VTW_THRESHOLD})",
