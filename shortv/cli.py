@@ -389,7 +389,8 @@ def demo(
     threads: Threads = None,
     overwrite: Overwrite = False,
 ) -> None:
-    """The method and the paper's ablation on the embedded tiny LLaVA: LC, layer selections, FLOPs, speed, report."""
+    """The method and the paper's ablation on the embedded tiny LLaVA: LC, layer selections, FLOPs, speed, report;
+    then ShortV, operator-level ShortV, FastV, VTW and ShortV + FastV at matched FLOPs."""
     from shortv.demo import SPEED_CAVEAT, run_demo
     from shortv.loading import resolve_model
 
@@ -409,12 +410,15 @@ def demo(
     # Plain text, never wrapped or re-styled, so that the tables survive a pipe.
     typer.echo(f"LC order: {report.lc_order}")
     typer.echo(report.markdown())
+    typer.echo(report.comparison_markdown())
+    typer.echo("\n".join(report.verdicts) + "\n")
     if report.speed:
         typer.echo(report.speed_markdown())
         typer.echo(SPEED_CAVEAT + "\n")
     typer.echo(f"demo took {report.timing['wall_s']} s wall, {report.timing['cpu_s']} s CPU")
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'metrics.json'}, "
-               f"{out / 'accuracy_vs_flops.png'}, {out / 'calibration'}/ (lc.json, shortv_config.json, lc.png)")
+               f"{out / 'accuracy_vs_flops.png'}, {out / 'methods_vs_flops.png'}, {out / 'calibration'}/ (lc.json, "
+               "shortv_config.json, lc.png, shortv_operators_config.json, lc_operators.png)")
 
 
 if __name__ == "__main__":  # pragma: no cover

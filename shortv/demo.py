@@ -3,8 +3,9 @@
 Calibrate LC on the calib split; then, on the test split, measure the accuracy of the unpatched model, of the
 same questions on a blank image (blind control), and at several N of: ShortV with the LC-ranked layers, five
 seeded random selections, the first N and the last N layers, and the LC-ranked layers with *text* tokens frozen
-instead (the paper's "which tokens" ablation). Report FLOPs ratios and the measured prefill speedup; write
-report.md, results.json and plots.
+instead (the paper's "which tokens" ablation). Then the methods at matched FLOPs (`shortv.demo_methods`): ShortV,
+operator-level ShortV, FastV, VTW and ShortV + FastV at 30%, 45% and 55% of the prefill FLOPs, and VTW at the K of
+its own KL rule. Report FLOPs ratios and the measured prefill speedup; write report.md, results.json and plots.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from .benchmark import BenchInputs, benchmark
 from .benchmark.report import SMALL_MODEL_CAVEAT
 from .calibrate import calibrate
 from .config import ShortVConfig
+from .contribution import LCResult
 from .data import VQASample, read_jsonl, subsample
+from .demo_methods import (FLOPS_TARGETS, VTW_THRESHOLD, ComparisonRow, Setting, applied, compare,
+                           comparison_markdown, method_grid, verdicts, vtw_rule_setting)
 from .evaluation import batch_inputs, generate_answers, is_correct, token_counts
 from .files import output_folder, refuse_existing
 from .flops import LayerDims, flops_ratio
@@ -48,7 +52,7 @@ LABELS = {
 #: Printed under the speed table: at this size the measured speedup is not meaningful.
 SPEED_CAVEAT = SMALL_MODEL_CAVEAT
 #: The files a demo writes besides its calibration/ folder.
-OUTPUTS = ("report.md", "results.json", "metrics.json", "accuracy_vs_flops.png")
+OUTPUTS = ("report.md", "results.json", "metrics.json", "accuracy_vs_flops.png", "methods_vs_flops.png")
 #: The paper's operating point (LLaVA-1.5-7B, N=19 of 32): 55% of the prefill FLOPs.
 OPERATING_FLOPS = 0.55
 
@@ -90,6 +94,10 @@ class DemoReport:
     operating_n: int
     majority: float
     rows: list[DemoRow] = field(default_factory=list)
+    #: The methods at matched FLOPs (`shortv.demo_methods`), VTW's own rule last; the verdict lines; the rule's record.
+    comparison: list[ComparisonRow] = field(default_factory=list)
+    verdicts: list[str] = field(default_factory=list)
+    vtw_rule: dict[str, Any] = field(default_factory=dict)
     speed: list[SpeedRow] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +138,9 @@ class DemoReport:
                     line(LABELS[key], n, ",".join(map(str, r.layers)), r.flops_ratio, f"{100 * r.accuracy:.1f}%",
                          r.per_type)
         return "\n".join(lines) + "\n"
+
+    def comparison_markdown(self) -> str:
+        return comparison_markdown(self.comparison, sorted(self.row("unpatched").per_type))
 
     def speed_markdown(self) -> str:
         lines = ["| N (LC-ranked) | FLOPs-ideal speedup | measured prefill speedup: median (min-max) |",
@@ -200,6 +211,7 @@ def run_demo(
     progress: bool = True,
     model_path: str | Path | None = None,
     overwrite: bool = False,
+    flops_targets: tuple[float, ...] = FLOPS_TARGETS,
 ) -> DemoReport:
     """Run the demo into ``out_dir``; ``model_path`` swaps in another checkpoint of the embedded architecture.
 
@@ -207,10 +219,11 @@ def run_demo(
     (:data:`OUTPUTS` and ``calibration/``) are removed first, and nothing else.
 
     ``ns`` defaults to :func:`default_ns`. Writes results.json (every row), metrics.json (:func:`ablation_metrics`),
-    report.md, accuracy_vs_flops.png and calibration/ (lc.json, shortv_config.json for the operating N, lc.png).
+    report.md, accuracy_vs_flops.png, methods_vs_flops.png (the methods at ``flops_targets``) and calibration/
+    (lc.json with per-operator LC, shortv_config.json for the operating N, lc.png, the operator-level files).
     """
     from .benchmark import machine_info
-    from .plots import plot_accuracy_vs_flops
+    from .plots import plot_accuracy_vs_flops, plot_methods_vs_flops
     from .tiny import embedded_split_path, load_embedded
 
     wall0, cpu0, load0 = time.perf_counter(), time.process_time(), _load()
@@ -239,7 +252,7 @@ def run_demo(
     # that `shortv eval --lc OUT/calibration/lc.json` and `--config OUT/calibration/shortv_config.json` accept them.
     calibration_dir = out_dir / "calibration"
     calibration = calibrate(model, processor=processor, data=embedded_split_path("calib"), out_dir=calibration_dir,
-                            num_samples=num_calib, n=operating, seed=seed, progress=progress)
+                            num_samples=num_calib, n=operating, seed=seed, progress=progress, operators=True)
     lc = calibration.lc
     order = lc.order
     ns = ns or default_ns(num_layers, lambda n: ratio(list(range(n))))
@@ -271,6 +284,9 @@ def run_demo(
                                    draw))
         bar.update(1)
     bar.close()
+    _compare_methods(report, model, processor, samples, batch_size, lc, dims, (round(text), visual), flops_targets,
+                     calibration_samples=subsample(read_jsonl(embedded_split_path("calib")), num_calib, seed),
+                     progress=progress)
 
     if speed_repeats > 0:
         speed_batch = BenchInputs.from_model_inputs(model, inputs_for(model, batch_inputs(processor, samples[:8])))
@@ -285,8 +301,49 @@ def run_demo(
     (out_dir / "results.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(ablation_metrics(report), indent=1) + "\n")
     plot_accuracy_vs_flops(report, out_dir / "accuracy_vs_flops.png")
+    plot_methods_vs_flops(report, out_dir / "methods_vs_flops.png")
     (out_dir / "report.md").write_text(report_text(report))
     return report
+
+
+def _compare_methods(report: DemoReport, model: Any, processor: Any, samples: list[VQASample], batch_size: int,
+                     lc: LCResult, dims: LayerDims, shape: tuple[int, int], targets: tuple[float, ...],
+                     calibration_samples: list[VQASample], progress: bool) -> None:
+    """The methods at matched FLOPs into ``report``: every setting scored once (the ablation's LC-ranked rows are
+    reused), then VTW at the K of its own KL rule on the calibration samples (the ones LC was calibrated on)."""
+    t, v = shape
+    if [s.id for s in calibration_samples] != lc.sample_ids:  # pragma: no cover - calibrate subsamples the same way
+        raise ValueError("the VTW rule's calibration samples are not the ones LC was calibrated on")
+    known = {Setting("shortv", r.flops_ratio, tuple(r.layers)): (r.accuracy, r.per_type)
+             for r in report.rows if r.selection == "lc"}
+    bar = tqdm(desc="demo: methods at matched FLOPs", unit="config", disable=not progress)
+
+    def score(setting: Setting) -> tuple[float, dict[str, float]]:
+        if setting not in known:
+            with applied(model, setting):
+                known[setting] = _accuracy(model, processor, samples, batch_size)
+            bar.update(1)
+        return known[setting]
+
+    report.comparison = compare(score, targets, lc, dims, t, v)
+    batches = [inputs_for(model, batch_inputs(processor, calibration_samples[start : start + batch_size]))
+               for start in range(0, len(calibration_samples), batch_size)]
+    grid = method_grid("vtw", dims, t, v, lc.order)
+    span = (grid[0].flops_ratio, grid[-1].flops_ratio)
+    try:
+        setting, report.vtw_rule = vtw_rule_setting(model, batches, dims, t, v, VTW_THRESHOLD)
+    except ValueError as error:  # no K meets the threshold: said in the row
+        report.vtw_rule = {"rule": "vtw_kl", "threshold": VTW_THRESHOLD, "error": str(error)}
+        report.comparison.append(ComparisonRow(None, "vtw_rule", None, f"no K with mean KL < {VTW_THRESHOLD}", None,
+                                               *span, 0.0))
+    else:
+        report.vtw_rule["calibration_samples"] = len(calibration_samples)  # its "samples" counts the batches
+        kl = report.vtw_rule["kl"][setting.k - 1]
+        report.comparison.append(ComparisonRow(None, "vtw_rule", asdict(setting),
+                                               f"{setting.describe()} (mean KL {kl:.3g} < {VTW_THRESHOLD})",
+                                               setting.flops_ratio, *span, 0.0, *score(setting)))
+    bar.close()
+    report.verdicts = verdicts(report.comparison)
 
 
 #: Issue #15's targets for the embedded model at the operating N, as (name, description); see :func:`ablation_metrics`.
@@ -348,6 +405,9 @@ def report_text(report: DemoReport) -> str:
         f"LC order (ascending visual LC): {report.lc_order}\n\nVisual LC per layer, in that order: {lc_line}\n\n"
         f"The paper's operating point (55% of the prefill FLOPs) is N = {report.operating_n}.\n\n"
         f"{report.markdown()}\n"
+        "Methods at matched prefill FLOPs (same model, test questions and calibration samples; the rules that set "
+        "each method's parameters for a target are in docs/demo.md):\n\n"
+        f"{report.comparison_markdown()}\n" + "".join(f"- {line}\n" for line in report.verdicts) + "\n"
         f"Random layers: {sum(1 for r in report.rows if r.selection == 'random' and r.n == report.operating_n)} "
         "seeded draws per N, mean (min-max). The text-token ablation saves no FLOPs (it runs in reference mode).\n\n"
         + (f"Prefill speedup of the LC-ranked layers (batch of 8 prompts, paired interleaved runs after warm-up):\n\n"
@@ -356,5 +416,6 @@ def report_text(report: DemoReport) -> str:
         + f"Demo wall time {timing.get('wall_s')} s, CPU time {timing.get('cpu_s')} s, {timing.get('torch_threads')} "
         f"torch threads, load average {timing.get('load_average_start')} at the start; "
         f"{report.machine.get('cpu', 'cpu')}, torch {torch.__version__}.\n\n"
-        "![LC](calibration/lc.png)\n\n![accuracy vs FLOPs](accuracy_vs_flops.png)\n"
+        "![LC](calibration/lc.png)\n\n![accuracy vs FLOPs](accuracy_vs_flops.png)\n\n"
+        "![methods vs FLOPs](methods_vs_flops.png)\n"
     )

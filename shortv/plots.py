@@ -200,3 +200,55 @@ def accuracy_figure(report):  # noqa: ANN001, ANN201 - shortv.demo.DemoReport ->
     axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     figure.tight_layout()
     return figure
+
+
+def plot_methods_vs_flops(report, path: str | Path) -> Path:  # noqa: ANN001 - shortv.demo.DemoReport
+    """The demo's methods at matched FLOPs: accuracy against prefill FLOPs, one line per method through its settings
+    at the targets (each at its exact FLOPs; a target out of a method's reach has no point), VTW at the K of its
+    own KL rule as a lone marker, the targets as dotted verticals."""
+    return _save(methods_figure(report), path)
+
+
+def methods_figure(report):  # noqa: ANN001, ANN201 - shortv.demo.DemoReport -> a matplotlib Figure
+    """The figure of `plot_methods_vs_flops` (the caller closes it)."""
+    from .demo import LABELS
+    from .demo_methods import METHOD_LABELS, METHODS
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6.4, 5.6))
+    styles = {  # (color, marker, size, line style): larger hollow markers behind smaller ones
+        "shortv": ("tab:blue", "o", 11, "-"),
+        "operators": ("tab:cyan", "s", 9, "--"),
+        "fastv": ("tab:red", "v", 9, "-"),
+        "vtw": ("tab:purple", "D", 7, "-."),
+        "shortv+fastv": ("tab:green", "^", 7, ":"),
+    }
+    shown = []
+    for method in METHODS:
+        color, marker, size, style = styles[method]
+        points = sorted((100 * r.flops_ratio, 100 * r.accuracy) for r in report.comparison
+                        if r.method == method and r.target is not None and r.reached)
+        missed = [r for r in report.comparison if r.method == method and r.target is not None and not r.reached]
+        label = METHOD_LABELS[method] + (f" ({len(missed)} target(s) out of reach)" if missed else "")
+        axes.plot([x for x, _ in points], [y for _, y in points], color=color, marker=marker, ms=size, mfc="none",
+                  mew=1.6, lw=1.2, ls=style, label=label)
+        shown += [x for x, _ in points]
+    for r in report.comparison:
+        if r.method == "vtw_rule" and r.reached:
+            axes.plot([100 * r.flops_ratio], [100 * r.accuracy], marker="P", color="tab:purple", ms=10, ls="none",
+                      label=f"{METHOD_LABELS['vtw_rule']} (K={r.setting['k']})")
+            shown.append(100 * r.flops_ratio)
+    for target in sorted({r.target for r in report.comparison if r.target is not None}):
+        axes.axvline(100 * target, color="gray", ls=":", lw=0.8)
+    axes.plot([100], [100 * report.row("unpatched").accuracy], marker="*", color="black", ms=13, ls="none",
+              label=LABELS["unpatched"])
+    axes.axhline(100 * report.row("blind").accuracy, color="black", ls=":", lw=1, label=LABELS["blind"])
+    targets = [100 * r.target for r in report.comparison if r.target is not None]
+    axes.set_xlim(min(shown + targets, default=100) - 5, 103)
+    axes.set_ylim(0, 100)
+    axes.set_xlabel("prefill FLOPs (% of unpatched; dotted: the targets)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title(f"{report.model}: methods at matched FLOPs, {report.num_test} test questions", fontsize=9)
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    figure.tight_layout()
+    return figure

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from shortv import LCResult  # noqa: E402
-from shortv.plots import accuracy_figure, layer_contribution_figure, model_label  # noqa: E402
+from shortv.plots import accuracy_figure, layer_contribution_figure, methods_figure, model_label  # noqa: E402
 from shortv.tiny import embedded_model_path  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "demo"
@@ -16,10 +16,12 @@ DEMO = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "demo"
 
 def recorded_demo():
     from shortv.demo import DemoReport, DemoRow, SpeedRow
+    from shortv.demo_methods import ComparisonRow
 
     data = json.loads((DEMO / "results.json").read_text())
     return DemoReport(**{**data, "rows": [DemoRow(**row) for row in data["rows"]],
-                         "speed": [SpeedRow(**row) for row in data["speed"]]})
+                         "speed": [SpeedRow(**row) for row in data["speed"]],
+                         "comparison": [ComparisonRow(**row) for row in data["comparison"]]})
 
 
 def test_accuracy_legend_covers_no_curve():
@@ -36,6 +38,34 @@ def test_accuracy_legend_covers_no_curve():
         assert legend.y1 < frame.y0 or legend.x0 > frame.x1  # under or beside the plotting area
         labels = [text.get_text() for text in axes.get_legend().get_texts()]
         assert any(label.startswith("LC-ranked, text tokens frozen") for label in labels)
+    finally:
+        plt.close(figure)
+
+
+def test_methods_figure_draws_one_line_per_method_through_its_rows():
+    """The recorded demo's comparison: one line per method through the FLOPs and accuracy of its reached rows (a
+    target out of its reach has no point and is counted in its label), VTW's own rule as a lone marker."""
+    import matplotlib.pyplot as plt
+
+    from shortv.demo_methods import METHOD_LABELS, METHODS
+
+    report = recorded_demo()
+    figure = methods_figure(report)
+    try:
+        figure.canvas.draw()
+        [axes] = figure.axes
+        lines = {line.get_label(): line for line in axes.get_lines()}
+        for method in METHODS:
+            rows = [r for r in report.comparison if r.method == method and r.target is not None]
+            missed = len([r for r in rows if not r.reached])
+            label = METHOD_LABELS[method] + (f" ({missed} target(s) out of reach)" if missed else "")
+            points = sorted((100 * r.flops_ratio, 100 * r.accuracy) for r in rows if r.reached)
+            assert list(zip(lines[label].get_xdata(), lines[label].get_ydata())) == points, method
+        [rule] = [r for r in report.comparison if r.method == "vtw_rule"]
+        assert list(lines[f"{METHOD_LABELS['vtw_rule']} (K={rule.setting['k']})"].get_xdata()) == [
+            100 * rule.flops_ratio]
+        legend, frame = axes.get_legend().get_window_extent(), axes.get_window_extent()
+        assert legend.y1 < frame.y0
     finally:
         plt.close(figure)
 
