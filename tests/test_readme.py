@@ -170,3 +170,28 @@ def test_lmms_eval_recipe_runs_and_scores_as_shortv_eval(fresh_folder):
     samples = read_jsonl(embedded_split_path("test"), require_answer=True)[:questions]
     summary = evaluate(model, processor, samples, ShortVConfig(layers), progress=False)
     assert questions == 16 and results["results"][task]["exact_match,none"] == pytest.approx(summary.shortv.accuracy)
+
+
+def test_method_comparison_is_the_recorded_run():
+    """The README's methods-at-matched-FLOPs table: each cell's accuracy and FLOPs (or the lowest FLOPs a method
+    reaches) and the bold winner of each target are those of the recorded demo's results.json."""
+    results = json.loads((REPO / "benchmarks" / "results" / "demo" / "results.json").read_text())
+    rows = {(row["target"], row["method"]): row for row in results["comparison"]}
+    lines = [line for line in README.read_text().splitlines() if re.match(r"\| \d+% \|", line)]
+    header = next(line for line in README.read_text().splitlines() if line.startswith("| target | ShortV |"))
+    methods = {"ShortV": "shortv", "operator-level ShortV": "operators", "FastV": "fastv", "VTW": "vtw",
+               "ShortV + FastV": "shortv+fastv"}
+    columns = [methods[name.strip()] for name in header.strip("|").split("|")[1:]]
+    assert len(lines) == 3 and len(columns) == 5
+    for line in lines:
+        target, *cells = [cell.strip() for cell in line.strip("|").split("|")]
+        target = int(target.rstrip("%")) / 100
+        best = max(row["accuracy"] for (at, _), row in rows.items() if at == target and row["accuracy"] is not None)
+        for method, cell in zip(columns, cells):
+            row = rows[(target, method)]
+            if row["accuracy"] is None:
+                assert cell == f"min {100 * row['lowest']:.1f}%", (target, method, cell)
+                continue
+            accuracy, flops = re.fullmatch(r"\**([\d.]+)%\** \(([\d.]+)%\)", cell).group(1, 2)
+            assert (accuracy, flops) == (f"{100 * row['accuracy']:.1f}", f"{100 * row['flops_ratio']:.1f}"), cell
+            assert cell.startswith("**") == (row["accuracy"] == best), cell
