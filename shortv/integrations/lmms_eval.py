@@ -64,7 +64,6 @@ answers. ``device_map`` is for a single process.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,257 +81,30 @@ except ImportError as _error:  # pragma: no cover - exercised only without the e
         "`pip install --no-deps lmms-eval==0.7.3 loguru pytz`."
     ) from _error
 
-from ..config import MODES, PRESET_ALIASES, PRESET_LAYER_ORDERS, ShortVConfig
-from ..data import DEFAULT_VIDEO_FRAMES, check_takes_video, encode, read_video, to_rgb
+from ..config import ShortVConfig
+from ..data import DEFAULT_VIDEO_FRAMES, check_takes_video, encode
 from ..loading import inputs_for, load_model, resolve_model
-from ..methods import describe_record, load_config, method_of, plan_runs
+from ..methods import describe_record, method_of
 from ..pruning import get_pruning_state, kept_columns
 from ..selection import check_matches_model
+from .lmms_eval_config import is_none, resolve_method_config, resolve_shortv_config
+from .lmms_eval_inputs import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerationSettings,
+    Visuals,
+    _as_visuals,
+    _stop_strings_criterion,
+    truncate_at_stops,
+)
 
 __all__ = ["ShortV", "ShortVChat", "GenerationSettings", "Visuals", "resolve_method_config", "resolve_shortv_config"]
 
-DEFAULT_MAX_NEW_TOKENS = 1024
 #: lmms-eval 0.7.3's evaluator passes every model output through ``unwrap_generation_output``, which turns a
 #: loglikelihood tuple ``(loss, is_greedy)`` into its ``str``: multiple-choice scoring then fails for every model.
 #: Where it does, the tuples go out wrapped as ``GenerationResult(text=(loss, is_greedy))``, which it unwraps intact.
 _WRAP_SCORES = unwrap_generation_output((0.0, True))[0] != (0.0, True)
 #: Image placeholders lmms-eval prompts may carry (besides the processor's own image token).
 _PROMPT_IMAGE_TOKENS = ("<image>",)
-_NONE_VALUES = ("", "none", "null", "baseline")
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-def _is_none(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in _NONE_VALUES)
-
-
-def resolve_shortv_config(
-    pretrained: str | None = None,
-    shortv_config: str | Path | ShortVConfig | None = None,
-    n: int | None = None,
-    lc: str | Path | None = None,
-    preset: str | None = None,
-    shortv_mode: str | None = None,
-) -> ShortVConfig | None:
-    """The ShortV config the model arguments ask for, or None for the unmodified model (see the module docstring)."""
-    shortv_config = None if _is_none(shortv_config) else shortv_config
-    lc = None if _is_none(lc) else lc
-    preset = None if _is_none(preset) else preset
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise ValueError(f"n must be a non-negative integer (number of layers to freeze), got {n!r}")
-    if shortv_config is not None and (n is not None or lc is not None or preset is not None):
-        raise ValueError("give either shortv_config= or n= with lc= / preset=, not both")
-    if lc is not None and preset is not None:
-        raise ValueError("give either lc= (your Layer Contribution file) or preset= (a published order), not both")
-
-    config: Any
-    if shortv_config is not None:  # a config file of any method (`shortv.methods.load_config`)
-        config = shortv_config if not isinstance(shortv_config, (str, Path)) else load_config(shortv_config)
-    elif lc is not None:
-        if n is None:
-            raise ValueError("lc= needs n= (how many of the lowest-LC layers to freeze), e.g. n=19,lc=lc.json")
-        from ..selection import select_layers
-
-        config = select_layers(lc, n=n)
-    elif n is not None or preset is not None:
-        name = preset if preset is not None else (None if pretrained is None else str(pretrained))
-        hub_id = PRESET_ALIASES.get(name, name) if name is not None else None
-        if hub_id in PRESET_LAYER_ORDERS:
-            config = ShortVConfig.from_preset(hub_id, n=n)
-        elif n == 0:
-            config = ShortVConfig(layers=[], provenance={"n": 0})
-        else:
-            known = ", ".join(sorted(PRESET_LAYER_ORDERS) + sorted(PRESET_ALIASES))
-            raise ValueError(
-                f"n={n} needs lc= (a Layer Contribution file from `shortv calibrate`) or a published preset; "
-                f"{name!r} is not one (presets: {known}). Or give shortv_config= (from `shortv select`)."
-            )
-    else:
-        config = None
-
-    if not _is_none(shortv_mode):
-        if shortv_mode not in MODES:
-            raise ValueError(f"shortv_mode must be one of {MODES}, got {shortv_mode!r}")
-        if config is not None and not isinstance(config, ShortVConfig):
-            raise ValueError("shortv_mode applies to a ShortV config; this shortv_config is a token pruning config")
-        if config is not None:
-            config = replace(config, mode=shortv_mode)
-    return config
-
-
-def resolve_method_config(
-    config: Any, method: str | None = None, k: int | None = None, ratio: float | None = None, rank: str | None = None,
-) -> Any:
-    """The config of ``method`` (``fastv``, ``vtw``, ``shortv+fastv``...: `shortv.methods`) with ``k``/``ratio``/
-    ``rank``, whose ShortV part is ``config`` (from `resolve_shortv_config`); ``config`` itself without a method."""
-    method = None if _is_none(method) else str(method)
-    if method is None and (k, ratio, rank) == (None, None, None):
-        return config
-    if config is not None and not isinstance(config, ShortVConfig):
-        raise ValueError("give either method= or a token pruning shortv_config=, not both")
-    run = plan_runs([method] if method is not None else [], shortv=config, k=k, ratio=ratio, rank=rank)[0]
-    if config is not None and "layers" not in run.method.parameters:
-        raise ValueError(f"method={run.method.name} takes no ShortV layers; drop shortv_config / n / lc / preset, or "
-                         f"use method=shortv+{run.method.name}")
-    return run.config
-
-
-# --------------------------------------------------------------------------- generation settings
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """One task's ``generation_kwargs``, normalised; requests are batched only with requests of equal settings."""
-
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    do_sample: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    num_beams: int = 1
-    repetition_penalty: float | None = None
-    until: tuple[str, ...] = ()
-
-    @classmethod
-    def from_kwargs(
-        cls, gen_kwargs: dict[str, Any] | None, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    ) -> tuple[GenerationSettings, list[str]]:
-        """(settings, names of the keys that were ignored). ``temperature`` 0 (or absent) means greedy."""
-        kwargs = dict(gen_kwargs or {})
-        until = kwargs.pop("until", None)
-        if until is None:
-            until = ()
-        elif isinstance(until, str):
-            until = (until,)
-        elif isinstance(until, (list, tuple)) and all(isinstance(stop, str) for stop in until):
-            until = tuple(until)
-        else:
-            raise ValueError(f"gen_kwargs['until'] must be a string or a list of strings, got {until!r}")
-        max_new_tokens = kwargs.pop("max_new_tokens", None)
-        max_new_tokens = default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        temperature = float(kwargs.pop("temperature", None) or 0.0)
-        do_sample_flag = kwargs.pop("do_sample", None)
-        do_sample = temperature > 0 and do_sample_flag is not False
-        top_p = kwargs.pop("top_p", None)
-        top_k = kwargs.pop("top_k", None)
-        num_beams = int(kwargs.pop("num_beams", None) or 1)
-        repetition_penalty = kwargs.pop("repetition_penalty", None)
-        settings = cls(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=None if not do_sample or top_p is None else float(top_p),
-            top_k=None if not do_sample or top_k is None else int(top_k),
-            num_beams=num_beams,
-            repetition_penalty=None if repetition_penalty is None else float(repetition_penalty),
-            until=tuple(stop for stop in dict.fromkeys(until) if stop),  # an empty stop string would cut everything
-        )
-        return settings, sorted(kwargs)
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                                  "num_beams": self.num_beams}
-        if self.do_sample:
-            kwargs["temperature"] = self.temperature
-            if self.top_p is not None:
-                kwargs["top_p"] = self.top_p
-            if self.top_k is not None:
-                kwargs["top_k"] = self.top_k
-        if self.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        return kwargs
-
-
-def truncate_at_stops(text: str, stops: tuple[str, ...] | list[str]) -> str:
-    """``text`` up to the first occurrence of any stop string."""
-    cut = min((index for index in (text.find(stop) for stop in stops) if index >= 0), default=len(text))
-    return text[:cut]
-
-
-def _stop_strings_criterion(tokenizer: Any, stops: tuple[str, ...], prompt_length: int) -> Any:
-    """Per-row criterion: a row is done once its decoded answer contains a stop string (it is cut there anyway)."""
-    from transformers import StoppingCriteria
-
-    class StopStrings(StoppingCriteria):
-        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-            texts = tokenizer.batch_decode(input_ids[:, prompt_length:], skip_special_tokens=True)
-            done = [any(stop in text for stop in stops) for text in texts]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return StopStrings()
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-_AUDIO_EXTENSIONS = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
-
-
-@dataclass
-class Visuals:
-    """A prompt's images (RGB PIL) and videos (frames), in the order the task gives them."""
-
-    images: list[Any]
-    videos: list[Any]
-
-    def __add__(self, other: Visuals) -> Visuals:
-        return Visuals(self.images + other.images, self.videos + other.videos)
-
-
-def _as_visuals(visuals: Any, num_frames: int = DEFAULT_VIDEO_FRAMES, kind: str | None = None) -> Visuals:
-    """lmms-eval visuals (possibly nested lists) as images and videos: PIL images; image files; video files (read
-    into ``num_frames`` frames) or ``{"type": "video", "url": ...}``; ``kind="video"``: the item is one video (a
-    file, or a list of frames). Audio is refused clearly."""
-    from PIL import Image
-
-    found = Visuals([], [])
-    if kind == "video" and isinstance(visuals, (list, tuple)) and visuals:  # one video given as its frames
-        found.videos.append([_rgb(frame) for frame in visuals])
-        return found
-    pending = [visuals] if visuals is not None else []
-    while pending:
-        item = pending.pop(0)
-        if isinstance(item, (list, tuple)):
-            pending[:0] = list(item)
-        elif isinstance(item, Image.Image):
-            found.images.append(_rgb(item))
-        elif isinstance(item, dict) and item.get("type") in ("image", "video") and ("url" in item or "path" in item):
-            found += _as_visuals(item.get("url", item.get("path")), num_frames, item["type"])
-        elif isinstance(item, (str, Path)) and (kind == "video" or not str(item).lower().endswith(
-                _IMAGE_EXTENSIONS + _AUDIO_EXTENSIONS)):
-            try:
-                found.videos.append(read_video(item, num_frames))
-            except ValueError as error:
-                raise ValueError(f"a task video cannot be used: {error}") from None
-        elif isinstance(item, (str, Path)) and str(item).lower().endswith(_IMAGE_EXTENSIONS):
-            try:
-                with Image.open(item) as image:
-                    found.images.append(_rgb(image))
-            except OSError as error:
-                raise ValueError(f"a task image cannot be opened: {error}") from None
-        elif item is not None:
-            kind_name = "audio" if isinstance(item, (str, Path, dict)) else type(item).__name__
-            raise NotImplementedError(
-                f"the shortv lmms-eval model takes images and videos; this task gives {kind_name}"
-            )
-    return found
-
-
-def _rgb(image: Any) -> Any:
-    """An RGB PIL image (16-bit grayscale scaled to 8 bits, not clipped to white); numpy frames pass through."""
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        return image
-    try:
-        return to_rgb(image)
-    except ValueError as error:
-        raise ValueError(f"a task image cannot be used: {error}") from None
 
 
 # --------------------------------------------------------------------------- models
@@ -406,7 +178,7 @@ class _ShortVModel(lmms):
             )
         if not isinstance(trust_remote_code, bool) or not isinstance(allow_other_model, bool):
             raise ValueError("trust_remote_code and allow_other_model take true or false")
-        pretrained = None if _is_none(pretrained) else str(pretrained)
+        pretrained = None if is_none(pretrained) else str(pretrained)
         self.shortv_config = resolve_shortv_config(pretrained, shortv_config, n, lc, preset, shortv_mode)
         #: The config applied (any method's) and its record: method name and every parameter (None: the baseline).
         self.method_config = resolve_method_config(self.shortv_config, method, k, ratio, rank)
@@ -432,7 +204,7 @@ class _ShortVModel(lmms):
         # Each process holds a whole copy of the model and answers its share of the requests (rank of world_size).
         self.accelerator = Accelerator(cpu=device.type == "cpu")
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-        if self._world_size > 1 and not _is_none(device_map):
+        if self._world_size > 1 and not is_none(device_map):
             raise ValueError(
                 f"device_map={device_map} spreads one model over all the devices a process sees, but this launch has "
                 f"{self._world_size} processes, each with its own copy; drop device_map, or run one process"
@@ -442,16 +214,16 @@ class _ShortVModel(lmms):
                                   else torch.cuda.current_device())
         source = resolve_model(pretrained, trust_remote_code)
         if self.shortv_config is not None:  # a file made for another model would freeze the wrong layers
-            where = next((str(v) for v in (shortv_config, lc) if not _is_none(v)), "the ShortV preset")
+            where = next((str(v) for v in (shortv_config, lc) if not is_none(v)), "the ShortV preset")
             check_matches_model(self.shortv_config, source.num_layers, source.model_id, where, allow_other_model,
                                 source.fingerprint)
         if self.method_config is not None:
             method_of(self.method_config).check(self.method_config, source.num_layers)
         model, processor, self.model_id = load_model(
-            source, dtype=None if _is_none(dtype) else dtype, device_map=None if _is_none(device_map) else device_map,
+            source, dtype=None if is_none(dtype) else dtype, device_map=None if is_none(device_map) else device_map,
             attn_implementation=attn_implementation,
         )
-        if _is_none(device_map):
+        if is_none(device_map):
             model.to(device)
         self._device = model.get_input_embeddings().weight.device
         if self.method_config is not None:
@@ -466,20 +238,20 @@ class _ShortVModel(lmms):
         tokenizer.padding_side = "left"  # batched generation: every answer starts at the same column
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        if not _is_none(chat_template):
+        if not is_none(chat_template):
             template = Path(chat_template)
             processor.chat_template = template.read_text() if template.is_file() else chat_template
         self.chat_template_available = bool(
             getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
         )
-        self.system_prompt = self._resolve_system_prompt(system_prompt) if not _is_none(system_prompt) else None
+        self.system_prompt = self._resolve_system_prompt(system_prompt) if not is_none(system_prompt) else None
         self.image_token = getattr(processor, "image_token", None) or _PROMPT_IMAGE_TOKENS[0]
         self._warned: set[str] = set()
 
     @staticmethod
     def _pick_device(device: str | None) -> torch.device:
         """``device``, or the GPU when there is one (which GPU: see ``__init__``), else the CPU."""
-        if _is_none(device):
+        if is_none(device):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return torch.device(device)
 
