@@ -11,7 +11,7 @@ from .contribution import DIVERGENCES, OPERATOR_TOKEN_TYPES, RUN_FILE, SAMPLES_F
     layer_contribution
 from .data import POSITIONS, CalibrationSamples, check_context, file_sha256, read_jsonl, subsample
 from .files import exclusive_output, replaced_on_success
-from .loading import context_length, load_model, model_id_of, resolve_model
+from .loading import context_length, inputs_for, load_model, model_id_of, resolve_model
 from .processes import is_main_process, main_holds, on_main, process_device_map
 from .records import check_fresh, check_weights
 from .registry import find_decoder_layers, visual_token_ids
@@ -22,6 +22,9 @@ CONFIG_FILE = "shortv_config.json"
 PLOT_FILE = "lc.png"
 #: With ``operators=True``: the operator-level config (at the layer-level config's FLOPs) and the LC heatmap.
 OPERATOR_CONFIG_FILE = "shortv_operators_config.json"
+VTW_CONFIG_FILE = "vtw_config.json"
+#: Calibration inputs per forward of VTW's KL rule.
+VTW_BATCH_SIZE = 8
 OPERATOR_PLOT_FILE = "lc_operators.png"
 
 
@@ -48,6 +51,8 @@ class Calibration:
     out_dir: Path
     #: With ``operators=True``: operators chosen by per-operator LC per FLOP, at most the layer-level FLOPs.
     operator_config: ShortVConfig | None = None
+    #: With ``vtw_threshold``: VTW at the K its KL rule chose on the same samples (`shortv.pruning.choose_vtw_layer`).
+    vtw_config: Any = None
 
     def table(self) -> list[tuple[int, float, float | None, int]]:
         """(layer, visual LC, text LC, rank in the ShortV order) per layer."""
@@ -78,6 +83,7 @@ def calibrate(
     trust_remote_code: bool = False,
     operators: bool = False,
     flops: float | None = None,
+    vtw_threshold: float | None = None,
 ) -> Calibration:
     """Calibrate LC on ``data`` (default: the embedded model's calib split) and write lc.json, config and plot.
 
@@ -92,7 +98,15 @@ def calibrate(
     its heatmap, and an operator-level config chosen by LC per FLOP saved (`shortv.selection.select_operators`) at
     a prefill FLOPs ratio of ``flops`` (default: the layer-level config's), priced at the calibration inputs' mean
     token counts.
+
+    ``vtw_threshold``: also VTW's K by its own rule, on the same samples: the first K whose mean
+    KL(withdrawn || original) of the last prompt position's next-token distribution is below the threshold
+    (`shortv.pruning.choose_vtw_layer`), written to vtw_config.json with the threshold and every mean. Checked before
+    LC runs (a family VTW does not support is refused then); no K under the threshold is an error after lc.json and
+    the ShortV config are written.
     """
+    if vtw_threshold is not None and (isinstance(vtw_threshold, bool) or not vtw_threshold > 0):
+        raise ValueError(f"the VTW KL threshold must be a positive number, got {vtw_threshold!r}")
     if flops is not None and not operators:
         raise ValueError("a FLOPs target (--flops, flops=) is for the operator-level selection: add --operators "
                          "(operators=True)")
@@ -119,12 +133,14 @@ def calibrate(
 
     with main_holds(exclusive_output, out_dir) as out_dir:  # several processes: the main one writes the results
         if not resume:
-            on_main(check_fresh, out_dir, (SAMPLES_FILE, LC_FILE, CONFIG_FILE, OPERATOR_CONFIG_FILE))
+            on_main(check_fresh, out_dir, (SAMPLES_FILE, LC_FILE, CONFIG_FILE, OPERATOR_CONFIG_FILE, VTW_CONFIG_FILE))
         elif source is not None:  # other weights than the interrupted run's: refused before they load
             on_main(check_weights, out_dir, RUN_FILE, source.fingerprint)
         if source is not None:
             model, processor, model_id = load_model(source, dtype=dtype, device_map=process_device_map(device_map))
         check_context(processor, samples, context_length(model.config), with_answer=position == "answer")
+        if vtw_threshold is not None:
+            _check_vtw(model)
         calibration_samples = CalibrationSamples(processor, samples, position=position)
         lc = layer_contribution(
             model,
@@ -164,7 +180,30 @@ def calibrate(
 
                     with replaced_on_success(out_dir / OPERATOR_PLOT_FILE) as plot_path:
                         plot_operator_contribution(lc, plot_path, chosen=operator_config.frozen_operators)
-    return Calibration(lc=lc, config=config, out_dir=out_dir, operator_config=operator_config)
+        vtw_config = None
+        if vtw_threshold is not None:
+            vtw_config = _vtw_rule(model, processor, samples, vtw_threshold)
+            vtw_config.provenance["data"] = str(Path(data).resolve())
+            if is_main_process():
+                vtw_config.save(out_dir / VTW_CONFIG_FILE)
+    return Calibration(lc=lc, config=config, out_dir=out_dir, operator_config=operator_config, vtw_config=vtw_config)
+
+
+def _check_vtw(model: Any) -> None:
+    """VTW applies to this model (one line otherwise), before any LC is computed."""
+    from .pruning import apply_vtw, remove_token_pruning
+
+    remove_token_pruning(apply_vtw(model, 1))
+
+
+def _vtw_rule(model: Any, processor: Any, samples: list, threshold: float) -> Any:
+    """VTW's config at the K its KL rule picks on ``samples`` (left-padded batches of `VTW_BATCH_SIZE`)."""
+    from .evaluation import batch_inputs
+    from .pruning import choose_vtw_layer
+
+    batches = [inputs_for(model, batch_inputs(processor, samples[start:start + VTW_BATCH_SIZE]))
+               for start in range(0, len(samples), VTW_BATCH_SIZE)]
+    return choose_vtw_layer(model, batches, threshold)
 
 
 def _layer_ratio(config: ShortVConfig, dims: Any, text_tokens: int, visual_tokens: int) -> float:

@@ -258,6 +258,9 @@ def calibrate(
     flops: Annotated[Optional[float], typer.Option(
         help="With --operators: prefill FLOPs ratio target (default: that of the N ShortV layers).", min=0.0,
         max=1.0)] = None,
+    vtw_threshold: Annotated[Optional[float], typer.Option(
+        help="Also choose VTW's K by its own rule on the same samples: the first K whose mean KL is below this; "
+        "writes vtw_config.json (for eval/bench --config).")] = None,
 ) -> None:
     """Measure Layer Contribution of every decoder layer and pick the ShortV layers.
 
@@ -270,7 +273,7 @@ def calibrate(
         result = run_calibration(
             model, data=data, out_dir=out, num_samples=num_samples, n=n, resume=resume, position=position,
             divergence=divergence, seed=seed, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
-            operators=operators, flops=flops,
+            operators=operators, flops=flops, vtw_threshold=vtw_threshold,
         )
     except (ValueError, OSError) as error:
         raise fail(str(error)) from error
@@ -288,6 +291,11 @@ def calibrate(
     console.print(f"wrote {out / 'lc.json'}, {out / 'shortv_config.json'}, {out / 'lc.png'}")
     if result.operator_config is not None:
         _print_operators(result.lc, result.operator_config, out)
+    if result.vtw_config is not None:
+        rule = result.vtw_config.provenance
+        console.print(f"VTW by its KL rule: K={result.vtw_config.k} (mean KL {rule['kl'][-1]:.3g} < {rule['threshold']}"
+                      f" on {rule['samples']} samples; K=1..{len(rule['kl'])}: {', '.join(f'{v:.3g}' for v in rule['kl'])})")
+        console.print(f"wrote {out / 'vtw_config.json'}")
 
 
 def _print_operators(lc: Any, config: Any, out: Path) -> None:

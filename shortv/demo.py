@@ -337,7 +337,7 @@ def _compare_methods(report: DemoReport, model: Any, processor: Any, samples: li
         report.comparison.append(ComparisonRow(None, "vtw_rule", None, f"no K with mean KL < {VTW_THRESHOLD}", None,
                                                *span, 0.0))
     else:
-        report.vtw_rule["calibration_samples"] = len(calibration_samples)  # its "samples" counts the batches
+        report.vtw_rule["calibration_samples"] = len(calibration_samples)
         kl = report.vtw_rule["kl"][setting.k - 1]
         report.comparison.append(ComparisonRow(None, "vtw_rule", asdict(setting),
                                                f"{setting.describe()} (mean KL {kl:.3g} < {VTW_THRESHOLD})",

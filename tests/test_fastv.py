@@ -342,7 +342,7 @@ def test_vtw_rule_chooses_the_first_layer_under_the_threshold(pair) -> None:
     expected = next(k for k, value in enumerate(means, start=1) if value < threshold)
     config = choose_vtw_layer(model, batches, threshold)
     assert (config.method, config.k, config.ratio) == ("vtw", expected, 1.0)
-    assert config.provenance["threshold"] == threshold and config.provenance["samples"] == 2
+    assert config.provenance["threshold"] == threshold and config.provenance["samples"] == sum(len(inputs["input_ids"]) for inputs in batches)
     assert config.provenance["kl"] == pytest.approx(means[:expected], rel=1e-3, abs=1e-6)
     assert not hasattr(model, "_shortv_pruning_state")
     with pytest.raises(ValueError, match="no K withdraws the visual tokens with a mean KL below"):

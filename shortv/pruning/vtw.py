@@ -47,7 +47,8 @@ def choose_vtw_layer(model: nn.Module, inputs: Iterable[dict], threshold: float)
             remove_token_pruning(model)
         means.append(float(torch.cat(values).mean()))
         if means[-1] < threshold:
-            provenance = {"rule": "vtw_kl", "threshold": float(threshold), "kl": means, "samples": len(batches)}
+            samples = sum(len(batch.get("input_ids", batch.get("inputs_embeds"))) for batch in batches)
+            provenance = {"rule": "vtw_kl", "threshold": float(threshold), "kl": means, "samples": samples}
             return TokenPruningConfig("vtw", k, provenance=provenance)
     listed = ", ".join(f"K={k}: {value:.4g}" for k, value in enumerate(means, start=1))
     raise ValueError(f"no K withdraws the visual tokens with a mean KL below {threshold}: {listed}")
