@@ -26,12 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-from shortv.benchmark import benchmark, causal_lm_inputs, machine_info, shape_shortv_config
+from shortv.benchmark import benchmark, causal_lm_inputs, machine_info, pruning_beside, shape_shortv_config
 from shortv.benchmark import shapes
 from shortv.benchmark.devices import resolve_dtype
 from shortv.benchmark.report import fmt_counts
 from shortv.flops import LayerDims, get_shape
-from shortv.flops_pruning import vtw_ratio
 from shortv.methods import get_method
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,15 +41,7 @@ def method_configs(shape: str, prefix: int, n: int, dims: LayerDims, t: int, v: 
     """Each method's config for a ``prefix``-layer run of ``shape`` (see the module docstring)."""
     total = get_shape(shape).dims.num_layers
     shortv, _ = shape_shortv_config(shape, prefix, n, proportional=prefix < total)
-    k = max(1, round(prefix * 2 / total))
-    target = get_method("shortv").flops_ratio(dims, t, v, shortv)
-    vtw_k = min(range(1, prefix), key=lambda kk: abs(vtw_ratio(dims, t, v, kk) - target))
-    return {
-        "shortv": shortv,
-        "fastv": get_method("fastv").build(k=k, ratio=0.5),
-        "vtw": get_method("vtw").build(k=vtw_k),
-        "shortv+fastv": get_method("shortv+fastv").build(layers=shortv, k=k, ratio=0.5),
-    }
+    return {"shortv": shortv, **pruning_beside(shortv, prefix, total, dims, t, v)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,8 +46,18 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
     rates = next(cell for cell in cells if cell["kind"] == "rates")
     assert rates["flops_per_s"] > 0 and rates["bytes_per_s"] > 0
 
+    # FastV, VTW and ShortV + FastV at batch 1 on every shape, each beside its FLOPs-ideal (issue #24)
+    methods = [cell for cell in cells if cell["kind"] == "prefill_method"]
+    assert sorted((cell["shape"], cell["method"]["method"]) for cell in methods) == sorted(
+        (shape, method) for shape in shapes for method in ("fastv", "vtw", "shortv+fastv"))
+    for cell in methods:
+        timing = cell["timing"]
+        assert cell["batch"] == 1 and cell["flops_ideal"] > 1 and not timing["compiled"]
+        assert cell["realized_of_flops_ideal"] == pytest.approx(timing["speedup"] / cell["flops_ideal"])
+        assert cell["method"]["method"] != "shortv+fastv" or cell["method"]["layers"]
+
     for cell in cells:
-        if cell["kind"].startswith("prefill"):
+        if cell["kind"] in ("prefill", "prefill_compiled", "prefill_cuda_graphs"):
             timing = cell["timing"]
             assert timing["compiled"] == (cell["kind"] != "prefill")
             assert timing["cuda_graphs"] == (cell["kind"] == "prefill_cuda_graphs")
@@ -63,8 +73,12 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
 
     report = (tmp_path / "report.md").read_text()
     assert "--smoke" in report and "2 passed" in report
-    rows = [line for line in report.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in shapes]
+    rows = [line for line in report.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in shapes
+            and line.split(" | ")[2] not in ("fastv", "vtw", "shortv+fastv")]
     assert len(rows) == 4 * len(shapes) + len(shapes) + 2
+    method_rows = [line for line in report.splitlines() if line.startswith("| ") and line.split(" | ")[2] in (
+        "fastv", "vtw", "shortv+fastv")]
+    assert len(method_rows) == len(methods)
     # every row carries its target verdict, except batch-1 compiled prefill of shapes the issue sets none for
     assert sum(row.endswith(": met |") or row.endswith(": **not met** |") for row in rows) == len(rows) - (len(shapes) - 1)
 

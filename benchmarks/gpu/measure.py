@@ -49,11 +49,13 @@ from shortv.benchmark import (
     ideal_prefill_speedup,
     machine_info,
     measure_rates,
+    pruning_beside,
     roofline_prefill_seconds,
     roofline_prefill_speedup,
     shape_shortv_config,
     time_prefill,
 )
+from shortv.benchmark.ideal import method_ideal_speedup
 from shortv.benchmark.shapes import build_shape_model, miniature
 from shortv.config import ShortVConfig
 from shortv.flops import PAPER_SHAPES, LayerDims, PaperShape
@@ -173,6 +175,20 @@ def prefill_cell(model: torch.nn.Module, inputs: BenchInputs, config: ShortVConf
     }
 
 
+def method_prefill_cell(model: torch.nn.Module, inputs: BenchInputs, config: Any, settings: Settings) -> dict[str, Any]:
+    """Eager prefill of the unpatched model against another method (FastV, VTW, ShortV + FastV: `shortv.methods`),
+    beside that method's FLOPs-ideal speedup (issue #24)."""
+    from shortv.methods import method_of
+
+    timing = time_prefill(model, inputs, config, repeats=settings.prefill_repeats, warmup=settings.prefill_warmup,
+                          progress=lambda message: print(f"   {message}", flush=True))
+    counts = inputs.token_counts()
+    flops_ideal = method_ideal_speedup(LayerDims.from_config(model.config), counts, config)
+    return {"method": method_of(config).record(config), "timing": timing.to_dict(), "flops_ideal": flops_ideal,
+            "realized_of_flops_ideal": timing.speedup / flops_ideal, "text_tokens": [t for t, _ in counts],
+            "visual_tokens": [v for _, v in counts]}
+
+
 def cudagraph_skips() -> int:
     """How many graphs inductor has compiled without the CUDA graph asked for (its log says why)."""
     from torch._dynamo.utils import counters
@@ -231,6 +247,15 @@ def measure(out: Path, device: torch.device, smoke: bool, deadline: float, shape
                     cells.attempt("generate", label, lambda: generate_cell(model, inputs, config, note, name),
                                   reserve_s=5.0, deadline=deadline)
                 cells.attempt("prefill", label, lambda: prefill_cell(model, inputs, config, rates, settings),
+                              reserve_s=5.0, deadline=deadline)
+            # FastV, VTW and ShortV + FastV on the same model, eager, at batch 1 (the paper's setting)
+            inputs, label = inputs_for(shape, settings.batches[0]), {"shape": name, "batch": settings.batches[0]}
+            [(t, v)] = inputs.token_counts()[:1]
+            pruning = pruning_beside(config, shape.dims.num_layers, PAPER_SHAPES[name].dims.num_layers,
+                                     LayerDims.from_config(model.config), t, v)
+            for method, method_config in pruning.items():
+                cells.attempt("prefill_method", {**label, "method_name": method},
+                              lambda: method_prefill_cell(model, inputs, method_config, settings),
                               reserve_s=5.0, deadline=deadline)
         finally:
             model = None

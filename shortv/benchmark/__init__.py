@@ -19,7 +19,7 @@ speedup to expect. One job per module, in the order data flows:
 
 from .ideal import DeviceRates, ideal_prefill_speedup, roofline_prefill_seconds, roofline_prefill_speedup
 from .inputs import DEFAULT_PROMPT, BenchInputs, causal_lm_inputs, multimodal_inputs
-from .layers import default_shortv_config, paper_n, shape_shortv_config
+from .layers import default_shortv_config, paper_n, pruning_beside, shape_shortv_config
 from .machine import machine_info
 from .memory import MMAP_THRESHOLD_ENV, PeakMemory
 from .prefill import PrefillTiming, time_prefill
@@ -53,6 +53,7 @@ __all__ = [
     "paper_n",
     "roofline_prefill_seconds",
     "roofline_prefill_speedup",
+    "pruning_beside",
     "shape_shortv_config",
     "speedup_lines",
     "summary_rows",

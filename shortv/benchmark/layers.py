@@ -146,6 +146,26 @@ def with_method(
     return run.config, run.describe()
 
 
+def pruning_beside(shortv: ShortVConfig, num_layers: int, full_layers: int, dims: Any, t: int, v: int,
+                   ratio: float = 0.5) -> dict[str, Any]:
+    """FastV, VTW and ShortV + FastV configs to time beside ``shortv`` on a shape model run as ``num_layers`` of its
+    ``full_layers`` decoder layers: a prefix keeps the cost per layer, so what matters is the share of layers each
+    method touches. FastV: K = ``max(1, round(num_layers * 2 / full_layers))`` (the paper's K = 2 of 32), R =
+    ``ratio``; VTW: the K whose prefill FLOPs (`shortv.flops_pruning.vtw_ratio`, at ``t`` text and ``v`` visual
+    tokens of ``dims``) are nearest ShortV's; ShortV + FastV: ``shortv``'s layers with FastV's K and R."""
+    from ..flops_pruning import vtw_ratio
+    from ..methods import get_method
+
+    k = max(1, round(num_layers * 2 / full_layers))
+    target = get_method("shortv").flops_ratio(dims, t, v, shortv)
+    vtw_k = min(range(1, num_layers), key=lambda kk: abs(vtw_ratio(dims, t, v, kk) - target))
+    return {
+        "fastv": get_method("fastv").build(k=k, ratio=ratio),
+        "vtw": get_method("vtw").build(k=vtw_k),
+        "shortv+fastv": get_method("shortv+fastv").build(layers=shortv, k=k, ratio=ratio),
+    }
+
+
 def given_note(config: ShortVConfig) -> str:
     """How a config handed in by the caller is described in results."""
     return "given config" + (f" ({config.provenance})" if config.provenance else "")

@@ -14,14 +14,12 @@ inductor's cache serves it to a later generate cell).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import ShortVConfig
 from ..cuda_graphs import compile_decoder, static_cache, uncompile_decoder
 from .devices import Clock, model_device, model_dtype
 from .inputs import BenchInputs
@@ -54,7 +52,7 @@ class PrefillTiming:
 def time_prefill(
     model: nn.Module,
     inputs: BenchInputs,
-    config: ShortVConfig | Sequence[int],
+    config: Any,
     *,
     repeats: int = 10,
     warmup: int = 3,
@@ -63,12 +61,14 @@ def time_prefill(
     cuda_graphs: bool = False,
     progress: Progress | None = None,
 ) -> PrefillTiming:
-    """Median prefill time of baseline and ShortV on ``model`` (on its device, in its dtype). With ``compile``, the
-    forward runs through ``torch.compile(model, **compile_options)``; with ``cuda_graphs``, through the decoder
-    stack compiled by ``compile_decoder(model, **compile_options)`` into a static cache. ``warmup`` must then be
+    """Median prefill time of baseline and the method of ``config`` (ShortV, or any `shortv.methods` config) on
+    ``model`` (on its device, in its dtype). With ``compile``, the forward runs through ``torch.compile(model,
+    **compile_options)``; with ``cuda_graphs``, through the decoder stack compiled by ``compile_decoder(model,
+    **compile_options)`` into a static cache. ``warmup`` must then be
     at least 1 (the first call of each variant compiles; CUDA graph trees record on a later one)."""
-    if not isinstance(config, ShortVConfig):
-        config = ShortVConfig(layers=list(config))
+    from ..methods import coerce_config
+
+    config = coerce_config(config)  # any method's config (`shortv.methods`); a list of layers is ShortV's
     if compile and cuda_graphs:
         raise ValueError("compile and cuda_graphs are two ways to compile: choose one")
     if (compile or cuda_graphs) and warmup < 1:
