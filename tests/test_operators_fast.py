@@ -4,10 +4,10 @@ sees are counted."""
 import pytest
 import torch
 from row_counts import rows_fed
-from tiny_models import FAMILIES, TEXT_ONLY_FAMILIES, build_inputs, build_model, default_layouts, reset_state
+from tiny_models import FAMILIES, SPECS, TEXT_ONLY_FAMILIES, build_inputs, build_model, default_layouts, reset_state
 
 from shortv import ShortVConfig, apply_shortv, remove_shortv
-from shortv.registry import find_decoder_layers
+from shortv.registry import LANGUAGE_MODELS, find_decoder_layers
 
 # Each operator in a layer that feeds a frozen one and in one that feeds an unfrozen one, and both in the last layer;
 # in the hybrid models (linear, full, linear, full attention) each operator in a linear-attention and in a
@@ -35,6 +35,13 @@ def _double(inputs, device):
         if torch.is_tensor(value) and value.is_floating_point():
             inputs[key] = value.double()
     return inputs
+
+
+def test_every_fast_language_model_is_among_the_families():
+    """The families parametrizing these tests run every language model with a fast layer (registry, by the
+    ``model_type`` of the text config): a fast path added without a tiny family fails here."""
+    covered = {SPECS[family].make_config({}).get_text_config().model_type for family in FAMILIES}
+    assert set(LANGUAGE_MODELS) <= covered, sorted(set(LANGUAGE_MODELS) - covered)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
