@@ -10,8 +10,8 @@ registry's anatomies is an RMSNorm, which maps a zero row to a zero row; keys an
 state) are still computed from every token, and text rows see exactly what they see unpatched (the MLP, dense or
 MoE, is per token). Skipping both operators is the ShortV layer.
 
-Branches that belong to neither operator (Gemma 4's per-layer-input branch after the MLP, and its scale on the whole
-layer output) still apply to every row: skipping an operator removes that operator's branch and nothing else, so the
+Branches that belong to neither operator (a per-layer-input branch after the MLP, a scale on the whole layer output)
+still apply to every row: skipping an operator removes that operator's branch and nothing else, so the
 visual rows' change is exactly the operator's own update (x + mlp(...) + per_layer_branch(...), times the scale, for
 a visual row that skips the attention). A ShortV layer (both operators) stays what it is: the visual rows leave the
 whole layer as they entered, with neither branch nor scale.
