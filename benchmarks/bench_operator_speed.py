@@ -74,6 +74,7 @@ def main() -> None:
         "| shape | selection | FLOPs | prefill speedup | FLOPs-ideal | realized |",
         "|---|---|---|---|---|---|",
     ]
+    loads = []
     for shape in args.shapes:
         v = get_shape(shape).visual_tokens
         operators = operator_config(shape, args.layers, args.target, args.text_tokens, v)
@@ -87,12 +88,16 @@ def main() -> None:
                                  new_tokens=1, repeats=args.repeats, warmup=1, dtype=args.dtype, device=args.device,
                                  threads=args.threads)
             results[label] = result
+            loads.append(f"{shape} {label}: {result.machine.get('load_average_before')} -> "
+                         f"{result.machine.get('load_average')}")
             paired = result.prefill_speedup_paired
             kinds = (f"whole {config.layers}, MLP-only {config.mlp_layers}, attention-only {config.attention_layers}"
                      if config.operator_level else f"whole {config.layers}")
             lines.append(f"| {shape} | {label}: {kinds} | {100 / result.ideal_speedup:.1f}% | {paired.median:.2f}x "
                          f"({paired.min:.2f}-{paired.max:.2f}) | {result.ideal_speedup:.2f}x | "
                          f"{100 * paired.median / result.ideal_speedup:.0f}% |")
+    lines += ["", "Load average (1, 5, 15 min) before -> after each timed run, this benchmark's own threads included: "
+              + "; ".join(loads) + "."]
     emit_report(lines, args.out)
 
 

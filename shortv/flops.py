@@ -42,8 +42,10 @@ attention rows (a linear-attention layer: its output half), and runs the MLP on
 every token; one whose visual tokens skip only the MLP saves the MLP (dense, MoE
 router and experts, shared expert) on them. ``frozen`` is then a collection of
 operator names, ``{"attention"}`` or ``{"mlp"}``; ``True`` means both (a ShortV
-layer). The post-branch norms of sandwich layers are element-wise, like every
-other norm but QK-norm, and not counted.
+layer). A per-layer-input branch belongs to neither operator: an operator-level
+layer runs it on every token, only a ShortV layer skips it on visual tokens.
+The post-branch norms of sandwich layers are element-wise, like every other
+norm but QK-norm, and not counted.
 
 A FLOP is one multiply or one add, so a ``(a x b) @ (b x c)`` matmul is
 ``2abc`` FLOPs.

@@ -25,7 +25,7 @@ from . import _compat
 from .config import ShortVConfig
 from .entry import ShortVState, entry_modules, install_entry_hooks, remove_entry_hooks
 from .frozen import FastLayer
-from .frozen.operators import frozen_operator_modules, mlp_on_text_rows, reference_operator_forward
+from .frozen.operators import frozen_operator_modules, reference_operator_forward
 from .frozen.reference import reference_frozen_forward
 from .registry import (
     architecture_for,
@@ -174,8 +174,7 @@ class FrozenForward(_InstanceOverride):
         if self.fast is None:
             return reference_operator_forward(original, self.silenced, layout.visual, hidden_states, *args, **kwargs)
         if self.operator == "mlp":
-            with mlp_on_text_rows(self.silenced, layout):
-                return original(hidden_states, *args, **kwargs)
+            return self.fast.fast_mlp_frozen_forward(self.module, layout, original, hidden_states, *args, **kwargs)
         kwargs = self._bind(original, hidden_states, args, kwargs)
         return self.fast.fast_attention_frozen_forward(self.module, layout, hidden_states, **kwargs)
 

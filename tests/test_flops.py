@@ -284,7 +284,7 @@ def test_exact_count_is_what_torch_counts_per_layer(family: str) -> None:
     from torch.utils.flop_counter import FlopCounterMode
     from tiny_models import build_inputs, build_model
 
-    from shortv import apply_shortv, remove_shortv
+    from shortv import ShortVConfig, apply_shortv, remove_shortv
     from shortv.flops import norm_and_gate_flops
 
     model = build_model(family, "eager", init_std=0.2)  # eager: torch counts sdpa's CPU kernel as nothing
@@ -299,8 +299,10 @@ def test_exact_count_is_what_torch_counts_per_layer(family: str) -> None:
     t = inputs["input_ids"].numel() - v
     assert {dims.layer(i).kind for i in range(4)} == ({"attention"} if family == "gemma4" else
                                                       {"attention", "linear_attention"})
-    for frozen in ([], [1, 2]):
-        apply_shortv(model, frozen)
+    # unpatched, two ShortV layers, and operator-level layers (each operator in both layer kinds; Gemma 4: the MLP
+    # in the KV-sharing layer too)
+    for config in (ShortVConfig([]), ShortVConfig([1, 2]), ShortVConfig(attention_layers=[1, 2], mlp_layers=[0, 3])):
+        apply_shortv(model, config)
         try:
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 model(**inputs, use_cache=False)
@@ -310,13 +312,14 @@ def test_exact_count_is_what_torch_counts_per_layer(family: str) -> None:
         prefix = next(name for name in counts if name.endswith("language_model.layers.0"))[:-1]
         for index in range(4):
             layer = dims.layer(index)
-            expected = layer_flops(dims, t, v, index in frozen, "exact", index)
-            expected -= norm_and_gate_flops(dims, t, v, index in frozen, index)
+            frozen = config.frozen_operators.get(index, False)
+            expected = layer_flops(dims, t, v, frozen, "exact", index)
+            expected -= norm_and_gate_flops(dims, t, v, bool(frozen) and "attention" in frozen, index)
             if layer.kind == "linear_attention":
                 la = layer.linear
                 padded = -(-(t + v) // la.chunk_size) * la.chunk_size
                 expected -= la.value_heads * padded * (la.chunk_size - 1) * (la.key_head_dim + la.value_head_dim)
-            assert sum(counts[prefix + str(index)].values()) == expected, (family, frozen, index)
+            assert sum(counts[prefix + str(index)].values()) == expected, (family, config, index)
 
 
 def test_frozen_linear_attention_layer_saves_less_than_a_frozen_attention_layer() -> None:

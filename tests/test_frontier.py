@@ -6,6 +6,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from row_counts import rows_fed
 from tiny_models import build_inputs, build_model, default_layouts, reset_state
 
 from shortv import ShortVConfig, apply_shortv, disable_shortv, remove_shortv, using_visual_mask
@@ -31,22 +32,12 @@ def fast_reference_baseline(model, inputs, layers, **kwargs):
 
 def count_rows(model, inputs, modules, layers):
     """Rows each of ``modules`` (name -> module) is fed in one forward with ``layers`` frozen (fast)."""
-    rows = {}
-
-    def counter(name):
-        def count(module, args, kwargs, output):
-            first = args[0] if args else next(iter(kwargs.values()))
-            rows[name] = first.shape[:-1].numel() if name != "conv1d" else first.shape[0] * first.shape[-1]
-        return count
-
-    handles = [module.register_forward_hook(counter(name), with_kwargs=True) for name, module in modules.items()]
     apply_shortv(model, layers)
     try:
-        logits(model, inputs)
+        with rows_fed(modules) as rows:
+            logits(model, inputs)
     finally:
         remove_shortv(model)
-        for handle in handles:
-            handle.remove()
     return rows
 
 

@@ -14,8 +14,9 @@ OPERATOR_TYPES = ("visual_attention", "visual_mlp")
 
 
 # llava: pre-norm; gemma3 / glm4v: sandwich norms; qwen3_5: linear attention (and full attention) layers;
-# qwen3_vl_moe: MoE MLPs and DeepStack between layers.
-@pytest.mark.parametrize("family", ["llava", "gemma3", "glm4v", "qwen3_5", "qwen3_vl_moe"])
+# qwen3_vl_moe: MoE MLPs and DeepStack between layers; gemma4: sandwich with a parallel MoE, per-layer inputs, layer
+# scalars and shared keys/values.
+@pytest.mark.parametrize("family", ["llava", "gemma3", "glm4v", "qwen3_5", "qwen3_vl_moe", "gemma4"])
 def test_operator_lc_matches_naive_oracle(family):
     model = build_model(family, init_std=0.2)
     sample = calibration_samples(model, family, count=1)[0]

@@ -70,6 +70,20 @@ def test_operator_savings_add_up_to_the_shortv_layer(name, formula):
         assert sum(parts) == whole and min(parts) > 0
 
 
+def test_gemma4_per_layer_input_branch_is_saved_by_shortv_layers_only():
+    """Gemma 4's per-layer-input branch belongs to neither operator: an operator-level layer runs it on every token;
+    a ShortV layer skips it on visual tokens (its gate and projection, 2 x hidden x p each per token)."""
+    from tiny_models import build_model
+
+    dims = LayerDims.from_config(build_model("gemma4").config)
+    for layer in range(dims.num_layers):
+        whole = layer_flops(dims, T, V, False, "exact", layer) - layer_flops(dims, T, V, True, "exact", layer)
+        parts = [operator_saving(dims, T, V, layer, operator) for operator in ("attention", "mlp")]
+        p = dims.layer(layer).per_layer_input_size
+        assert p > 0 and min(parts) > 0
+        assert whole - sum(parts) == 2 * V * 2 * dims.hidden_size * p
+
+
 def test_model_flops_with_operator_layers():
     dims = get_shape("qwen3.6-27b").dims
     total = model_flops(dims, T, V, [3], "exact", attention_layers=[0, 7], mlp_layers=[1])

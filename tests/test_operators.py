@@ -20,7 +20,24 @@ STRUCTURES = {
               "post_mlp_layernorm"),  # sandwich, other names
     "qwen3_5": ({"linear_attention": "linear_attn", "full_attention": "self_attn"}, None,
                 "post_attention_layernorm", "mlp", None),  # linear attention / full attention layers
+    "gemma4": ({None: "self_attn"}, "post_attention_layernorm", "pre_feedforward_layernorm", "mlp",
+               "post_feedforward_layernorm"),  # sandwich, + parallel MoE, per-layer input, layer scalar (_gemma4_slot)
 }
+
+
+def _gemma4_mlp_slot(layer, h):
+    """Gemma 4's MLP slot before its output norm: dense MLP beside a MoE routed from the raw residual stream."""
+    flat = h.reshape(-1, h.shape[-1])
+    _, weights, experts = layer.router(flat)
+    routed = layer.experts(layer.pre_feedforward_layernorm_2(flat), experts, weights).reshape(h.shape)
+    dense = layer.mlp(layer.pre_feedforward_layernorm(h))
+    return layer.post_feedforward_layernorm_1(dense) + layer.post_feedforward_layernorm_2(routed)
+
+
+def _gemma4_after_branches(layer, h, per_layer_input):
+    """What belongs to neither operator and applies to every row: the per-layer-input branch, then the layer scalar."""
+    gated = layer.act_fn(layer.per_layer_input_gate(h)) * per_layer_input
+    return (h + layer.post_per_layer_input_norm(layer.per_layer_projection(gated))) * layer.layer_scalar
 
 
 def _first(output):
@@ -28,15 +45,19 @@ def _first(output):
 
 
 def _run_capturing(model, inputs, layer, attention_name):
-    """(layer input, layer output, attention-branch output) of ``layer`` in one forward."""
+    """(layer input, layer output, attention-branch output, logits, the layer's per-layer input or None) of ``layer``
+    in one forward."""
     seen = {}
 
     def keep(key, value):  # the first call only; returns None, so no hook changes anything
         seen.setdefault(key, value)
 
+    def inputs_of(module, args, kwargs):
+        keep("x", args[0] if args else kwargs["hidden_states"])
+        keep("p", args[1] if len(args) > 1 else kwargs.get("per_layer_input"))
+
     handles = [
-        layer.register_forward_pre_hook(lambda m, a, k: keep("x", a[0] if a else k["hidden_states"]),
-                                        with_kwargs=True),
+        layer.register_forward_pre_hook(inputs_of, with_kwargs=True),
         layer.register_forward_hook(lambda m, a, o: keep("y", _first(o))),
         getattr(layer, attention_name).register_forward_hook(lambda m, a, o: keep("a", _first(o))),
     ]
@@ -46,22 +67,29 @@ def _run_capturing(model, inputs, layer, attention_name):
     finally:
         for handle in handles:
             handle.remove()
-    return seen["x"], seen["y"], seen["a"], logits
+    return seen["x"], seen["y"], seen["a"], logits, seen["p"]
 
 
-def _oracle(layer, structure, x, attention_out, y, visual, operator):
-    """Naive layer math: text rows as unpatched; visual rows without the ``operator`` branch."""
+def _oracle(layer, structure, x, attention_out, y, visual, operator, per_layer_input=None):
+    """Naive layer math: text rows as unpatched; visual rows without the ``operator`` branch (Gemma 4: with its
+    per-layer-input branch and layer scalar, which belong to neither operator)."""
     _, attention_norm, mlp_norm, mlp, mlp_out_norm = structure
+    gemma4 = hasattr(layer, "layer_scalar")
 
     def maybe(name, value):
         return getattr(layer, name)(value) if name else value
 
+    def mlp_slot(h):
+        return _gemma4_mlp_slot(layer, h) if gemma4 else _first(getattr(layer, mlp)(getattr(layer, mlp_norm)(h)))
+
     with torch.no_grad():
         after_attention = x + maybe(attention_norm, attention_out)
         if operator == "attention":  # visual rows enter the MLP as they entered the layer
-            visual_rows = x + maybe(mlp_out_norm, _first(getattr(layer, mlp)(getattr(layer, mlp_norm)(x))))
+            visual_rows = x + maybe(mlp_out_norm, mlp_slot(x))
         else:  # visual rows keep their post-attention state
             visual_rows = after_attention
+        if gemma4:
+            visual_rows = _gemma4_after_branches(layer, visual_rows, per_layer_input)
     return torch.where(visual.unsqueeze(-1), visual_rows, y)
 
 
@@ -79,16 +107,17 @@ def test_reference_operator_freeze_matches_naive_layer_math(family, operator):
         kinds = structure[0]
         attention_name = kinds[None] if None in kinds else kinds[model.config.get_text_config().layer_types[index]]
         reset_state(model)
-        x, y, attention_out, plain_logits = _run_capturing(model, inputs, layer, attention_name)
+        x, y, attention_out, plain_logits, per_layer_input = _run_capturing(model, inputs, layer, attention_name)
         field = {"attention": "attention_layers", "mlp": "mlp_layers"}[operator]
         apply_shortv(model, ShortVConfig(mode="reference", **{field: [index]}))
         try:
             reset_state(model)
-            x_frozen, y_frozen, _, logits = _run_capturing(model, inputs, layer, attention_name)
+            x_frozen, y_frozen, _, logits, _ = _run_capturing(model, inputs, layer, attention_name)
         finally:
             remove_shortv(model)
         torch.testing.assert_close(x_frozen, x, rtol=0, atol=0)  # layers before it are untouched
-        expected = _oracle(layer, structure, x, attention_out, y, inputs.visual_mask, operator)
+        expected = _oracle(layer, structure, x, attention_out, y, inputs.visual_mask, operator,
+                           per_layer_input)
         torch.testing.assert_close(y_frozen, expected, rtol=1e-5, atol=1e-5)
         # Non-trivial: the visual rows moved against the unpatched layer and against a whole frozen (ShortV) layer
         # (the tiny Gemma 3's projector is zero-initialised: its image rows enter layer 0 as zeros, which no MLP moves).
@@ -103,17 +132,17 @@ def test_both_operators_of_a_layer_is_the_shortv_layer():
     model = build_model("llava", init_std=0.2)
     inputs = build_inputs(model, "llava", batch_layouts=[dict(n_text_before=3, images=1, n_text_after=4)])
     layers = find_decoder_layers(model)
-    x, y, _, _ = _run_capturing(model, inputs, layers[1], "self_attn")
+    x, y, *_ = _run_capturing(model, inputs, layers[1], "self_attn")
     apply_shortv(model, ShortVConfig([1], mode="reference"))
-    _, y_shortv, _, logits_shortv = _run_capturing(model, inputs, layers[1], "self_attn")
+    _, y_shortv, _, logits_shortv, _ = _run_capturing(model, inputs, layers[1], "self_attn")
     remove_shortv(model)
     torch.testing.assert_close(y_shortv[inputs.visual_mask], x[inputs.visual_mask], rtol=0, atol=0)
     # attention-only in layer 1 and MLP-only in layer 2 together: each layer as when frozen alone
     apply_shortv(model, ShortVConfig(attention_layers=[1], mlp_layers=[2], mode="reference"))
-    _, y_mixed, _, logits_mixed = _run_capturing(model, inputs, layers[1], "self_attn")
+    _, y_mixed, _, logits_mixed, _ = _run_capturing(model, inputs, layers[1], "self_attn")
     remove_shortv(model)
     apply_shortv(model, ShortVConfig(attention_layers=[1], mode="reference"))
-    _, y_alone, _, _ = _run_capturing(model, inputs, layers[1], "self_attn")
+    _, y_alone, *_ = _run_capturing(model, inputs, layers[1], "self_attn")
     remove_shortv(model)
     torch.testing.assert_close(y_mixed, y_alone, rtol=0, atol=0)
     assert (logits_mixed - logits_shortv).abs().max() > 1e-5
@@ -159,9 +188,6 @@ def test_mlp_layers_must_be_integers():
 
 
 def test_refused_layers_leave_the_model_untouched():
-    model = build_model("gemma4", init_std=0.2)
-    with pytest.raises(ValueError, match="per-layer-input branch"):
-        apply_shortv(model, ShortVConfig(attention_layers=[0], mode="reference"))
     model = build_model("llava", init_std=0.2)
     with pytest.raises(ValueError, match="layer index 9 is out of range"):
         apply_shortv(model, ShortVConfig(mlp_layers=[9], mode="reference"))

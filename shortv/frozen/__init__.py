@@ -5,7 +5,7 @@ A fast path is a module of this package, one per residual structure (``prenorm``
 ``fast_frozen_forward(layer, anatomy, layout, hidden_states, **layer_kwargs) -> hidden_states``, and
 ``fast_attention_frozen_forward`` with the same arguments for operator-level layers whose visual rows skip only the
 attention update (those that skip only the MLP run the layer's own forward with the MLP fed the text rows,
-`shortv.frozen.operators.mlp_on_text_rows`). The registry gives each language model a `LayerAnatomy` (which
+`FastLayer.fast_mlp_frozen_forward`). The registry gives each language model a `LayerAnatomy` (which
 module, and the names of the layer's parts), or `LayerKinds` (one anatomy per layer type) when its layers differ;
 `fast_layer_module` binds them, so callers use ``fast.unsupported_reason(layer)`` and
 ``fast.fast_frozen_forward(layer, layout, hidden, **layer_kwargs)`` whatever the layer's kind.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..layout import TokenLayout
 from .anatomy import LayerAnatomy, LayerKinds, ParallelMoE, PerLayerInput
+from .operators import mlp_on_text_rows, mlp_slot_modules
 
 __all__ = ["FastLayer", "LayerAnatomy", "LayerKinds", "ParallelMoE", "PerLayerInput", "fast_layer_module"]
 
@@ -71,6 +73,15 @@ class FastLayer:
         """Operator-level: visual rows skip only the attention update (`shortv.frozen.operators`)."""
         fast = self._runnable(layer)
         return fast.module.fast_attention_frozen_forward(layer, fast.anatomy, layout, hidden_states, **layer_kwargs)
+
+    def fast_mlp_frozen_forward(
+        self, layer: nn.Module, layout: TokenLayout, forward: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Operator-level: visual rows skip only the MLP update; ``forward(*args, **kwargs)`` (the layer's own) runs
+        with its MLP slot fed the text rows (`shortv.frozen.operators.mlp_on_text_rows`)."""
+        modules, routers = mlp_slot_modules(layer, self._runnable(layer).anatomy)
+        with mlp_on_text_rows(modules, layout, routers):
+            return forward(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"FastLayer({self.anatomy!r})"

@@ -10,13 +10,17 @@ registry's anatomies is an RMSNorm, which maps a zero row to a zero row; keys an
 state) are still computed from every token, and text rows see exactly what they see unpatched (the MLP, dense or
 MoE, is per token). Skipping both operators is the ShortV layer.
 
+Branches that belong to neither operator (a per-layer-input branch after the MLP, a scale on the whole layer output)
+still apply to every row: skipping an operator removes that operator's branch and nothing else, so the
+visual rows' change is exactly the operator's own update (x + mlp(...) + per_layer_branch(...), times the scale, for
+a visual row that skips the attention). A ShortV layer (both operators) stays what it is: the visual rows leave the
+whole layer as they entered, with neither branch nor scale.
+
 The fast path (``mode="fast"``): a layer whose visual rows skip only the attention update runs the fast layer
 module's ``fast_attention_frozen_forward`` (queries and ``o_proj`` for text rows, keys and values for all, the MLP
-on every row); one whose visual rows skip only the MLP runs its own forward with the MLP fed its text rows only
-(`mlp_on_text_rows`), the visual rows of its output being zero as in the reference.
-
-Layers with branches that belong to neither operator (a per-layer-input branch, a scale on the whole layer output)
-are refused: skipping "the attention update" would not leave a visual row as it entered.
+and the other branches on every row); one whose visual rows skip only the MLP runs its own forward with the MLP slot
+fed its text rows only (`mlp_on_text_rows`; a parallel MoE's router and experts too), the visual rows of the slot's
+output being zero as in the reference.
 """
 
 from __future__ import annotations
@@ -38,11 +42,6 @@ def operator_modules(layer: nn.Module, anatomy: LayerAnatomy | None, operator: s
         raise ValueError(
             f"operator-level freezing needs the layer anatomy of {type(layer).__name__} (shortv.registry."
             "LANGUAGE_MODELS), and its language model has none; freeze whole layers (`layers`) instead"
-        )
-    if anatomy.per_layer_input is not None or anatomy.output_scale is not None:
-        raise ValueError(
-            f"operator-level freezing is not defined for {type(layer).__name__}: besides attention and MLP its "
-            "layers have a per-layer-input branch or a scale on the whole output; freeze whole layers (`layers`)"
         )
     if operator == "attention":
         names = [anatomy.attention]
@@ -114,9 +113,19 @@ def frozen_operator_modules(
     return [module for operator in sorted(operators) for module in operator_modules(layer, anatomy, operator)]
 
 
+def mlp_slot_modules(layer: nn.Module, anatomy: LayerAnatomy) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The modules of ``layer``'s MLP slot that an MLP-only frozen layer runs on the text rows: (the MLP and a
+    parallel MoE's experts, whose outputs go back with zero visual rows; the MoE's router, fed the text rows only)."""
+    moe = anatomy.parallel_moe
+    routers = [getattr(layer, moe.router)] if moe is not None and getattr(layer, moe.enabled, False) else []
+    return operator_modules(layer, anatomy, "mlp"), routers
+
+
 class _TextRowsOnly:
     """Hooks of an MLP (or MoE block) that feed it the text rows of its input and put its output back at the text
-    positions, with zero rows at the visual ones (the MLP adds nothing to them)."""
+    positions, with zero rows at the visual ones (the MLP adds nothing to them). The input is (batch, seq, hidden)
+    or flattened to (batch * seq, hidden) (a MoE's router and experts); other tensor arguments with a row per token
+    (the experts' routing, computed from text rows) pass as they are."""
 
     def __init__(self, layout: TokenLayout):
         self.layout = layout
@@ -128,24 +137,37 @@ class _TextRowsOnly:
         else:
             hidden = kwargs.pop("hidden_states")
         self.shape = hidden.shape
-        rows = self.layout.take_text(hidden)  # (batch, width, hidden) shared; (n_text, hidden): one sequence
-        return ((rows if rows.dim() == 3 else rows.unsqueeze(0)), *args), kwargs
+        flat = hidden.dim() == 2
+        rows = self.layout.take_text(hidden.view(*self.layout.shape, -1) if flat else hidden)
+        # (batch, width, hidden) shared; (n_text, hidden): one sequence (or flat rows)
+        if flat:
+            rows = rows.reshape(-1, rows.shape[-1])
+        elif rows.dim() == 2:
+            rows = rows.unsqueeze(0)
+        return (rows, *args), kwargs
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         rows = output[0] if isinstance(output, tuple) else output
-        rows = rows if self.layout.shared_positions is not None else rows.squeeze(0)
-        full = self.layout.put_text(rows.new_zeros(self.shape), rows)
+        batch, seq = self.layout.shape
+        if self.layout.shared_positions is not None:
+            rows = rows.reshape(batch, -1, rows.shape[-1])
+        elif rows.dim() == 3:
+            rows = rows.squeeze(0)
+        full = self.layout.put_text(rows.new_zeros(batch, seq, self.shape[-1]), rows).view(self.shape)
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
 
 @contextmanager
-def mlp_on_text_rows(modules: Collection[nn.Module], layout: TokenLayout) -> Iterator[None]:
-    """While inside, the ``modules`` (a layer's MLP) compute their text rows only and add nothing to visual rows."""
+def mlp_on_text_rows(modules: Collection[nn.Module], layout: TokenLayout,
+                     routers: Collection[nn.Module] = ()) -> Iterator[None]:
+    """While inside, the ``modules`` (a layer's MLP) compute their text rows only and add nothing to visual rows;
+    the ``routers`` (a MoE's, feeding its experts) see the text rows only."""
     handles = []
-    for module in modules:
+    for module in (*modules, *routers):
         hooks = _TextRowsOnly(layout)
-        handles += [module.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True),
-                    module.register_forward_hook(hooks.after, with_kwargs=True, prepend=True)]
+        handles.append(module.register_forward_pre_hook(hooks.before, with_kwargs=True, prepend=True))
+        if module not in routers:
+            handles.append(module.register_forward_hook(hooks.after, with_kwargs=True, prepend=True))
     try:
         yield
     finally:

@@ -11,9 +11,8 @@ MLP (`anatomy.ParallelMoE`: router and experts see the text rows only), a per-la
 output (``output_scale``). A frozen layer computes all three for text tokens exactly as unpatched; visual tokens
 leave the layer as they entered, so neither the per-layer input nor the output scale touches them.
 
-An attention-only frozen layer (operator-level freezing; not for layers with a per-layer-input branch or an output
-scale, `shortv.frozen.operators`) skips the visual rows' attention branch the same way, then runs the MLP slot on
-every row.
+An attention-only frozen layer (operator-level freezing, `shortv.frozen.operators`) skips the visual rows' attention
+branch the same way, then runs the MLP slot, the per-layer-input branch and the output scale on every row.
 """
 
 from __future__ import annotations
@@ -90,6 +89,13 @@ def fast_frozen_forward(
 def fast_attention_frozen_forward(
     layer: nn.Module, anatomy: LayerAnatomy, layout: TokenLayout, hidden_states: torch.Tensor, **kwargs: Any
 ) -> torch.Tensor:
+    branch = anatomy.per_layer_input
+    per_layer_input = kwargs.pop(branch.argument, None) if branch is not None else None
     attention = common.attention_branch(layer, anatomy, layout, hidden_states, kwargs)
     hidden_states = layout.add_text(hidden_states, getattr(layer, anatomy.attention_output_norm)(attention))
-    return hidden_states + getattr(layer, anatomy.mlp_output_norm)(_mlp_slot(layer, anatomy, hidden_states))
+    hidden_states = hidden_states + getattr(layer, anatomy.mlp_output_norm)(_mlp_slot(layer, anatomy, hidden_states))
+    if _enabled(layer, branch):  # neither operator's: every row, as unpatched
+        hidden_states = hidden_states + _per_layer_input_branch(layer, branch, hidden_states, per_layer_input)
+    if anatomy.output_scale:
+        hidden_states = hidden_states * getattr(layer, anatomy.output_scale)
+    return hidden_states
