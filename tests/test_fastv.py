@@ -56,10 +56,10 @@ def _inputs(model, family, padded: bool):
     return build_inputs(model, family, batch_layouts=_layouts(family, padded), padding_side="left")
 
 
-def _config(method: str) -> TokenPruningConfig:
+def _config(method: str, k: int = 2) -> TokenPruningConfig:
     if method == "vtw":
-        return TokenPruningConfig("vtw", k=2)
-    return TokenPruningConfig("fastv", k=2, ratio=0.5, rank=method.split("-")[1])
+        return TokenPruningConfig("vtw", k=k)
+    return TokenPruningConfig("fastv", k=k, ratio=0.5, rank=method.split("-")[1])
 
 
 def _oracle_kept(config: TokenPruningConfig, visual: torch.Tensor):
@@ -145,10 +145,11 @@ def test_more_families_equal_the_oracle(family: str, monkeypatch) -> None:
     _check_against_the_oracle(family, model, eager, "fastv-last", True)
 
 
-def _check_against_the_oracle(family: str, model, eager, method: str, padded: bool) -> None:
+def _check_against_the_oracle(family: str, model, eager, method: str, padded: bool, k: int = 2,
+                              atol: float = ATOL) -> None:
     inputs = _inputs(model, family, padded)
     visual = inputs.visual_mask
-    config = _config(method)
+    config = _config(method, k)
     with torch.no_grad():
         reset_state(model)
         unpatched = model(**inputs).logits
@@ -158,7 +159,7 @@ def _check_against_the_oracle(family: str, model, eager, method: str, padded: bo
     assert torch.equal(columns, oracle.columns), (family, method)
     real = inputs["attention_mask"].bool().gather(1, columns)  # padding rows differ between sdpa and eager
     expected = eager.get_output_embeddings()(oracle.hidden_states)
-    torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=ATOL)
+    torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=atol)
     # Not the unpatched model: the last position's logits move once visual tokens leave.
     assert not torch.allclose(logits[:, -1], unpatched[:, -1], atol=1e-3)
     assert torch.equal(generated, _oracle_greedy(eager, inputs, config)), (family, method)
@@ -237,7 +238,7 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
             apply_shortv(model, [3])
         text_config = copy.deepcopy(model.config.get_text_config())
         text_config.sliding_window, text_config.layer_types = 4, ["sliding_attention"] * 4
-        with pytest.raises(ValueError, match="dynamic or static cache of full-attention layers only"), \
+        with pytest.raises(ValueError, match="dynamic or static cache of full- and linear-attention layers only"), \
                 torch.no_grad():
             reset_state(model)
             model(**inputs, past_key_values=DynamicCache(config=text_config))
@@ -258,8 +259,7 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
         remove_token_pruning(model)
 
 
-@pytest.mark.parametrize(("family", "message"), [("qwen3_5", "hybrid linear/full attention"),
-                                                  ("gemma3", "full-attention layers only"),
+@pytest.mark.parametrize(("family", "message"), [("gemma3", "full- and linear-attention layers only"),
                                                   ("qwen3_vl", "DeepStack"),
                                                   ("gemma4", "share keys and values")])
 def test_unsupported_family_is_refused(family: str, message: str) -> None:
@@ -454,3 +454,64 @@ def test_static_cache_generate_equals_the_oracle(pair, method: str) -> None:
     config = _config(method)
     _, _, generated = _run_pruned(model, config, inputs, cache_implementation="static")
     assert torch.equal(generated, _oracle_greedy(eager, inputs, config)), (family, method)
+
+
+#: Hybrid linear attention (Qwen3.5, layers [linear, full, linear, full]): layers < K see every token and their
+#: conv / recurrent states include the visual ones; layers >= K, linear and full alike, run on the kept tokens, so
+#: a linear layer's state from K on is built over the kept tokens in order (the oracle re-runs exactly those).
+#: FastV ranks in a full-attention layer (K = 2); VTW at K = 1 also prunes the first full-attention layer, by which
+#: the model sizes its own decode masks (they are rebuilt from the padding mask).
+HYBRID_SIZE = (16, 16)
+HYBRID_ATOL = 3e-4  # the chunked delta rule sums in chunks aligned on each sequence's own length
+
+
+@pytest.fixture(scope="module")
+def hybrid(request):
+    return build_model("qwen3_5", "sdpa", init_std=0.2), build_model("qwen3_5", "eager", init_std=0.2)
+
+
+@pytest.mark.parametrize(("method", "k"), [("fastv-last", 2), ("vtw", 1), ("vtw", 3)])
+def test_hybrid_linear_attention_equals_the_oracle(hybrid, method: str, k: int, monkeypatch) -> None:
+    monkeypatch.setitem(FAMILIES, "qwen3_5", HYBRID_SIZE)
+    _check_against_the_oracle("qwen3_5", *hybrid, method, True, k, HYBRID_ATOL)
+
+
+def test_hybrid_different_visual_counts_rows_and_states(hybrid, monkeypatch) -> None:
+    """Different visual counts at batch 2 with left padding: the padding slots and the left padding are zeroed
+    before the linear layers' states (each sample equals the oracle run alone, prefill and greedy decoding); every
+    layer from K on, linear or full, sees t + kept rows, and the full-attention one caches them."""
+    monkeypatch.setitem(FAMILIES, "qwen3_5", HYBRID_SIZE)
+    model, eager = hybrid
+    inputs = _mixed_inputs(model, "qwen3_5")
+    config = _config("fastv-last")
+    logits, columns, generated = _run_pruned(model, config, inputs)
+    _check_each_sample(eager, inputs, config, logits, columns)
+    assert (columns == -1).any()
+    assert torch.equal(generated, _oracle_greedy(eager, inputs, config))
+    rows: dict[int, int] = {}
+    layers = model.model.language_model.layers
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: rows.__setitem__(i, a[0].shape[1]))
+               for i, layer in enumerate(layers)]
+    apply_token_pruning(model, config)
+    try:
+        with torch.no_grad():
+            reset_state(model)
+            cache = model(**inputs, use_cache=True).past_key_values
+    finally:
+        remove_token_pruning(model)
+        for handle in handles:
+            handle.remove()
+    seq, width = inputs["input_ids"].shape[1], columns.shape[1]
+    expected = [seq] * config.k + [width] * (len(layers) - config.k)
+    assert [rows[i] for i in range(len(layers))] == expected
+    full = [i for i, layer in enumerate(layers) if layer.block_type == "full_attention"]  # linear: no count on 5.24
+    assert [int(cache.get_seq_length(i)) for i in full] == [expected[i] for i in full]
+    assert width < seq
+
+
+def test_hybrid_fastv_ranks_in_a_full_attention_layer_only(hybrid) -> None:
+    model, _ = hybrid
+    with pytest.raises(ValueError, match=r"a linear-attention layer of .*; K must be one of \[2\]$"):
+        apply_fastv(model, k=3)
+    assert not hasattr(model, "_shortv_pruning_state")
+    assert not any("forward" in layer.__dict__ for layer in model.model.language_model.layers)
