@@ -459,8 +459,8 @@ def test_static_cache_generate_equals_the_oracle(pair, method: str) -> None:
 #: Hybrid linear attention (Qwen3.5, layers [linear, full, linear, full]): layers < K see every token and their
 #: conv / recurrent states include the visual ones; layers >= K, linear and full alike, run on the kept tokens, so
 #: a linear layer's state from K on is built over the kept tokens in order (the oracle re-runs exactly those).
-#: FastV ranks in a full-attention layer (K = 2); VTW at K = 1 also prunes the first full-attention layer, by which
-#: the model sizes its own decode masks (they are rebuilt from the padding mask).
+#: FastV ranks in a full-attention layer (K = 2); VTW cuts after a full (K = 2) or a linear (K = 3) layer. K must
+#: pass the first full-attention layer, by which the model counts cached positions and sizes its masks.
 HYBRID_SIZE = (16, 16)
 HYBRID_ATOL = 3e-4  # the chunked delta rule sums in chunks aligned on each sequence's own length
 
@@ -470,7 +470,7 @@ def hybrid(request):
     return build_model("qwen3_5", "sdpa", init_std=0.2), build_model("qwen3_5", "eager", init_std=0.2)
 
 
-@pytest.mark.parametrize(("method", "k"), [("fastv-last", 2), ("vtw", 1), ("vtw", 3)])
+@pytest.mark.parametrize(("method", "k"), [("fastv-last", 2), ("vtw", 2), ("vtw", 3)])
 def test_hybrid_linear_attention_equals_the_oracle(hybrid, method: str, k: int, monkeypatch) -> None:
     monkeypatch.setitem(FAMILIES, "qwen3_5", HYBRID_SIZE)
     _check_against_the_oracle("qwen3_5", *hybrid, method, True, k, HYBRID_ATOL)
@@ -513,5 +513,20 @@ def test_hybrid_fastv_ranks_in_a_full_attention_layer_only(hybrid) -> None:
     model, _ = hybrid
     with pytest.raises(ValueError, match=r"a linear-attention layer of .*; K must be one of \[2\]$"):
         apply_fastv(model, k=3)
+    with pytest.raises(ValueError, match=r"needs K > 1: the model counts the cached positions .* layer, 1, which"):
+        apply_vtw(model, k=1)
     assert not hasattr(model, "_shortv_pruning_state")
     assert not any("forward" in layer.__dict__ for layer in model.model.language_model.layers)
+
+
+def test_hybrid_moe_and_static_cache(hybrid, monkeypatch) -> None:
+    """Qwen3.5 MoE (FastV, batch 2, left padding) against the oracle; the dense hybrid's static cache (its linear
+    layers' states beside static key/value buffers) decodes as the oracle."""
+    monkeypatch.setitem(FAMILIES, "qwen3_5_moe", HYBRID_SIZE)
+    model, eager = build_model("qwen3_5_moe", "sdpa", init_std=0.2), build_model("qwen3_5_moe", "eager", init_std=0.2)
+    _check_against_the_oracle("qwen3_5_moe", model, eager, "fastv-last", True, 2, HYBRID_ATOL)
+    monkeypatch.setitem(FAMILIES, "qwen3_5", HYBRID_SIZE)
+    inputs = _mixed_inputs(hybrid[0], "qwen3_5")
+    for config in (_config("fastv-last"), _config("vtw", k=3)):
+        _, _, generated = _run_pruned(hybrid[0], config, inputs, cache_implementation="static")
+        assert torch.equal(generated, _oracle_greedy(hybrid[1], inputs, config)), config

@@ -99,16 +99,3 @@ def decode_kwargs(kwargs: dict[str, Any], key_columns: torch.Tensor, real_keys: 
     out["attention_mask"] = mask if key_slots is None else _empty_slots(mask, key_slots)
     return out
 
-
-def padding_decode_mask(padding: torch.Tensor | None, key_columns: torch.Tensor, real_keys: torch.Tensor | None,
-                        past_length: int, seq: int, key_slots: int | None = None) -> torch.Tensor:
-    """A step's (batch, 1, seq, keys) bool mask built from the forward's 2-D ``padding`` mask (None: no padding),
-    for when the model sized its own mask by a layer that holds the kept positions only (a hybrid model whose first
-    full-attention layer is pruned): causal by original column, padding and padding slots hidden."""
-    queries = torch.arange(past_length, past_length + seq, device=key_columns.device).expand(len(key_columns), -1)
-    mask = key_columns[:, None, None, :] <= queries[:, None, :, None]
-    if padding is not None:
-        mask = mask & padding.to(key_columns.device).bool().gather(1, key_columns)[:, None, None, :]
-    if real_keys is not None:
-        mask = mask & real_keys[:, None, None, :]
-    return _empty_slots(mask, key_slots)

@@ -51,7 +51,7 @@ from ..registry import (
     model_type_of,
     visual_token_ids,
 )
-from .columns import decode_kwargs, gather_columns, padding_decode_mask, prefill_kwargs
+from .columns import decode_kwargs, gather_columns, prefill_kwargs
 from .config import TokenPruningConfig
 from .ranking import kept_layout, received_attention, top_visual
 
@@ -73,8 +73,6 @@ class Plan:
     past_length: int = 0
     #: prefill: the visual/text split of the kept rows, for ShortV layers from K on (None: no visual row left).
     layout: TokenLayout | None = None
-    #: a step whose model-built mask is sized by a pruned layer (hybrid): rebuild it from the 2-D padding mask.
-    rebuild_mask: bool = False
 
 
 class PruningState:
@@ -133,23 +131,15 @@ def _held(cache: Any, indices: range) -> int | None:
 
 
 def _past_length(cache: Any, index: int, seq: int) -> int:
-    """Positions cached before this forward (of ``seq`` new ones) in the layers up to ``index`` (which see every
-    token; those before ``index`` already ran). Where they are all linear-attention layers: from a pruned prompt's
-    record and the first key/value layer after ``index``, else 1 when a state is written (some positions, how
-    many unknown), else 0."""
+    """Positions cached before this forward (of ``seq`` new ones) in layer ``index`` (K - 1, which sees every token):
+    its own count, or in a hybrid model that of the last key/value layer before it (which already ran this forward;
+    `_check_applicable` makes sure there is one)."""
     if cache is None:
         return 0
-    before = _held(cache, range(index, index + 1))
-    if before is not None:
-        return before
-    before = _held(cache, range(index - 1, -1, -1))
-    if before is not None:
-        return before - seq
-    pruned, after = getattr(cache, CACHE_ATTRIBUTE, None), _held(cache, range(index + 1, len(cache.layers)))
-    if pruned is not None and after is not None:
-        kept, _, prompt_length = pruned
-        return prompt_length + after - kept.shape[1]
-    return int(bool(cache.has_previous_state(index)))
+    held = _held(cache, range(index, index + 1))
+    if held is not None:
+        return held
+    return (_held(cache, range(index - 1, -1, -1)) or seq) - seq
 
 
 def _key_slots(cache: Any, index: int) -> int | None:
@@ -210,10 +200,7 @@ class CutForward(_InstanceOverride):
             if columns.shape[1] != held or columns.shape[0] != hidden.shape[0]:
                 raise ValueError(f"this KV cache does not match the FastV/VTW prompt it was filled with (layer "
                                  f"{self.index + 1}.. hold {held} positions, expected {columns.shape[1]})")
-            first_full = next((i for i, layer in enumerate(cache.layers)
-                               if not isinstance(layer, LinearAttentionCacheLayerMixin)), 0)
-            state.plan = Plan(prefill=False, columns=columns, real=real, past_length=past,
-                              rebuild_mask=first_full > self.index)
+            state.plan = Plan(prefill=False, columns=columns, real=real, past_length=past)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def _padding(self, visual: torch.Tensor) -> torch.Tensor | None:
@@ -261,9 +248,6 @@ class KeptForward(_InstanceOverride):
             if self.frozen and plan.layout is not None:
                 layout = plan.layout.to(hidden_states.device)
                 return self.state.fast.fast_frozen_forward(self.module, layout, hidden_states, **bound)
-        elif plan.rebuild_mask:
-            bound["attention_mask"] = padding_decode_mask(self.state.padding, columns, real, plan.past_length,
-                                                          hidden_states.shape[1], slots)
         else:
             bound = decode_kwargs(bound, columns, real, plan.past_length, hidden_states.shape[1], slots)
         return original(hidden_states, **bound)
@@ -310,6 +294,11 @@ def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.M
     if types:
         raise ValueError(f"{name} supports full- and linear-attention layers only; {type(model).__name__} has "
                          f"{types} layers")
+    first_full = recurrent.index(False) if False in recurrent else len(layers)
+    if config.k <= first_full:
+        raise ValueError(f"{name} on {type(model).__name__} needs K > {first_full}: the model counts the cached "
+                         f"positions (and sizes its masks) by its first full-attention layer, {first_full}, which must "
+                         "hold every token")
     if config.method == "fastv" and recurrent[config.k - 1]:
         valid = [index + 1 for index, linear in enumerate(recurrent[:-1]) if not linear]
         raise ValueError(f"FastV ranks by the softmax attention of layer K - 1 = {config.k - 1}, a linear-attention "
