@@ -530,3 +530,18 @@ def test_hybrid_moe_and_static_cache(hybrid, monkeypatch) -> None:
     for config in (_config("fastv-last"), _config("vtw", k=3)):
         _, _, generated = _run_pruned(hybrid[0], config, inputs, cache_implementation="static")
         assert torch.equal(generated, _oracle_greedy(hybrid[1], inputs, config)), config
+
+
+def test_deepstack_after_every_deepstack_layer(monkeypatch) -> None:
+    """Qwen3-VL adds vision features after decoder layers 0..2 (DeepStack): with five layers, K = 4 cuts after all
+    of them, and FastV and VTW equal the oracle (which replays the stock forward from layer 3's input); a smaller K
+    is refused with the smallest valid one."""
+    monkeypatch.setitem(FAMILIES, "qwen3_vl", (16, 16))
+    five = dict(num_hidden_layers=5)
+    model = build_model("qwen3_vl", "sdpa", init_std=0.2, text_overrides=five)
+    eager = build_model("qwen3_vl", "eager", init_std=0.2, text_overrides=five)
+    for method in ("fastv-last", "vtw"):
+        _check_against_the_oracle("qwen3_vl", model, eager, method, True, 4)
+    with pytest.raises(ValueError, match=r"needs K >= 4: it adds visual features .* after decoder layers 0\.\.2"):
+        apply_vtw(model, k=3)
+    assert not hasattr(model, "_shortv_pruning_state")

@@ -47,6 +47,7 @@ from ..registry import (
     fast_layer_for,
     find_decoder_layers,
     find_inter_layer_update,
+    inter_layer_update_layers,
     layer_types,
     model_type_of,
     visual_token_ids,
@@ -286,8 +287,14 @@ def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.M
         raise ValueError(f"{name} does not support model_type={model_type_of(model)!r}: its layers share keys and "
                          "values, scale queries by position or take per-layer inputs")
     if find_inter_layer_update(model) is not None:
-        raise ValueError(f"{name} does not support model_type={model_type_of(model)!r}: it adds visual features to the "
-                         "hidden states between decoder layers (DeepStack), at positions pruning would remove")
+        updated = inter_layer_update_layers(model)
+        if updated is None:
+            raise ValueError(f"{name} does not support model_type={model_type_of(model)!r}: it adds visual features to "
+                             "the hidden states between decoder layers, after layers not known to shortv")
+        if config.k <= updated:
+            raise ValueError(f"{name} on {type(model).__name__} needs K >= {updated + 1}: it adds visual features to "
+                             f"the hidden states after decoder layers 0..{updated - 1} (DeepStack), at positions "
+                             "pruning would remove")
     recurrent = [anatomy.module == RECURRENT for anatomy in anatomies]
     types = sorted(set(layer_types(model) or ["full_attention"]) - {"full_attention"}
                    - ({"linear_attention"} if any(recurrent) else set()))
