@@ -205,13 +205,14 @@ def pruned_forward(
 
 
 def extend_inputs(inputs: dict, token: torch.Tensor) -> dict:
-    """``inputs`` with one more column: ``token`` (batch,) in ``input_ids``, 1 in the padding mask, 0 (text) in any
-    other per-token integer tensor (e.g. ``mm_token_type_ids``)."""
+    """``inputs`` with one more column: ``token`` (batch,) in ``input_ids``, 1 in the padding mask, the next
+    position in explicit ``position_ids``, 0 (text) in any other per-token integer tensor (``mm_token_type_ids``)."""
     batch, seq = inputs["input_ids"].shape
     out = dict(inputs)
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor) and value.dim() == 2 and tuple(value.shape) == (batch, seq):
             fill = token if key == "input_ids" else torch.full_like(token, 1 if key == "attention_mask" else 0)
+            fill = value[:, -1] + 1 if key == "position_ids" else fill
             out[key] = torch.cat([value, fill[:, None].to(value.dtype)], dim=1)
     return out
 

@@ -133,9 +133,10 @@ def test_prefill_and_generate_equal_the_oracle(pair, method: str, padded: bool) 
 
 
 #: More families, each once (FastV, batch 2, left padding): LLaVA-NeXT tiles, OneVision (Qwen2), Qwen2.5-VL,
-#: InternVL with Qwen3 (QK-norm), SmolVLM, Mistral 3, GLM-4.1V (sandwich norms, interleaved RoPE).
+#: InternVL with Qwen3 (QK-norm), SmolVLM, Mistral 3, GLM-4.1V (sandwich norms, interleaved RoPE), Ministral 3
+#: (queries scaled by position: the ranking and the kept layers read the kept tokens' original positions).
 MORE_FAMILIES = {"llava_next": (16, 16), "llava_onevision": (12, 12), "qwen2_5_vl": (16, 16), "internvl_qwen3": 1,
-                 "smolvlm": 1, "mistral3": (16, 16), "glm4v": (16, 16)}
+                 "smolvlm": 1, "mistral3": (16, 16), "glm4v": (16, 16), "mistral3_ministral3": (16, 16)}
 
 
 @pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
@@ -545,3 +546,27 @@ def test_deepstack_after_every_deepstack_layer(monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"needs K >= 4: it adds visual features .* after decoder layers 0\.\.2"):
         apply_vtw(model, k=3)
     assert not hasattr(model, "_shortv_pruning_state")
+
+
+def test_ranking_reads_the_query_scale(monkeypatch) -> None:
+    """Ministral 3 scales each query by its position: a per-query temperature, which leaves the order by one query's
+    attention as it is (the oracle test above cannot see it), but not the values. The attention each column
+    receives, averaged over the real queries, equals eager attention's."""
+    from shortv.pruning.ranking import received_attention
+    from shortv.registry import fast_layer_for
+
+    monkeypatch.setitem(FAMILIES, "mistral3_ministral3", (16, 16))
+    model = build_model("mistral3_ministral3", "eager", init_std=0.2)
+    inputs = _inputs(model, "mistral3_ministral3", padded=True)
+    calls = capture_decoder_calls(model, inputs)
+    layers, weights = model.model.language_model.layers, []
+    handle = layers[1].self_attn.register_forward_hook(lambda m, a, out: weights.append(out[1]))
+    with torch.no_grad():
+        hidden = layers[0](calls.hidden_states, **calls.kwargs[0])
+        layers[1](hidden, **calls.kwargs[1])
+        handle.remove()
+        kwargs, real = calls.kwargs[1], inputs["attention_mask"]
+        received = received_attention(layers[1], fast_layer_for(model).anatomy, hidden, kwargs["attention_mask"],
+                                      kwargs["position_embeddings"], "mean", real, kwargs["position_ids"])
+    expected = (weights[0].mean(dim=1) * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(received, expected, rtol=0, atol=1e-6)

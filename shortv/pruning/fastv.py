@@ -220,7 +220,8 @@ class CutForward(_InstanceOverride):
             if kwargs.get("position_embeddings") is None:
                 raise RuntimeError(f"FastV ranks in layer {self.index}, which got no `position_embeddings`")
             received = received_attention(self.module, state.anatomy, hidden_states, kwargs.get("attention_mask"),
-                                          kwargs["position_embeddings"], state.config.rank, self._padding(visual))
+                                          kwargs["position_embeddings"], state.config.rank, self._padding(visual),
+                                          kwargs.get("position_ids"))
             kept = top_visual(received, visual, keep)
         return kept_layout(~visual | kept)
 
@@ -283,9 +284,9 @@ def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.M
         raise ValueError(f"{name} does not support model_type={model_type_of(model)!r} (no verified layer anatomy); "
                          "it supports the families whose decoder layers are softmax or linear attention with a fast "
                          "ShortV anatomy")
-    if any(anatomy.kv_sharing or anatomy.query_scale or anatomy.per_layer_input for anatomy in anatomies):
+    if any(anatomy.kv_sharing or anatomy.per_layer_input for anatomy in anatomies):
         raise ValueError(f"{name} does not support model_type={model_type_of(model)!r}: its layers share keys and "
-                         "values, scale queries by position or take per-layer inputs")
+                         "values or take per-layer inputs")
     if find_inter_layer_update(model) is not None:
         updated = inter_layer_update_layers(model)
         if updated is None:
