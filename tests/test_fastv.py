@@ -169,14 +169,8 @@ def _check_against_the_oracle(family: str, model, eager, method: str, padded: bo
         torch.testing.assert_close(model(**inputs).logits, unpatched, rtol=0, atol=0)  # remove is bit-exact
 
 
-@pytest.mark.parametrize("method", ["fastv-last", "vtw"])
-def test_rows_and_kv_cache_per_layer(pair, method: str) -> None:
-    """Layers 0..K-1 see every column and cache it; layers K.. see t + kept rows and cache only those."""
-    family, model, _ = pair
-    inputs = _inputs(model, family, padded=True)
-    visual = inputs.visual_mask
-    config = _config(method)
-    seq, v = visual.shape[1], int(visual[0].sum())
+def _rows_and_cache(model, config: TokenPruningConfig, inputs) -> tuple[list[int], object]:
+    """(the rows each decoder layer sees, the KV cache) of one pruned prefill."""
     rows: dict[int, int] = {}
     layers = model.model.language_model.layers
     handles = [layer.register_forward_pre_hook(lambda m, a, i=i: rows.__setitem__(i, a[0].shape[1]))
@@ -190,9 +184,22 @@ def test_rows_and_kv_cache_per_layer(pair, method: str) -> None:
         remove_token_pruning(model)
         for handle in handles:
             handle.remove()
+    return [rows[i] for i in range(len(layers))], cache
+
+
+@pytest.mark.parametrize("method", ["fastv-last", "vtw"])
+def test_rows_and_kv_cache_per_layer(pair, method: str) -> None:
+    """Layers 0..K-1 see every column and cache it; layers K.. see t + kept rows and cache only those."""
+    family, model, _ = pair
+    inputs = _inputs(model, family, padded=True)
+    visual = inputs.visual_mask
+    config = _config(method)
+    seq, v = visual.shape[1], int(visual[0].sum())
+    layers = model.model.language_model.layers
+    rows, cache = _rows_and_cache(model, config, inputs)
     kept = seq - v + config.kept(v)
     expected = [seq] * config.k + [kept] * (len(layers) - config.k)
-    assert [rows[i] for i in range(len(layers))] == expected
+    assert rows == expected
     assert [cache.get_seq_length(i) for i in range(len(layers))] == expected
     assert kept < seq
 
@@ -489,22 +496,11 @@ def test_hybrid_different_visual_counts_rows_and_states(hybrid, monkeypatch) -> 
     _check_each_sample(eager, inputs, config, logits, columns)
     assert (columns == -1).any()
     assert torch.equal(generated, _oracle_greedy(eager, inputs, config))
-    rows: dict[int, int] = {}
     layers = model.model.language_model.layers
-    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: rows.__setitem__(i, a[0].shape[1]))
-               for i, layer in enumerate(layers)]
-    apply_token_pruning(model, config)
-    try:
-        with torch.no_grad():
-            reset_state(model)
-            cache = model(**inputs, use_cache=True).past_key_values
-    finally:
-        remove_token_pruning(model)
-        for handle in handles:
-            handle.remove()
+    rows, cache = _rows_and_cache(model, config, inputs)
     seq, width = inputs["input_ids"].shape[1], columns.shape[1]
     expected = [seq] * config.k + [width] * (len(layers) - config.k)
-    assert [rows[i] for i in range(len(layers))] == expected
+    assert rows == expected
     full = [i for i, layer in enumerate(layers) if layer.block_type == "full_attention"]  # linear: no count on 5.24
     assert [int(cache.get_seq_length(i)) for i in full] == [expected[i] for i in full]
     assert width < seq
