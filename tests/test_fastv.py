@@ -107,7 +107,8 @@ def _mixed_inputs(model, family):
         dict(n_text_before=2, images=2, n_text_after=3, image_sizes=[size, size], seed=1)])
 
 
-def _check_each_sample(eager, inputs, config: TokenPruningConfig, logits, columns, frozen_layers=()) -> None:
+def _check_each_sample(eager, inputs, config: TokenPruningConfig, logits, columns, frozen_layers=(),
+                       atol: float = ATOL) -> None:
     """Each sample's kept columns and real rows' logits equal the oracle run on it alone (its rows of the batch's
     calls); a sample that keeps fewer columns has padding slots (-1) first."""
     visual = inputs.visual_mask
@@ -121,7 +122,7 @@ def _check_each_sample(eager, inputs, config: TokenPruningConfig, logits, column
         assert (columns[i, :-n] == -1).all()
         real = inputs["attention_mask"][i].bool()[oracle.columns[0]]
         expected = eager.get_output_embeddings()(oracle.hidden_states[0])
-        torch.testing.assert_close(logits[i, -n:][real], expected[real], rtol=0, atol=ATOL)
+        torch.testing.assert_close(logits[i, -n:][real], expected[real], rtol=0, atol=atol)
 
 
 CASES = [("fastv-last", False), ("fastv-last", True), ("fastv-mean", False), ("vtw", False), ("vtw", True)]
@@ -493,7 +494,7 @@ def test_hybrid_different_visual_counts_rows_and_states(hybrid, monkeypatch) -> 
     inputs = _mixed_inputs(model, "qwen3_5")
     config = _config("fastv-last")
     logits, columns, generated = _run_pruned(model, config, inputs)
-    _check_each_sample(eager, inputs, config, logits, columns)
+    _check_each_sample(eager, inputs, config, logits, columns, atol=HYBRID_ATOL)
     assert (columns == -1).any()
     assert torch.equal(generated, _oracle_greedy(eager, inputs, config))
     layers = model.model.language_model.layers
@@ -504,6 +505,24 @@ def test_hybrid_different_visual_counts_rows_and_states(hybrid, monkeypatch) -> 
     full = [i for i, layer in enumerate(layers) if layer.block_type == "full_attention"]  # linear: no count on 5.24
     assert [int(cache.get_seq_length(i)) for i in full] == [expected[i] for i in full]
     assert width < seq
+
+
+@pytest.mark.parametrize(("method", "shortv_layers"), [("fastv-last", (0, 2, 3)), ("vtw", (0, 3))])
+def test_hybrid_shortv_and_pruning_in_one_config(hybrid, method: str, shortv_layers: tuple, monkeypatch) -> None:
+    """ShortV + FastV / VTW on the hybrid: frozen linear and full layers before K (every visual token) and from K on
+    (the kept ones) equal the oracle with the reference freeze, prefill and greedy decoding, different visual counts;
+    the composition differs from the pruning alone."""
+    monkeypatch.setitem(FAMILIES, "qwen3_5", HYBRID_SIZE)
+    model, eager = hybrid
+    inputs = _mixed_inputs(model, "qwen3_5")
+    config = _config(method)
+    composed = TokenPruningConfig(config.method, config.k, config.ratio if method != "vtw" else None, config.rank,
+                                  shortv_layers=list(shortv_layers))
+    alone = _run_pruned(model, config, inputs, generate=False)[0]
+    logits, columns, generated = _run_pruned(model, composed, inputs)
+    _check_each_sample(eager, inputs, config, logits, columns, shortv_layers, HYBRID_ATOL)
+    assert not torch.allclose(logits[:, -1], alone[:, -1], atol=1e-3)
+    assert torch.equal(generated, _oracle_greedy(eager, inputs, config, shortv_layers))
 
 
 def test_hybrid_fastv_ranks_in_a_full_attention_layer_only(hybrid) -> None:
