@@ -140,7 +140,7 @@ def rank_by_attention(weights: torch.Tensor, visual_mask: torch.Tensor, keep: in
     query, key; eager attention of layer K - 1), averaged over heads, from the last query row (``"last"``: the last
     prompt token, with left padding or none; ``last`` (batch,): each sample's last real row, with right padding)
     or averaged over every query row (``"mean"``; ``real`` (batch, query) bool: over the real rows only, not the
-    padding). Ascending columns."""
+    padding). Ascending columns; of tied columns, the earlier ones."""
     received = weights.mean(dim=1)
     if queries == "last":
         received = received[:, -1] if last is None else received[torch.arange(len(received)), last]
@@ -149,7 +149,8 @@ def rank_by_attention(weights: torch.Tensor, visual_mask: torch.Tensor, keep: in
     else:
         received = (received * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
     received = received.masked_fill(~visual_mask.bool(), float("-inf"))
-    return received.topk(keep, dim=-1).indices.sort(dim=-1).values
+    # Ties (identical visual tokens receive identical attention) go to the earlier column.
+    return received.argsort(dim=-1, descending=True, stable=True)[:, :keep].sort(dim=-1).values
 
 
 def stock_layer(index: int, layer: nn.Module, hidden: torch.Tensor, visual: torch.Tensor, frozen: bool,

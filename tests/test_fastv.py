@@ -247,7 +247,7 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
             apply_shortv(model, [3])
         text_config = copy.deepcopy(model.config.get_text_config())
         text_config.sliding_window, text_config.layer_types = 4, ["sliding_attention"] * 4
-        with pytest.raises(ValueError, match="dynamic or static cache of full- and linear-attention layers only"), \
+        with pytest.raises(ValueError, match="dynamic or static cache of full- and linear-attention layers"), \
                 torch.no_grad():
             reset_state(model)
             model(**inputs, past_key_values=DynamicCache(config=text_config))
@@ -268,8 +268,7 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
         remove_token_pruning(model)
 
 
-@pytest.mark.parametrize(("family", "message"), [("gemma3", "full- and linear-attention layers only"),
-                                                  ("qwen3_vl", "DeepStack"),
+@pytest.mark.parametrize(("family", "message"), [                                                  ("qwen3_vl", "DeepStack"),
                                                   ("gemma4", "share keys and values")])
 def test_unsupported_family_is_refused(family: str, message: str) -> None:
     model = build_model(family, "sdpa")
@@ -529,7 +528,7 @@ def test_hybrid_fastv_ranks_in_a_full_attention_layer_only(hybrid) -> None:
     model, _ = hybrid
     with pytest.raises(ValueError, match=r"a linear-attention layer of .*; K must be one of \[2\]$"):
         apply_fastv(model, k=3)
-    with pytest.raises(ValueError, match=r"needs K > 1: the model counts the cached positions .* layer, 1, which"):
+    with pytest.raises(ValueError, match=r"needs K > 1: the model counts .* by its first full-attention layer, 1,"):
         apply_vtw(model, k=1)
     assert not hasattr(model, "_shortv_pruning_state")
     assert not any("forward" in layer.__dict__ for layer in model.model.language_model.layers)
@@ -585,3 +584,40 @@ def test_ranking_reads_the_query_scale(monkeypatch) -> None:
                                       kwargs["position_embeddings"], "mean", real, kwargs["position_ids"])
     expected = (weights[0].mean(dim=1) * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
     torch.testing.assert_close(received, expected, rtol=0, atol=1e-6)
+
+
+def test_sliding_window_layers(monkeypatch) -> None:
+    """Gemma 3 (layers [sliding, full, sliding, full], window 8, shorter than an image; bidirectional attention
+    between image tokens): FastV at K = 2 and VTW at K = 1 (which prunes the first full-attention layer, for whose
+    cache the model lays out its step masks) equal the oracle at batch 2 with left padding, and with different visual
+    counts, down to each decode step's logits: the pruned sliding layers' caches keep their last kept positions, and
+    each step's window is by original position. A static cache's sliding layers are refused."""
+    monkeypatch.setitem(FAMILIES, "gemma3", (16, 16))
+    model, eager = build_model("gemma3", "sdpa", init_std=0.2), build_model("gemma3", "eager", init_std=0.2)
+    for method, k in (("fastv-last", 2), ("vtw", 1)):
+        _check_against_the_oracle("gemma3", model, eager, method, True, k)
+        config = _config(method, k)
+        inputs = _mixed_inputs(model, "gemma3")
+        logits, columns, generated = _run_pruned(model, config, inputs)
+        _check_each_sample(eager, inputs, config, logits, columns)
+        assert torch.equal(generated, _oracle_greedy(eager, inputs, config))
+        # Each step's logits (not only the argmax) equal the oracle's on the prompt's kept columns and the tokens.
+        inputs = _inputs(model, "gemma3", padded=True)
+        visual = inputs.visual_mask
+        apply_token_pruning(model, config)
+        try:
+            out = model.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+        finally:
+            remove_token_pruning(model)
+        ranked = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, k, _oracle_kept(config, visual))
+        extended, prompt = inputs, visual.shape[1]
+        for step in range(STEPS - 1):
+            extended = extend_inputs(extended, out.sequences[:, prompt + step])
+        oracle = pruned_forward(eager, capture_decoder_calls(eager, extended),
+                                torch.cat([visual, visual.new_zeros(len(visual), STEPS - 1)], dim=1), k,
+                                ranked.columns[visual.gather(1, ranked.columns)].view(len(visual), -1))
+        expected = eager.get_output_embeddings()(oracle.hidden_states[:, -STEPS:])
+        torch.testing.assert_close(torch.stack(out.logits, dim=1), expected, rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match="StaticSlidingWindowLayer"):
+        _run_pruned(model, config, inputs, cache_implementation="static")

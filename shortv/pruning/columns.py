@@ -99,3 +99,17 @@ def decode_kwargs(kwargs: dict[str, Any], key_columns: torch.Tensor, real_keys: 
     out["attention_mask"] = mask if key_slots is None else _empty_slots(mask, key_slots)
     return out
 
+
+def window_decode_mask(padding: torch.Tensor | None, key_columns: torch.Tensor, real_keys: torch.Tensor | None,
+                       past_length: int, seq: int, window: int | None) -> torch.Tensor:
+    """A step's (batch, 1, seq, keys) bool mask for a layer from K on whose cache returns the keys at
+    ``key_columns`` (a sliding-window layer: its last kept positions, then the new ones): causal and within
+    ``window`` (None: no window) by original column, the forward's 2-D ``padding`` (None: none) and the padding
+    slots (``real_keys`` False) hidden. For when the model laid its own mask out for another layer's cache (the
+    unpruned sliding layers', or a pruned first full-attention layer's)."""
+    queries = torch.arange(past_length, past_length + seq, device=key_columns.device).expand(len(key_columns), -1)
+    distance = queries[:, None, :, None] - key_columns[:, None, None, :]
+    mask = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
+    if padding is not None:
+        mask = mask & padding.to(key_columns.device).bool().gather(1, key_columns)[:, None, None, :]
+    return mask if real_keys is None else mask & real_keys[:, None, None, :]

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache, StaticCache
-from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin, LinearAttentionLayer, StaticLayer
+from transformers.cache_utils import (
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionCacheLayerMixin,
+    LinearAttentionLayer,
+    StaticLayer,
+)
 
 from .. import _compat
 from ..config import ShortVConfig
@@ -52,13 +58,14 @@ from ..registry import (
     model_type_of,
     visual_token_ids,
 )
-from .columns import decode_kwargs, gather_columns, prefill_kwargs
+from .columns import decode_kwargs, gather_columns, prefill_kwargs, window_decode_mask
 from .config import TokenPruningConfig
 from .ranking import kept_layout, received_attention, top_visual
 
 STATE_ATTRIBUTE = "_shortv_pruning_state"
 #: The anatomy module of a linear-attention (recurrent) layer: its state cannot drop a token once written.
 RECURRENT = "linear_attention"
+SLIDING = "sliding_attention"
 CACHE_ATTRIBUTE = "shortv_kept_columns"
 
 
@@ -81,6 +88,8 @@ class PruningState:
 
     def __init__(self, config: TokenPruningConfig, entry: ShortVState, anatomy: LayerAnatomy, fast: FastLayer):
         self.config, self.entry, self.anatomy, self.fast = config, entry, anatomy, fast
+        #: the decoder layers with a sliding window (their dynamic cache layers hold a window of kept positions).
+        self.sliding: frozenset[int] = frozenset()
         self.plan: Plan | None = None
         #: (batch, kept) original columns of the rows of the last pruned forward's output.
         self.last_columns: torch.Tensor | None = None
@@ -109,14 +118,19 @@ def _kwargs(override: _InstanceOverride, original, hidden: torch.Tensor, args: t
     return FrozenForward._bind(override, original, hidden, args, kwargs)  # by the original forward's signature
 
 
-def _check_cache(cache: Any) -> None:
+def _check_cache(cache: Any, sliding: frozenset[int]) -> None:
+    """A dynamic or static cache whose layers FastV/VTW can hold kept positions in: full-attention, linear-attention,
+    and dynamic sliding-window layers where the model's layer is one (``sliding``: their indices)."""
     if cache is None:
         return
     layers = getattr(cache, "layers", None)
     allowed = (DynamicLayer, StaticLayer, LinearAttentionLayer)
-    if not isinstance(cache, (DynamicCache, StaticCache)) or not all(type(layer) in allowed for layer in layers):
+    if not isinstance(cache, (DynamicCache, StaticCache)) or not all(
+            type(layer) in allowed or (type(layer) is DynamicSlidingWindowLayer and index in sliding)
+            for index, layer in enumerate(layers)):
         kinds = sorted({type(layer).__name__ for layer in layers or []})
-        raise ValueError(f"FastV/VTW support a dynamic or static cache of full- and linear-attention layers only, got "
+        raise ValueError(f"FastV/VTW support a dynamic or static cache of full- and linear-attention layers (and "
+                         "dynamic sliding-window layers for the model's own), got "
                          f"{type(cache).__name__}{' (' + ', '.join(kinds) + ')' if kinds else ''}")
 
 
@@ -161,7 +175,7 @@ class CutForward(_InstanceOverride):
         state.plan = None
         bound = _kwargs(self, original, hidden_states, args, kwargs)
         cache = _compat.cache_from_kwargs(bound)
-        _check_cache(cache)
+        _check_cache(cache, state.sliding)
         past = _past_length(cache, self.index, hidden_states.shape[1])
         entry = state.entry
         if not entry.decided:
@@ -231,11 +245,15 @@ class KeptForward(_InstanceOverride):
     ShortV layer (``frozen``) freezes the kept visual rows in a pruned prefill."""
 
     def __init__(self, state: PruningState, layer: nn.Module, previous: Any, attribute: str, index: int,
-                 frozen: bool = False, recurrent: bool = False):
+                 frozen: bool = False, recurrent: bool = False, window: int | None = None, rebuild: bool = False):
         super().__init__(layer, previous)
         self.state, self.attribute, self.index, self.frozen = state, attribute, index, frozen
         #: a linear-attention layer: its 2-D padding mask is cut in prefill; its steps need nothing cut.
         self.recurrent = recurrent
+        #: a sliding-window layer's window: its cache keeps the last ``window - 1`` kept positions.
+        self.window = window
+        #: a full-attention layer whose step masks the model lays out for another cache (a pruned first full layer).
+        self.rebuild = rebuild
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         plan, original = self.state.plan, self.original()
@@ -250,6 +268,12 @@ class KeptForward(_InstanceOverride):
             if self.frozen and plan.layout is not None:
                 layout = plan.layout.to(hidden_states.device)
                 return self.state.fast.fast_frozen_forward(self.module, layout, hidden_states, **bound)
+        elif self.window is not None or self.rebuild:  # a sliding cache returns its last window - 1 positions
+            seq = hidden_states.shape[1]
+            keys = columns.shape[1] if self.window is None else min(columns.shape[1] - seq, self.window - 1) + seq
+            bound["attention_mask"] = window_decode_mask(self.state.padding, columns[:, -keys:],
+                                                         None if real is None else real[:, -keys:],
+                                                         plan.past_length, seq, self.window)
         else:
             bound = decode_kwargs(bound, columns, real, plan.past_length, hidden_states.shape[1], slots)
         return original(hidden_states, **bound)
@@ -297,16 +321,20 @@ def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.M
                              f"the hidden states after decoder layers 0..{updated - 1} (DeepStack), at positions "
                              "pruning would remove")
     recurrent = [anatomy.module == RECURRENT for anatomy in anatomies]
-    types = sorted(set(layer_types(model) or ["full_attention"]) - {"full_attention"}
-                   - ({"linear_attention"} if any(recurrent) else set()))
+    kinds = layer_types(model) or ["full_attention"] * len(layers)
+    types = sorted(set(kinds) - {"full_attention", SLIDING} - ({"linear_attention"} if any(recurrent) else set()))
     if types:
-        raise ValueError(f"{name} supports full- and linear-attention layers only; {type(model).__name__} has "
-                         f"{types} layers")
-    first_full = recurrent.index(False) if False in recurrent else len(layers)
-    if config.k <= first_full:
+        raise ValueError(f"{name} supports full-attention, sliding-window and linear-attention layers only; "
+                         f"{type(model).__name__} has {types} layers")
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    if SLIDING in kinds and not (isinstance(window, int) and window > 0):
+        raise ValueError(f"{name} needs the sliding window of {type(model).__name__}'s sliding-window layers "
+                         f"(config.sliding_window), got {window!r}")
+    first_full = kinds.index("full_attention") if "full_attention" in kinds else len(layers)
+    if config.k <= first_full and (any(recurrent[:first_full]) or first_full == len(layers)):
         raise ValueError(f"{name} on {type(model).__name__} needs K > {first_full}: the model counts the cached "
-                         f"positions (and sizes its masks) by its first full-attention layer, {first_full}, which must "
-                         "hold every token")
+                         f"positions by its first full-attention layer, {first_full}, when linear-attention layers come "
+                         "before it, and that layer must hold every token")
     if config.method == "fastv" and recurrent[config.k - 1]:
         valid = [index + 1 for index, linear in enumerate(recurrent[:-1]) if not linear]
         raise ValueError(f"FastV ranks by the softmax attention of layer K - 1 = {config.k - 1}, a linear-attention "
@@ -352,9 +380,14 @@ def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Modu
                  layers[index])
     override(lambda layer, previous, attribute: CutForward(state, layer, previous, attribute, config.k - 1),
              layers[config.k - 1])
+    kinds = layer_types(model) or ["full_attention"] * len(layers)
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    state.sliding = frozenset(index for index, kind in enumerate(kinds) if kind == SLIDING)
+    rebuild = config.k <= kinds.index("full_attention")  # the model lays its step masks out for a pruned layer
     for index in range(config.k, len(layers)):
         override(lambda layer, previous, attribute, index=index: KeptForward(
-            state, layer, previous, attribute, index, index in frozen, anatomies[index].module == RECURRENT),
+            state, layer, previous, attribute, index, index in frozen, anatomies[index].module == RECURRENT,
+            window if kinds[index] == SLIDING else None, rebuild and kinds[index] == "full_attention"),
             layers[index])
     if callable(getattr(model, "generate", None)):
         override(lambda model, previous, attribute: ShortVGenerate(entry, model, previous), model)
