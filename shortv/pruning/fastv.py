@@ -14,6 +14,11 @@ the kept positions only, in order; `kept_columns(model)` gives their original co
 fewer columns (fewer visual tokens) get padding slots at the start of their row (column -1 in `kept_columns`,
 logits meaningless, hidden from every query by the masks). The last position is always kept, so ``generate``
 (which reads the last logits) works unchanged.
+
+Layer kinds: a linear-attention layer from K on gets its 2-D padding mask cut to the kept columns (its conv and
+recurrent states are built over the kept tokens); a sliding-window layer from K on (and a full-attention one when
+the model lays its step masks out for a pruned layer) gets each step's mask rebuilt by original column. See
+docs/pruning.md for what each family allows.
 """
 
 from __future__ import annotations
