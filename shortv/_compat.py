@@ -46,6 +46,8 @@ def cached_length(cache: Any) -> int:
     length = cache.get_seq_length()
     if isinstance(length, torch.Tensor):
         for layer in getattr(cache, "layers", ()):
+            if not hasattr(layer, "get_seq_length"):  # a linear-attention layer on transformers 5.24 counts nothing
+                continue
             counted = layer.get_seq_length()
             if not isinstance(counted, torch.Tensor) and counted:
                 return int(counted)

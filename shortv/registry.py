@@ -35,6 +35,9 @@ class Architecture:
     #: ``method(hidden_states, *args)`` (Qwen3-VL's DeepStack adds vision features at the visual positions after
     #: the first layers). Frozen layers need nothing for it; LC calibration replays those calls.
     inter_layer_update: str = ""
+    #: Dotted config path of a list whose length is how many leading decoder layers ``inter_layer_update`` follows
+    #: (token pruning must cut after all of them). Empty: not known.
+    inter_layer_update_layers: str = ""
 
 
 # Layer anatomies (see shortv.frozen.anatomy). Pre-norm: norm, attention, residual, norm, MLP, residual.
@@ -111,7 +114,8 @@ _TEXT_MODEL = dict(  # SmolVLM / Idefics3 keep their language model under `model
     decoder_layers="model.text_model.layers", final_norm="model.text_model.norm",
     visual_token_id_attributes=("image_token_id",), fast_text_model_types=("llama",),
 )
-_DEEPSTACK = "model.language_model._deepstack_process"
+_DEEPSTACK = dict(inter_layer_update="model.language_model._deepstack_process",
+                  inter_layer_update_layers="vision_config.deepstack_visual_indexes")
 
 ARCHITECTURES: dict[str, Architecture] = {
     # LLaVA-1.5 (Vicuna/Llama or Mistral LM)
@@ -123,9 +127,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_vl": Architecture(**_QWEN_VL, fast_text_model_types=("qwen2_vl_text",)),
     "qwen2_5_vl": Architecture(**_QWEN_VL, fast_text_model_types=("qwen2_5_vl_text",)),
     # Qwen3-VL, dense and MoE: QK-norm, interleaved M-RoPE, DeepStack between the first layers.
-    "qwen3_vl": Architecture(**_QWEN_VL, fast_text_model_types=("qwen3_vl_text",), inter_layer_update=_DEEPSTACK),
+    "qwen3_vl": Architecture(**_QWEN_VL, fast_text_model_types=("qwen3_vl_text",), **_DEEPSTACK),
     "qwen3_vl_moe": Architecture(
-        **_QWEN_VL, fast_text_model_types=("qwen3_vl_moe_text",), inter_layer_update=_DEEPSTACK
+        **_QWEN_VL, fast_text_model_types=("qwen3_vl_moe_text",), **_DEEPSTACK
     ),
     # InternVL 3 / 3.5 (Qwen2, Qwen3 or Llama LM); video frames use the image token.
     "internvl": Architecture(**_LLAVA_STYLE, fast_text_model_types=("qwen2", "qwen3", "llama")),
@@ -206,6 +210,14 @@ def find_inter_layer_update(model: nn.Module) -> tuple[nn.Module, str] | None:
     if not isinstance(owner, nn.Module) or not callable(getattr(owner, name, None)):
         raise ValueError(f"{type(model).__name__} has no `{path}` (its registry entry's inter_layer_update)")
     return owner, name
+
+
+def inter_layer_update_layers(model: nn.Module) -> int | None:
+    """How many leading decoder layers the between-layer update follows (`Architecture.inter_layer_update_layers`;
+    None: the family has no such update or the count is not known)."""
+    arch = architecture_for(model)
+    listed = _resolve(model.config, arch.inter_layer_update_layers) if arch.inter_layer_update_layers else None
+    return len(listed) if arch.inter_layer_update and isinstance(listed, (list, tuple)) else None
 
 
 def _resolve(root: nn.Module, dotted: str) -> object | None:

@@ -8,9 +8,10 @@ the hidden states, the rotary rows, the position ids and the mask's rows and col
 recomputed. Frozen (ShortV) layers run through the reference freeze: the stock layer, then the visual rows put back.
 
 Families: any whose decoder layers take ``(hidden_states, position_embeddings=, attention_mask=, position_ids=)``
-and nothing per token besides (Llama-like, Qwen-VL M-RoPE, Gemma 3 sliding windows, Qwen3.5 hybrids). Refused with
-a one-line reason: a decoder that changes the hidden states between layers (DeepStack), and a layer that takes
-other per-token inputs (Gemma 4's per-layer inputs and shared K/V).
+and nothing per token besides (Llama-like, Qwen-VL M-RoPE, Gemma 3 sliding windows, Qwen3.5 hybrids). A decoder
+that changes the hidden states between its first layers (DeepStack) is replayed from the input of the first layer
+after the last such change (the stock forward's own), so the cut must come after it. Refused with a one-line
+reason: a layer that takes other per-token inputs (Gemma 4's per-layer inputs and shared K/V).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ _PRUNED = {"hidden_states", "attention_mask", "position_embeddings", "position_i
 class DecoderCalls:
     """What the stock decoder gave its layers in one forward."""
 
-    hidden_states: torch.Tensor  # input of layer 0, (batch, seq, hidden)
+    hidden_states: torch.Tensor  # input of layer ``start``, (batch, seq, hidden)
     kwargs: list[dict]  # per layer
+    #: the first layer the oracle runs: 0, or the one after the decoder's last between-layer update (DeepStack).
+    start: int = 0
 
 
 @dataclass
@@ -49,13 +52,17 @@ def _output(value):
 
 @torch.no_grad()
 def capture_decoder_calls(model: nn.Module, inputs: dict) -> DecoderCalls:
-    """Run ``model(**inputs)`` once and record the layer-0 input and every layer's keyword arguments."""
-    if find_inter_layer_update(model) is not None:
-        raise ValueError(f"{type(model).__name__} updates the hidden states between decoder layers; the oracle "
-                         "would skip that update")
+    """Run ``model(**inputs)`` once and record every layer's keyword arguments and the input of the first layer
+    after the last between-layer update (layer 0 without one)."""
     layers = find_decoder_layers(model)
     first: list[torch.Tensor] = []
     kwargs: list[dict] = [{} for _ in layers]
+    updates: list[int] = []
+    update = find_inter_layer_update(model)
+    if update is not None:  # count its calls (one per updated layer) through an instance attribute, removed below
+        owner, name = update
+        method = getattr(owner, name)
+        object.__setattr__(owner, name, lambda *args, **kw: (updates.append(1), method(*args, **kw))[1])
 
     def recorder(index: int):
         def hook(module, args, layer_kwargs):
@@ -63,8 +70,7 @@ def capture_decoder_calls(model: nn.Module, inputs: dict) -> DecoderCalls:
             if len(args) > 1 or unknown:
                 raise ValueError(f"decoder layer {index} takes per-token inputs the oracle cannot prune: "
                                  f"{unknown or [f'{len(args) - 1} more positional']}")
-            if index == 0:
-                first.append(args[0] if args else layer_kwargs["hidden_states"])
+            first.append(args[0] if args else layer_kwargs["hidden_states"])
             kwargs[index] = {k: v for k, v in layer_kwargs.items() if k != "hidden_states"}
         return hook
 
@@ -74,7 +80,9 @@ def capture_decoder_calls(model: nn.Module, inputs: dict) -> DecoderCalls:
     finally:
         for handle in handles:
             handle.remove()
-    return DecoderCalls(first[0], kwargs)
+        if update is not None:
+            object.__delattr__(owner, name)
+    return DecoderCalls(first[len(updates)], kwargs, len(updates))
 
 
 def _gather(x: torch.Tensor, dim: int, columns: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
@@ -132,7 +140,7 @@ def rank_by_attention(weights: torch.Tensor, visual_mask: torch.Tensor, keep: in
     query, key; eager attention of layer K - 1), averaged over heads, from the last query row (``"last"``: the last
     prompt token, with left padding or none; ``last`` (batch,): each sample's last real row, with right padding)
     or averaged over every query row (``"mean"``; ``real`` (batch, query) bool: over the real rows only, not the
-    padding). Ascending columns."""
+    padding). Ascending columns; of tied columns, the earlier ones."""
     received = weights.mean(dim=1)
     if queries == "last":
         received = received[:, -1] if last is None else received[torch.arange(len(received)), last]
@@ -141,7 +149,8 @@ def rank_by_attention(weights: torch.Tensor, visual_mask: torch.Tensor, keep: in
     else:
         received = (received * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
     received = received.masked_fill(~visual_mask.bool(), float("-inf"))
-    return received.topk(keep, dim=-1).indices.sort(dim=-1).values
+    # Ties (identical visual tokens receive identical attention) go to the earlier column.
+    return received.argsort(dim=-1, descending=True, stable=True)[:, :keep].sort(dim=-1).values
 
 
 def stock_layer(index: int, layer: nn.Module, hidden: torch.Tensor, visual: torch.Tensor, frozen: bool,
@@ -168,8 +177,8 @@ def pruned_forward(
     columns, or a function of layer ``cut - 1``'s eager attention weights that returns them (see
     `rank_by_attention`). ``run_layer`` runs one layer (default: `stock_layer`)."""
     layers = find_decoder_layers(model)
-    if not 1 <= cut <= len(layers):
-        raise ValueError(f"cut must be in 1..{len(layers)}, got {cut}")
+    if not calls.start < cut <= len(layers):
+        raise ValueError(f"cut must be in {calls.start + 1}..{len(layers)}, got {cut}")
     frozen = set(frozen_layers)
     hidden, visual = calls.hidden_states, visual_mask.bool()
     columns = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
@@ -178,7 +187,7 @@ def pruned_forward(
     if callable(kept_visual):
         handle = layers[cut - 1].self_attn.register_forward_hook(lambda m, a, out: weights.append(out[1]))
     try:
-        for index in range(cut):
+        for index in range(calls.start, cut):
             hidden = run_layer(index, layers[index], hidden, visual, index in frozen, calls.kwargs[index])
     finally:
         if handle is not None:
@@ -197,13 +206,14 @@ def pruned_forward(
 
 
 def extend_inputs(inputs: dict, token: torch.Tensor) -> dict:
-    """``inputs`` with one more column: ``token`` (batch,) in ``input_ids``, 1 in the padding mask, 0 (text) in any
-    other per-token integer tensor (e.g. ``mm_token_type_ids``)."""
+    """``inputs`` with one more column: ``token`` (batch,) in ``input_ids``, 1 in the padding mask, the next
+    position in explicit ``position_ids``, 0 (text) in any other per-token integer tensor (``mm_token_type_ids``)."""
     batch, seq = inputs["input_ids"].shape
     out = dict(inputs)
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor) and value.dim() == 2 and tuple(value.shape) == (batch, seq):
             fill = token if key == "input_ids" else torch.full_like(token, 1 if key == "attention_mask" else 0)
+            fill = value[:, -1] + 1 if key == "position_ids" else fill
             out[key] = torch.cat([value, fill[:, None].to(value.dtype)], dim=1)
     return out
 
@@ -222,7 +232,7 @@ def sample_calls(calls: DecoderCalls, index: int) -> DecoderCalls:
         if isinstance(out.get("attention_mask"), torch.Tensor):
             out["attention_mask"] = pick(out["attention_mask"], 0)
         kwargs.append(out)
-    return DecoderCalls(calls.hidden_states[index : index + 1], kwargs)
+    return DecoderCalls(calls.hidden_states[index : index + 1], kwargs, calls.start)
 
 
 @torch.no_grad()

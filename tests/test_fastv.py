@@ -56,10 +56,10 @@ def _inputs(model, family, padded: bool):
     return build_inputs(model, family, batch_layouts=_layouts(family, padded), padding_side="left")
 
 
-def _config(method: str) -> TokenPruningConfig:
+def _config(method: str, k: int = 2) -> TokenPruningConfig:
     if method == "vtw":
-        return TokenPruningConfig("vtw", k=2)
-    return TokenPruningConfig("fastv", k=2, ratio=0.5, rank=method.split("-")[1])
+        return TokenPruningConfig("vtw", k=k)
+    return TokenPruningConfig("fastv", k=k, ratio=0.5, rank=method.split("-")[1])
 
 
 def _oracle_kept(config: TokenPruningConfig, visual: torch.Tensor):
@@ -107,7 +107,8 @@ def _mixed_inputs(model, family):
         dict(n_text_before=2, images=2, n_text_after=3, image_sizes=[size, size], seed=1)])
 
 
-def _check_each_sample(eager, inputs, config: TokenPruningConfig, logits, columns, frozen_layers=()) -> None:
+def _check_each_sample(eager, inputs, config: TokenPruningConfig, logits, columns, frozen_layers=(),
+                       atol: float = ATOL) -> None:
     """Each sample's kept columns and real rows' logits equal the oracle run on it alone (its rows of the batch's
     calls); a sample that keeps fewer columns has padding slots (-1) first."""
     visual = inputs.visual_mask
@@ -121,7 +122,7 @@ def _check_each_sample(eager, inputs, config: TokenPruningConfig, logits, column
         assert (columns[i, :-n] == -1).all()
         real = inputs["attention_mask"][i].bool()[oracle.columns[0]]
         expected = eager.get_output_embeddings()(oracle.hidden_states[0])
-        torch.testing.assert_close(logits[i, -n:][real], expected[real], rtol=0, atol=ATOL)
+        torch.testing.assert_close(logits[i, -n:][real], expected[real], rtol=0, atol=atol)
 
 
 CASES = [("fastv-last", False), ("fastv-last", True), ("fastv-mean", False), ("vtw", False), ("vtw", True)]
@@ -133,9 +134,10 @@ def test_prefill_and_generate_equal_the_oracle(pair, method: str, padded: bool) 
 
 
 #: More families, each once (FastV, batch 2, left padding): LLaVA-NeXT tiles, OneVision (Qwen2), Qwen2.5-VL,
-#: InternVL with Qwen3 (QK-norm), SmolVLM, Mistral 3, GLM-4.1V (sandwich norms, interleaved RoPE).
+#: InternVL with Qwen3 (QK-norm), SmolVLM, Mistral 3, GLM-4.1V (sandwich norms, interleaved RoPE), Ministral 3
+#: (queries scaled by position: the ranking and the kept layers read the kept tokens' original positions).
 MORE_FAMILIES = {"llava_next": (16, 16), "llava_onevision": (12, 12), "qwen2_5_vl": (16, 16), "internvl_qwen3": 1,
-                 "smolvlm": 1, "mistral3": (16, 16), "glm4v": (16, 16)}
+                 "smolvlm": 1, "mistral3": (16, 16), "glm4v": (16, 16), "mistral3_ministral3": (16, 16)}
 
 
 @pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
@@ -145,10 +147,11 @@ def test_more_families_equal_the_oracle(family: str, monkeypatch) -> None:
     _check_against_the_oracle(family, model, eager, "fastv-last", True)
 
 
-def _check_against_the_oracle(family: str, model, eager, method: str, padded: bool) -> None:
+def _check_against_the_oracle(family: str, model, eager, method: str, padded: bool, k: int = 2,
+                              atol: float = ATOL) -> None:
     inputs = _inputs(model, family, padded)
     visual = inputs.visual_mask
-    config = _config(method)
+    config = _config(method, k)
     with torch.no_grad():
         reset_state(model)
         unpatched = model(**inputs).logits
@@ -158,7 +161,7 @@ def _check_against_the_oracle(family: str, model, eager, method: str, padded: bo
     assert torch.equal(columns, oracle.columns), (family, method)
     real = inputs["attention_mask"].bool().gather(1, columns)  # padding rows differ between sdpa and eager
     expected = eager.get_output_embeddings()(oracle.hidden_states)
-    torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=ATOL)
+    torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=atol)
     # Not the unpatched model: the last position's logits move once visual tokens leave.
     assert not torch.allclose(logits[:, -1], unpatched[:, -1], atol=1e-3)
     assert torch.equal(generated, _oracle_greedy(eager, inputs, config)), (family, method)
@@ -167,14 +170,8 @@ def _check_against_the_oracle(family: str, model, eager, method: str, padded: bo
         torch.testing.assert_close(model(**inputs).logits, unpatched, rtol=0, atol=0)  # remove is bit-exact
 
 
-@pytest.mark.parametrize("method", ["fastv-last", "vtw"])
-def test_rows_and_kv_cache_per_layer(pair, method: str) -> None:
-    """Layers 0..K-1 see every column and cache it; layers K.. see t + kept rows and cache only those."""
-    family, model, _ = pair
-    inputs = _inputs(model, family, padded=True)
-    visual = inputs.visual_mask
-    config = _config(method)
-    seq, v = visual.shape[1], int(visual[0].sum())
+def _rows_and_cache(model, config: TokenPruningConfig, inputs) -> tuple[list[int], object]:
+    """(the rows each decoder layer sees, the KV cache) of one pruned prefill."""
     rows: dict[int, int] = {}
     layers = model.model.language_model.layers
     handles = [layer.register_forward_pre_hook(lambda m, a, i=i: rows.__setitem__(i, a[0].shape[1]))
@@ -188,9 +185,22 @@ def test_rows_and_kv_cache_per_layer(pair, method: str) -> None:
         remove_token_pruning(model)
         for handle in handles:
             handle.remove()
+    return [rows[i] for i in range(len(layers))], cache
+
+
+@pytest.mark.parametrize("method", ["fastv-last", "vtw"])
+def test_rows_and_kv_cache_per_layer(pair, method: str) -> None:
+    """Layers 0..K-1 see every column and cache it; layers K.. see t + kept rows and cache only those."""
+    family, model, _ = pair
+    inputs = _inputs(model, family, padded=True)
+    visual = inputs.visual_mask
+    config = _config(method)
+    seq, v = visual.shape[1], int(visual[0].sum())
+    layers = model.model.language_model.layers
+    rows, cache = _rows_and_cache(model, config, inputs)
     kept = seq - v + config.kept(v)
     expected = [seq] * config.k + [kept] * (len(layers) - config.k)
-    assert [rows[i] for i in range(len(layers))] == expected
+    assert rows == expected
     assert [cache.get_seq_length(i) for i in range(len(layers))] == expected
     assert kept < seq
 
@@ -237,7 +247,7 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
             apply_shortv(model, [3])
         text_config = copy.deepcopy(model.config.get_text_config())
         text_config.sliding_window, text_config.layer_types = 4, ["sliding_attention"] * 4
-        with pytest.raises(ValueError, match="dynamic or static cache of full-attention layers only"), \
+        with pytest.raises(ValueError, match="dynamic or static cache of full- and linear-attention layers"), \
                 torch.no_grad():
             reset_state(model)
             model(**inputs, past_key_values=DynamicCache(config=text_config))
@@ -258,9 +268,7 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
         remove_token_pruning(model)
 
 
-@pytest.mark.parametrize(("family", "message"), [("qwen3_5", "hybrid linear/full attention"),
-                                                  ("gemma3", "full-attention layers only"),
-                                                  ("qwen3_vl", "DeepStack"),
+@pytest.mark.parametrize(("family", "message"), [                                                  ("qwen3_vl", "DeepStack"),
                                                   ("gemma4", "share keys and values")])
 def test_unsupported_family_is_refused(family: str, message: str) -> None:
     model = build_model(family, "sdpa")
@@ -454,3 +462,162 @@ def test_static_cache_generate_equals_the_oracle(pair, method: str) -> None:
     config = _config(method)
     _, _, generated = _run_pruned(model, config, inputs, cache_implementation="static")
     assert torch.equal(generated, _oracle_greedy(eager, inputs, config)), (family, method)
+
+
+#: Hybrid linear attention (Qwen3.5, layers [linear, full, linear, full]): layers < K see every token and their
+#: conv / recurrent states include the visual ones; layers >= K, linear and full alike, run on the kept tokens, so
+#: a linear layer's state from K on is built over the kept tokens in order (the oracle re-runs exactly those).
+#: FastV ranks in a full-attention layer (K = 2); VTW cuts after a full (K = 2) or a linear (K = 3) layer. K must
+#: pass the first full-attention layer, by which the model counts cached positions and sizes its masks.
+HYBRID_SIZE = (16, 16)
+HYBRID_ATOL = 3e-4  # the chunked delta rule sums in chunks aligned on each sequence's own length
+
+
+@pytest.fixture(scope="module")
+def hybrid(request):
+    return build_model("qwen3_5", "sdpa", init_std=0.2), build_model("qwen3_5", "eager", init_std=0.2)
+
+
+@pytest.mark.parametrize(("method", "k"), [("fastv-last", 2), ("vtw", 2), ("vtw", 3)])
+def test_hybrid_linear_attention_equals_the_oracle(hybrid, method: str, k: int, monkeypatch) -> None:
+    monkeypatch.setitem(FAMILIES, "qwen3_5", HYBRID_SIZE)
+    _check_against_the_oracle("qwen3_5", *hybrid, method, True, k, HYBRID_ATOL)
+
+
+def test_hybrid_different_visual_counts_rows_and_states(hybrid, monkeypatch) -> None:
+    """Different visual counts at batch 2 with left padding: the padding slots and the left padding are zeroed
+    before the linear layers' states (each sample equals the oracle run alone, prefill and greedy decoding); every
+    layer from K on, linear or full, sees t + kept rows, and the full-attention one caches them."""
+    monkeypatch.setitem(FAMILIES, "qwen3_5", HYBRID_SIZE)
+    model, eager = hybrid
+    inputs = _mixed_inputs(model, "qwen3_5")
+    config = _config("fastv-last")
+    logits, columns, generated = _run_pruned(model, config, inputs)
+    _check_each_sample(eager, inputs, config, logits, columns, atol=HYBRID_ATOL)
+    assert (columns == -1).any()
+    assert torch.equal(generated, _oracle_greedy(eager, inputs, config))
+    layers = model.model.language_model.layers
+    rows, cache = _rows_and_cache(model, config, inputs)
+    seq, width = inputs["input_ids"].shape[1], columns.shape[1]
+    expected = [seq] * config.k + [width] * (len(layers) - config.k)
+    assert rows == expected
+    full = [i for i, layer in enumerate(layers) if layer.block_type == "full_attention"]  # linear: no count on 5.24
+    assert [int(cache.get_seq_length(i)) for i in full] == [expected[i] for i in full]
+    assert width < seq
+
+
+@pytest.mark.parametrize(("method", "shortv_layers"), [("fastv-last", (0, 2, 3)), ("vtw", (0, 3))])
+def test_hybrid_shortv_and_pruning_in_one_config(hybrid, method: str, shortv_layers: tuple, monkeypatch) -> None:
+    """ShortV + FastV / VTW on the hybrid: frozen linear and full layers before K (every visual token) and from K on
+    (the kept ones) equal the oracle with the reference freeze, prefill and greedy decoding, different visual counts;
+    the composition differs from the pruning alone."""
+    monkeypatch.setitem(FAMILIES, "qwen3_5", HYBRID_SIZE)
+    model, eager = hybrid
+    inputs = _mixed_inputs(model, "qwen3_5")
+    config = _config(method)
+    composed = TokenPruningConfig(config.method, config.k, config.ratio if method != "vtw" else None, config.rank,
+                                  shortv_layers=list(shortv_layers))
+    alone = _run_pruned(model, config, inputs, generate=False)[0]
+    logits, columns, generated = _run_pruned(model, composed, inputs)
+    _check_each_sample(eager, inputs, config, logits, columns, shortv_layers, HYBRID_ATOL)
+    assert not torch.allclose(logits[:, -1], alone[:, -1], atol=1e-3)
+    assert torch.equal(generated, _oracle_greedy(eager, inputs, config, shortv_layers))
+
+
+def test_hybrid_fastv_ranks_in_a_full_attention_layer_only(hybrid) -> None:
+    model, _ = hybrid
+    with pytest.raises(ValueError, match=r"a linear-attention layer of .*; K must be one of \[2\]$"):
+        apply_fastv(model, k=3)
+    with pytest.raises(ValueError, match=r"needs K > 1: the model counts .* by its first full-attention layer, 1,"):
+        apply_vtw(model, k=1)
+    assert not hasattr(model, "_shortv_pruning_state")
+    assert not any("forward" in layer.__dict__ for layer in model.model.language_model.layers)
+
+
+def test_hybrid_moe_and_static_cache(hybrid, monkeypatch) -> None:
+    """Qwen3.5 MoE (FastV, batch 2, left padding) against the oracle; the dense hybrid's static cache (its linear
+    layers' states beside static key/value buffers) decodes as the oracle."""
+    monkeypatch.setitem(FAMILIES, "qwen3_5_moe", HYBRID_SIZE)
+    model, eager = build_model("qwen3_5_moe", "sdpa", init_std=0.2), build_model("qwen3_5_moe", "eager", init_std=0.2)
+    _check_against_the_oracle("qwen3_5_moe", model, eager, "fastv-last", True, 2, HYBRID_ATOL)
+    monkeypatch.setitem(FAMILIES, "qwen3_5", HYBRID_SIZE)
+    inputs = _mixed_inputs(hybrid[0], "qwen3_5")
+    for config in (_config("fastv-last"), _config("vtw", k=3)):
+        _, _, generated = _run_pruned(hybrid[0], config, inputs, cache_implementation="static")
+        assert torch.equal(generated, _oracle_greedy(hybrid[1], inputs, config)), config
+
+
+def test_deepstack_after_every_deepstack_layer(monkeypatch) -> None:
+    """Qwen3-VL adds vision features after decoder layers 0..2 (DeepStack): with five layers, K = 4 cuts after all
+    of them, and FastV and VTW equal the oracle (which replays the stock forward from layer 3's input); a smaller K
+    is refused with the smallest valid one."""
+    monkeypatch.setitem(FAMILIES, "qwen3_vl", (16, 16))
+    five = dict(num_hidden_layers=5)
+    model = build_model("qwen3_vl", "sdpa", init_std=0.2, text_overrides=five)
+    eager = build_model("qwen3_vl", "eager", init_std=0.2, text_overrides=five)
+    for method in ("fastv-last", "vtw"):
+        _check_against_the_oracle("qwen3_vl", model, eager, method, True, 4)
+    with pytest.raises(ValueError, match=r"needs K >= 4: it adds visual features .* after decoder layers 0\.\.2"):
+        apply_vtw(model, k=3)
+    assert not hasattr(model, "_shortv_pruning_state")
+
+
+def test_ranking_reads_the_query_scale(monkeypatch) -> None:
+    """Ministral 3 scales each query by its position: a per-query temperature, which leaves the order by one query's
+    attention as it is (the oracle test above cannot see it), but not the values. The attention each column
+    receives, averaged over the real queries, equals eager attention's."""
+    from shortv.pruning.ranking import received_attention
+    from shortv.registry import fast_layer_for
+
+    monkeypatch.setitem(FAMILIES, "mistral3_ministral3", (16, 16))
+    model = build_model("mistral3_ministral3", "eager", init_std=0.2)
+    inputs = _inputs(model, "mistral3_ministral3", padded=True)
+    calls = capture_decoder_calls(model, inputs)
+    layers, weights = model.model.language_model.layers, []
+    handle = layers[1].self_attn.register_forward_hook(lambda m, a, out: weights.append(out[1]))
+    with torch.no_grad():
+        hidden = layers[0](calls.hidden_states, **calls.kwargs[0])
+        layers[1](hidden, **calls.kwargs[1])
+        handle.remove()
+        kwargs, real = calls.kwargs[1], inputs["attention_mask"]
+        received = received_attention(layers[1], fast_layer_for(model).anatomy, hidden, kwargs["attention_mask"],
+                                      kwargs["position_embeddings"], "mean", real, kwargs["position_ids"])
+    expected = (weights[0].mean(dim=1) * real[:, :, None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(received, expected, rtol=0, atol=1e-6)
+
+
+def test_sliding_window_layers(monkeypatch) -> None:
+    """Gemma 3 (layers [sliding, full, sliding, full], window 8, shorter than an image; bidirectional attention
+    between image tokens): FastV at K = 2 and VTW at K = 1 (which prunes the first full-attention layer, for whose
+    cache the model lays out its step masks) equal the oracle at batch 2 with left padding, and with different visual
+    counts, down to each decode step's logits: the pruned sliding layers' caches keep their last kept positions, and
+    each step's window is by original position. A static cache's sliding layers are refused."""
+    monkeypatch.setitem(FAMILIES, "gemma3", (16, 16))
+    model, eager = build_model("gemma3", "sdpa", init_std=0.2), build_model("gemma3", "eager", init_std=0.2)
+    for method, k in (("fastv-last", 2), ("vtw", 1)):
+        _check_against_the_oracle("gemma3", model, eager, method, True, k)
+        config = _config(method, k)
+        inputs = _mixed_inputs(model, "gemma3")
+        logits, columns, generated = _run_pruned(model, config, inputs)
+        _check_each_sample(eager, inputs, config, logits, columns)
+        assert torch.equal(generated, _oracle_greedy(eager, inputs, config))
+        # Each step's logits (not only the argmax) equal the oracle's on the prompt's kept columns and the tokens.
+        inputs = _inputs(model, "gemma3", padded=True)
+        visual = inputs.visual_mask
+        apply_token_pruning(model, config)
+        try:
+            out = model.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+        finally:
+            remove_token_pruning(model)
+        ranked = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, k, _oracle_kept(config, visual))
+        extended, prompt = inputs, visual.shape[1]
+        for step in range(STEPS - 1):
+            extended = extend_inputs(extended, out.sequences[:, prompt + step])
+        oracle = pruned_forward(eager, capture_decoder_calls(eager, extended),
+                                torch.cat([visual, visual.new_zeros(len(visual), STEPS - 1)], dim=1), k,
+                                ranked.columns[visual.gather(1, ranked.columns)].view(len(visual), -1))
+        expected = eager.get_output_embeddings()(oracle.hidden_states[:, -STEPS:])
+        torch.testing.assert_close(torch.stack(out.logits, dim=1), expected, rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match="StaticSlidingWindowLayer"):
+        _run_pruned(model, config, inputs, cache_implementation="static")

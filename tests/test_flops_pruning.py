@@ -143,8 +143,10 @@ def test_oracle_refusals() -> None:
         kept_columns(torch.tensor([[True, True], [True, False]]), torch.tensor([[0], [0]]))
     model = build_model("qwen3_vl", "eager")
     inputs = build_inputs(model, "qwen3_vl", batch_layouts=[dict(images=1)])
-    with pytest.raises(ValueError, match="between decoder layers"):
-        capture_decoder_calls(model, inputs)
+    calls = capture_decoder_calls(model, inputs)  # DeepStack after layers 0..2: replayed from layer 3's input
+    assert calls.start == 3
+    with pytest.raises(ValueError, match=r"cut must be in 4\.\.4"):
+        pruned_forward(model, calls, inputs.visual_mask, 2, torch.zeros(1, 0, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- the budget model itself

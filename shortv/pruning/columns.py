@@ -48,18 +48,27 @@ def _empty_slots(mask: torch.Tensor, key_slots: int | None) -> torch.Tensor:
 
 
 def prefill_kwargs(kwargs: dict[str, Any], columns: torch.Tensor, real: torch.Tensor | None,
-                   key_slots: int | None = None) -> dict[str, Any]:
+                   key_slots: int | None = None, recurrent: bool = False) -> dict[str, Any]:
     """The layer arguments of a pruned prefill: rotary rows, position ids, mask rows and columns at ``columns``;
     padding slots (``real`` False) are hidden from every query, and so are a static cache's slots past the kept
     ones (``key_slots``: how many keys the layer's cache returns; None: as many as it holds).
 
-    An absent mask is the causal mask (sdpa's fast case): on ascending kept columns it is causal again."""
+    An absent mask is the causal mask (sdpa's fast case): on ascending kept columns it is causal again.
+    ``recurrent``: a linear-attention layer, whose mask is the 2-D padding mask (None: no padding) that zeroes its
+    padding rows before they enter its conv and recurrent states: cut to the columns, padding slots zeroed too."""
     out = dict(kwargs)
     if kwargs.get("position_embeddings") is not None:  # (cos, sin), each (batch or 1, seq, dim)
         out["position_embeddings"] = tuple(gather_columns(x, -2, columns, -3) for x in kwargs["position_embeddings"])
     if kwargs.get("position_ids") is not None:  # (batch, seq) or (sections, batch, seq)
         out["position_ids"] = gather_columns(kwargs["position_ids"], -1, columns, -2)
     mask = kwargs.get("attention_mask")
+    if recurrent:
+        if mask is not None:
+            mask = gather_columns(mask, -1, columns)
+        if real is not None:
+            mask = real if mask is None else mask.masked_fill(~real, 0)
+        out["attention_mask"] = mask
+        return out
     if mask is not None:
         mask = gather_columns(gather_columns(mask, -1, columns), -2, columns)
     if real is not None:
@@ -89,3 +98,18 @@ def decode_kwargs(kwargs: dict[str, Any], key_columns: torch.Tensor, real_keys: 
         mask = key_columns[:, None, None, :] <= queries[:, None, :, None]
     out["attention_mask"] = mask if key_slots is None else _empty_slots(mask, key_slots)
     return out
+
+
+def window_decode_mask(padding: torch.Tensor | None, key_columns: torch.Tensor, real_keys: torch.Tensor | None,
+                       past_length: int, seq: int, window: int | None) -> torch.Tensor:
+    """A step's (batch, 1, seq, keys) bool mask for a layer from K on whose cache returns the keys at
+    ``key_columns`` (a sliding-window layer: its last kept positions, then the new ones): causal and within
+    ``window`` (None: no window) by original column, the forward's 2-D ``padding`` (None: none) and the padding
+    slots (``real_keys`` False) hidden. For when the model laid its own mask out for another layer's cache (the
+    unpruned sliding layers', or a pruned first full-attention layer's)."""
+    queries = torch.arange(past_length, past_length + seq, device=key_columns.device).expand(len(key_columns), -1)
+    distance = queries[:, None, :, None] - key_columns[:, None, None, :]
+    mask = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
+    if padding is not None:
+        mask = mask & padding.to(key_columns.device).bool().gather(1, key_columns)[:, None, None, :]
+    return mask if real_keys is None else mask & real_keys[:, None, None, :]

@@ -14,6 +14,11 @@ the kept positions only, in order; `kept_columns(model)` gives their original co
 fewer columns (fewer visual tokens) get padding slots at the start of their row (column -1 in `kept_columns`,
 logits meaningless, hidden from every query by the masks). The last position is always kept, so ``generate``
 (which reads the last logits) works unchanged.
+
+Layer kinds: a linear-attention layer from K on gets its 2-D padding mask cut to the kept columns (its conv and
+recurrent states are built over the kept tokens); a sliding-window layer from K on (and a full-attention one when
+the model lays its step masks out for a pruned layer) gets each step's mask rebuilt by original column. See
+docs/pruning.md for what each family allows.
 """
 
 from __future__ import annotations
@@ -24,13 +29,19 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache, StaticCache
-from transformers.cache_utils import DynamicLayer, StaticLayer
+from transformers.cache_utils import (
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionCacheLayerMixin,
+    LinearAttentionLayer,
+    StaticLayer,
+)
 
 from .. import _compat
 from ..config import ShortVConfig
 from ..entry import ShortVState, entry_modules, install_entry_hooks, remove_entry_hooks
 from ..frozen import FastLayer
-from ..frozen.anatomy import LayerAnatomy
+from ..frozen.anatomy import LayerAnatomy, LayerKinds
 from ..frozen.common import SUPPORTED_ATTENTION, attention_implementation
 from ..layout import TokenLayout
 from ..patch import (
@@ -47,15 +58,19 @@ from ..registry import (
     fast_layer_for,
     find_decoder_layers,
     find_inter_layer_update,
+    inter_layer_update_layers,
     layer_types,
     model_type_of,
     visual_token_ids,
 )
-from .columns import decode_kwargs, gather_columns, prefill_kwargs
+from .columns import decode_kwargs, gather_columns, prefill_kwargs, window_decode_mask
 from .config import TokenPruningConfig
 from .ranking import kept_layout, received_attention, top_visual
 
 STATE_ATTRIBUTE = "_shortv_pruning_state"
+#: The anatomy module of a linear-attention (recurrent) layer: its state cannot drop a token once written.
+RECURRENT = "linear_attention"
+SLIDING = "sliding_attention"
 CACHE_ATTRIBUTE = "shortv_kept_columns"
 
 
@@ -78,6 +93,8 @@ class PruningState:
 
     def __init__(self, config: TokenPruningConfig, entry: ShortVState, anatomy: LayerAnatomy, fast: FastLayer):
         self.config, self.entry, self.anatomy, self.fast = config, entry, anatomy, fast
+        #: the decoder layers with a sliding window (their dynamic cache layers hold a window of kept positions).
+        self.sliding: frozenset[int] = frozenset()
         self.plan: Plan | None = None
         #: (batch, kept) original columns of the rows of the last pruned forward's output.
         self.last_columns: torch.Tensor | None = None
@@ -106,15 +123,43 @@ def _kwargs(override: _InstanceOverride, original, hidden: torch.Tensor, args: t
     return FrozenForward._bind(override, original, hidden, args, kwargs)  # by the original forward's signature
 
 
-def _check_cache(cache: Any) -> None:
+def _check_cache(cache: Any, sliding: frozenset[int]) -> None:
+    """A dynamic or static cache whose layers FastV/VTW can hold kept positions in: full-attention, linear-attention,
+    and dynamic sliding-window layers where the model's layer is one (``sliding``: their indices)."""
     if cache is None:
         return
     layers = getattr(cache, "layers", None)
-    if not isinstance(cache, (DynamicCache, StaticCache)) or not all(type(layer) in (DynamicLayer, StaticLayer)
-                                                                     for layer in layers):
+    allowed = (DynamicLayer, StaticLayer, LinearAttentionLayer)
+    if not isinstance(cache, (DynamicCache, StaticCache)) or not all(
+            type(layer) in allowed or (type(layer) is DynamicSlidingWindowLayer and index in sliding)
+            for index, layer in enumerate(layers)):
         kinds = sorted({type(layer).__name__ for layer in layers or []})
-        raise ValueError(f"FastV/VTW support a dynamic or static cache of full-attention layers only, got "
+        raise ValueError(f"FastV/VTW support a dynamic or static cache of full- and linear-attention layers (and "
+                         "dynamic sliding-window layers for the model's own), got "
                          f"{type(cache).__name__}{' (' + ', '.join(kinds) + ')' if kinds else ''}")
+
+
+def _held(cache: Any, indices: range) -> int | None:
+    """Positions held by the first key/value layer of ``cache`` among ``indices`` (0: not written yet); None when
+    they are all linear-attention layers (whose states count no positions on transformers 5.24)."""
+    for index in indices:
+        if index >= len(cache.layers):
+            return 0
+        if not isinstance(cache.layers[index], LinearAttentionCacheLayerMixin):
+            return int(cache.get_seq_length(index))
+    return None
+
+
+def _past_length(cache: Any, index: int, seq: int) -> int:
+    """Positions cached before this forward (of ``seq`` new ones) in layer ``index`` (K - 1, which sees every token):
+    its own count, or in a hybrid model that of the last key/value layer before it (which already ran this forward;
+    `_check_applicable` makes sure there is one)."""
+    if cache is None:
+        return 0
+    held = _held(cache, range(index, index + 1))
+    if held is not None:
+        return held
+    return (_held(cache, range(index - 1, -1, -1)) or seq) - seq
 
 
 def _key_slots(cache: Any, index: int) -> int | None:
@@ -135,8 +180,8 @@ class CutForward(_InstanceOverride):
         state.plan = None
         bound = _kwargs(self, original, hidden_states, args, kwargs)
         cache = _compat.cache_from_kwargs(bound)
-        _check_cache(cache)
-        past = int(cache.get_seq_length(self.index)) if cache is not None else 0
+        _check_cache(cache, state.sliding)
+        past = _past_length(cache, self.index, hidden_states.shape[1])
         entry = state.entry
         if not entry.decided:
             raise RuntimeError(
@@ -153,7 +198,7 @@ class CutForward(_InstanceOverride):
         if layout is not None:  # a prompt with visual tokens: rank and cut
             if past:
                 raise ValueError("FastV/VTW prune the visual tokens of a prompt's first forward only; this call "
-                                 f"brings visual tokens after {past} cached positions (chunked prefill)")
+                                 "brings visual tokens after cached positions (chunked prefill)")
             visual = layout.visual.to(hidden.device)
             columns, real = self._prune(hidden_states, bound, visual)
             rows = visual.gather(1, columns) if real is None else visual.gather(1, columns) & real  # pads: text
@@ -170,10 +215,11 @@ class CutForward(_InstanceOverride):
             columns = torch.cat([kept, later], dim=1)
             if real is not None:
                 real = torch.cat([real, torch.ones_like(later, dtype=torch.bool)], dim=1)
-            held = int(cache.get_seq_length(self.index + 1)) + hidden.shape[1]
+            held = _held(cache, range(self.index + 1, len(cache.layers)))
+            held = columns.shape[1] if held is None else held + hidden.shape[1]  # None: no key/value layer from K
             if columns.shape[1] != held or columns.shape[0] != hidden.shape[0]:
                 raise ValueError(f"this KV cache does not match the FastV/VTW prompt it was filled with (layer "
-                                 f"{self.index + 1} holds {held} positions, expected {columns.shape[1]})")
+                                 f"{self.index + 1}.. hold {held} positions, expected {columns.shape[1]})")
             state.plan = Plan(prefill=False, columns=columns, real=real, past_length=past)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -193,7 +239,8 @@ class CutForward(_InstanceOverride):
             if kwargs.get("position_embeddings") is None:
                 raise RuntimeError(f"FastV ranks in layer {self.index}, which got no `position_embeddings`")
             received = received_attention(self.module, state.anatomy, hidden_states, kwargs.get("attention_mask"),
-                                          kwargs["position_embeddings"], state.config.rank, self._padding(visual))
+                                          kwargs["position_embeddings"], state.config.rank, self._padding(visual),
+                                          kwargs.get("position_ids"))
             kept = top_visual(received, visual, keep)
         return kept_layout(~visual | kept)
 
@@ -203,26 +250,47 @@ class KeptForward(_InstanceOverride):
     ShortV layer (``frozen``) freezes the kept visual rows in a pruned prefill."""
 
     def __init__(self, state: PruningState, layer: nn.Module, previous: Any, attribute: str, index: int,
-                 frozen: bool = False):
+                 frozen: bool = False, recurrent: bool = False, window: int | None = None, rebuild: bool = False):
         super().__init__(layer, previous)
         self.state, self.attribute, self.index, self.frozen = state, attribute, index, frozen
+        #: a linear-attention layer: its 2-D padding mask is cut in prefill; its steps need nothing cut.
+        self.recurrent = recurrent
+        #: a sliding-window layer's window: its cache keeps the last ``window - 1`` kept positions.
+        self.window = window
+        #: a full-attention layer whose step masks the model lays out for another cache (a pruned first full layer).
+        self.rebuild = rebuild
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         plan, original = self.state.plan, self.original()
-        if plan is None:
+        if plan is None or (self.recurrent and not plan.prefill):
             return original(hidden_states, *args, **kwargs)
         bound = _kwargs(self, original, hidden_states, args, kwargs)
         columns = plan.columns.to(hidden_states.device)
         real = None if plan.real is None else plan.real.to(hidden_states.device)
         slots = _key_slots(_compat.cache_from_kwargs(bound), self.index)
         if plan.prefill:
-            bound = prefill_kwargs(bound, columns, real, slots)
+            bound = prefill_kwargs(bound, columns, real, slots, self.recurrent)
             if self.frozen and plan.layout is not None:
                 layout = plan.layout.to(hidden_states.device)
                 return self.state.fast.fast_frozen_forward(self.module, layout, hidden_states, **bound)
+        elif self.window is not None or self.rebuild:  # a sliding cache returns its last window - 1 positions
+            seq = hidden_states.shape[1]
+            keys = columns.shape[1] if self.window is None else min(columns.shape[1] - seq, self.window - 1) + seq
+            bound["attention_mask"] = window_decode_mask(self.state.padding, columns[:, -keys:],
+                                                         None if real is None else real[:, -keys:],
+                                                         plan.past_length, seq, self.window)
         else:
             bound = decode_kwargs(bound, columns, real, plan.past_length, hidden_states.shape[1], slots)
         return original(hidden_states, **bound)
+
+
+def layer_anatomies(fast: FastLayer | None, layers: nn.ModuleList) -> list[LayerAnatomy] | None:
+    """Each decoder layer's anatomy (one per layer type in a hybrid model), or None where one is not known."""
+    anatomy = getattr(fast, "anatomy", None)
+    if isinstance(anatomy, LayerAnatomy):
+        return [anatomy] * len(layers)
+    anatomies = [anatomy.anatomy_of(layer) for layer in layers] if isinstance(anatomy, LayerKinds) else [None]
+    return anatomies if all(isinstance(each, LayerAnatomy) for each in anatomies) else None
 
 
 def get_pruning_state(model: nn.Module) -> PruningState | None:
@@ -240,27 +308,50 @@ def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.M
     if config.shortv_layers:
         _check_shortv(model, ShortVConfig(layers=config.shortv_layers), layers)
     fast = fast_layer_for(model)
-    anatomy = getattr(fast, "anatomy", None)
-    if not isinstance(anatomy, LayerAnatomy):
-        kind = "hybrid linear/full attention layers" if anatomy is not None else "no verified layer anatomy"
-        raise ValueError(f"{name} does not support model_type={model_type_of(model)!r} ({kind}); it supports the "
-                         "families whose decoder layers are all softmax attention with a fast ShortV anatomy")
-    if anatomy.kv_sharing or anatomy.query_scale or anatomy.per_layer_input:
+    anatomies = layer_anatomies(fast, layers)
+    if anatomies is None:
+        raise ValueError(f"{name} does not support model_type={model_type_of(model)!r} (no verified layer anatomy); "
+                         "it supports the families whose decoder layers are softmax or linear attention with a fast "
+                         "ShortV anatomy")
+    if any(anatomy.kv_sharing or anatomy.per_layer_input for anatomy in anatomies):
         raise ValueError(f"{name} does not support model_type={model_type_of(model)!r}: its layers share keys and "
-                         "values, scale queries by position or take per-layer inputs")
+                         "values or take per-layer inputs")
     if find_inter_layer_update(model) is not None:
-        raise ValueError(f"{name} does not support model_type={model_type_of(model)!r}: it adds visual features to the "
-                         "hidden states between decoder layers (DeepStack), at positions pruning would remove")
-    types = sorted(set(layer_types(model) or ["full_attention"]) - {"full_attention"})
+        updated = inter_layer_update_layers(model)
+        if updated is None:
+            raise ValueError(f"{name} does not support model_type={model_type_of(model)!r}: it adds visual features to "
+                             "the hidden states between decoder layers, after layers not known to shortv")
+        if config.k <= updated:
+            raise ValueError(f"{name} on {type(model).__name__} needs K >= {updated + 1}: it adds visual features to "
+                             f"the hidden states after decoder layers 0..{updated - 1} (DeepStack), at positions "
+                             "pruning would remove")
+    recurrent = [anatomy.module == RECURRENT for anatomy in anatomies]
+    kinds = layer_types(model) or ["full_attention"] * len(layers)
+    types = sorted(set(kinds) - {"full_attention", SLIDING} - ({"linear_attention"} if any(recurrent) else set()))
     if types:
-        raise ValueError(f"{name} supports full-attention layers only; {type(model).__name__} has {types} layers")
+        raise ValueError(f"{name} supports full-attention, sliding-window and linear-attention layers only; "
+                         f"{type(model).__name__} has {types} layers")
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    if SLIDING in kinds and not (isinstance(window, int) and window > 0):
+        raise ValueError(f"{name} needs the sliding window of {type(model).__name__}'s sliding-window layers "
+                         f"(config.sliding_window), got {window!r}")
+    first_full = kinds.index("full_attention") if "full_attention" in kinds else len(layers)
+    if config.k <= first_full and (any(recurrent[:first_full]) or first_full == len(layers)):
+        raise ValueError(f"{name} on {type(model).__name__} needs K > {first_full}: the model counts the cached "
+                         f"positions by its first full-attention layer, {first_full}, when linear-attention layers come "
+                         "before it, and that layer must hold every token")
+    if config.method == "fastv" and recurrent[config.k - 1]:
+        valid = [index + 1 for index, linear in enumerate(recurrent[:-1]) if not linear]
+        raise ValueError(f"FastV ranks by the softmax attention of layer K - 1 = {config.k - 1}, a linear-attention "
+                         f"layer of {type(model).__name__}; K must be one of {valid}")
     reason = fast.unsupported_reason(layers[config.k - 1])
     if reason is not None:
         raise ValueError(f"{name} cannot rank in decoder layer {config.k - 1}: {reason}")
-    implementation = attention_implementation(getattr(layers[config.k - 1], anatomy.attention))
+    softmax = [index for index, linear in enumerate(recurrent) if not linear]
+    implementation = attention_implementation(getattr(layers[softmax[0]], anatomies[softmax[0]].attention))
     if implementation not in SUPPORTED_ATTENTION:
         raise ValueError(f"{name} supports attn_implementation {SUPPORTED_ATTENTION}, got {implementation!r}")
-    return anatomy
+    return anatomies
 
 
 def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Module:
@@ -270,7 +361,7 @@ def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Modu
         raise TypeError(f"apply_token_pruning expects a TokenPruningConfig, got {type(config).__name__}")
     wrapper, model = model, _unwrap(model)
     layers = find_decoder_layers(model)
-    anatomy = _check_applicable(model, config, layers)
+    anatomies = _check_applicable(model, config, layers)
     entries = entry_modules(model, _decoder_layers_path(model, layers))
     if get_pruning_state(model) is not None:
         remove_token_pruning(model)
@@ -281,7 +372,7 @@ def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Modu
     entry = ShortVState(config=ShortVConfig(layers=early or [config.k - 1]), num_layers=len(layers),
                         token_ids=visual_token_ids(model))
     fast = fast_layer_for(model)
-    state = PruningState(config, entry, anatomy, fast)
+    state = PruningState(config, entry, anatomies[config.k - 1], fast)
 
     def override(make, module: nn.Module) -> None:
         attribute = _forward_attribute(module) if make is not ShortVGenerate else "generate"
@@ -294,9 +385,15 @@ def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Modu
                  layers[index])
     override(lambda layer, previous, attribute: CutForward(state, layer, previous, attribute, config.k - 1),
              layers[config.k - 1])
+    kinds = layer_types(model) or ["full_attention"] * len(layers)
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    state.sliding = frozenset(index for index, kind in enumerate(kinds) if kind == SLIDING)
+    rebuild = config.k <= kinds.index("full_attention")  # the model lays its step masks out for a pruned layer
     for index in range(config.k, len(layers)):
-        override(lambda layer, previous, attribute, index=index: KeptForward(state, layer, previous, attribute, index,
-                                                                            index in frozen), layers[index])
+        override(lambda layer, previous, attribute, index=index: KeptForward(
+            state, layer, previous, attribute, index, index in frozen, anatomies[index].module == RECURRENT,
+            window if kinds[index] == SLIDING else None, rebuild and kinds[index] == "full_attention"),
+            layers[index])
     if callable(getattr(model, "generate", None)):
         override(lambda model, previous, attribute: ShortVGenerate(entry, model, previous), model)
     install_entry_hooks(entry, entries)

@@ -5,15 +5,19 @@ ranking queries only: the last prompt token (``rank="last"``, FastV's released c
 (``rank="mean"``, the paper's wording). Queries and keys are built as the layer builds them (input norm, q/k
 projections, per-head q/k norms, RoPE with the decoder's cos/sin rows, grouped-query heads repeated), the layer's
 own attention mask is applied, the softmax is taken in fp32, and the result is averaged over heads and queries.
+A layer that scales its queries by position (Ministral 3's Llama-4 scale) gets the scale at the ranking queries'
+positions.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from ..frozen.anatomy import LayerAnatomy
-from ..frozen.common import _heads, _query_heads, gather_rows
+from ..frozen.common import _heads, _llama4_query_scale, _query_heads, gather_rows
 from ..frozen.rope import apply_rope
 
 
@@ -36,9 +40,11 @@ def received_attention(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     rank: str,
     padding: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(batch, seq) attention each column receives in ``layer`` (its input ``hidden_states``), averaged over heads
-    and over the ranking queries. ``padding``: the model's 2-D attention mask (1 = real token), if it had one."""
+    and over the ranking queries. ``padding``: the model's 2-D attention mask (1 = real token), if it had one;
+    ``position_ids``: the layer's, for a query scale by position."""
     attention = getattr(layer, anatomy.attention)
     batch, seq = hidden_states.shape[:2]
     normed = getattr(layer, anatomy.input_norm)(hidden_states)
@@ -46,6 +52,8 @@ def received_attention(
     rows = _query_rows(seq, batch, rank, padding, hidden_states.device)
     queries, _ = _query_heads(attention, anatomy, gather_rows(normed, rows))
     queries = apply_rope(queries.transpose(1, 2), gather_rows(cos, rows), gather_rows(sin, rows), anatomy.rope)
+    if anatomy.query_scale == "llama4":  # the ranking rows stand for the text positions of a frozen layer's layout
+        queries = queries * _llama4_query_scale(attention, position_ids, SimpleNamespace(text_positions=rows))
     keys = _heads(attention, attention.k_proj(normed), "k_norm" if anatomy.qk_norm else None)
     keys = apply_rope(keys.transpose(1, 2), cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), anatomy.rope)
     keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
