@@ -223,11 +223,11 @@ def test_an_unsupported_family_is_refused_before_any_run() -> None:
 
     from shortv.benchmark import BenchInputs, benchmark
 
-    model = build_model("qwen3_5", "sdpa")
+    model = build_model("gemma4", "sdpa")
     ids = torch.zeros(1, 8, dtype=torch.long)
     mask = torch.zeros(1, 8, dtype=torch.bool)
     mask[:, 2:6] = True
-    with pytest.raises(ValueError, match="FastV does not support model_type='qwen3_5'"):
+    with pytest.raises(ValueError, match="FastV does not support model_type='gemma4'"):
         benchmark(model, BenchInputs.for_causal_lm(ids, mask), TokenPruningConfig("fastv", k=2), repeats=1, warmup=0)
     assert applied_config(model) is None
 
