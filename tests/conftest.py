@@ -24,6 +24,8 @@ DEVICE_ENV = "SHORTV_TEST_DEVICE"
 # No test reaches a model hub (tiny models are built from configs); offline, a stray hub lookup fails at once instead
 # of retrying for ~20 s. Set before any test module imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` (CI): two workers on two cores, one torch thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
