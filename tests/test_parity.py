@@ -2,9 +2,23 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, TEXT_ONLY_FAMILIES, build_inputs, build_model, default_layouts, reset_state
+from row_counts import rows_fed
+from tiny_models import (
+    FAMILIES,
+    TEXT_ONLY_FAMILIES,
+    build_inputs,
+    build_model,
+    default_layouts,
+    reset_state,
+)
 
-from shortv import ShortVConfig, apply_shortv, disable_shortv, get_shortv_state, remove_shortv
+from shortv import (
+    ShortVConfig,
+    apply_shortv,
+    disable_shortv,
+    get_shortv_state,
+    remove_shortv,
+)
 
 FROZEN = [1, 2]  # of 4 decoder layers: a frozen layer feeds another frozen layer and an unfrozen one
 
@@ -198,23 +212,13 @@ def test_empty_config_and_remove_are_bit_identical(tiny):
 def test_fast_path_feeds_only_text_rows(tiny):
     model, inputs = tiny
     layer = decoder_layers(model)[FROZEN[0]]
-    rows = {}
     modules = {"q_proj": layer.self_attn.q_proj, "k_proj": layer.self_attn.k_proj, "o_proj": layer.self_attn.o_proj,
                "mlp": layer.mlp}
-
-    def counter(name):
-        def count(module, args, output):
-            rows[name] = args[0].shape[:-1].numel()
-
-        return count
-
-    handles = [module.register_forward_hook(counter(name)) for name, module in modules.items()]
     apply_shortv(model, FROZEN)
     try:
-        run(model, inputs)
+        with rows_fed(modules) as rows:
+            run(model, inputs)
     finally:
-        for handle in handles:
-            handle.remove()
         remove_shortv(model)
     n_tokens = inputs["input_ids"].numel()
     n_text = n_tokens - int(inputs.visual_mask.sum())
