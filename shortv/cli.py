@@ -187,6 +187,15 @@ def bench(
     if shape is None and (layers is not None or proportional):
         raise fail("--layers and --proportional apply to --shape only")
     shortv_config = load_config_option(config, any_method=True)
+    if method is not None or (k, ratio, rank) != (None, None, None):  # the method's parameters, before any model loads
+        from shortv import ShortVConfig
+        from shortv.methods import plan_runs
+
+        try:
+            plan_runs([method] if method is not None else [], shortv=ShortVConfig(layers=[0]), k=k, ratio=ratio,
+                      rank=rank)
+        except ValueError as error:
+            raise fail(str(error)) from None
     if out is not None:  # checked writable before the run, not after it
         from shortv.files import output_file
 

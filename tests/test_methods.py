@@ -288,3 +288,21 @@ def test_the_baseline_of_each_method_is_the_unpatched_model_bit_exactly(embedded
             assert applied_config(model) == config  # in force again after the block
             method.remove(model)
             assert applied_config(model) is None and torch.equal(model(**inputs).logits, plain), name
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--method", "vtw"], r"--method 'vtw' needs K"),
+    (["--method", "fastv", "--ratio", "2"], r"R \(the fraction of visual tokens pruned\) must be in \[0, 1\), got 2.0"),
+    (["--k", "2"], r"--k applies to fastv / vtw / shortv\+fastv / shortv\+vtw; give --method"),
+])
+def test_bench_refuses_bad_method_parameters_before_loading_a_model(monkeypatch, arguments, message) -> None:
+    import re
+
+    from shortv import benchmark
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the parameters were checked")
+
+    for name in ("bench_embedded", "bench_shape", "bench_pretrained"):
+        monkeypatch.setattr(benchmark, name, no_model)
+    assert re.search(message, single_error_line(runner.invoke(app, ["bench", *arguments])))
