@@ -699,3 +699,19 @@ def test_gemma4_shortv_and_fastv_and_the_k_refusal(gemma4, monkeypatch) -> None:
             apply_fastv(model, k=k)
     assert not hasattr(model, "_shortv_pruning_state")
     assert not any("forward" in layer.__dict__ for layer in model.model.language_model.layers)
+
+
+def test_gemma4_vtw_rule_searches_the_valid_k_only(gemma4, monkeypatch) -> None:
+    """VTW's KL rule on Gemma 4 tries K = 1, 2 (the K its KV sharing allows) and stops there: a threshold no K meets
+    is one line with both means and the refusal of K = 3; a loose one chooses K = 1."""
+    from shortv.pruning import choose_vtw_layer
+
+    monkeypatch.setitem(FAMILIES, "gemma4", (16, 16))
+    model, _ = gemma4
+    batches = [_inputs(model, "gemma4", padded=True)]
+    with pytest.raises(ValueError, match=r"below 1e-09: K=1: [^,]+, K=2: [^,;]+; larger K are refused: VTW on "
+                                         r"Gemma4ForConditionalGeneration needs K in \[1, 2\]"):
+        choose_vtw_layer(model, batches, 1e-9)
+    config = choose_vtw_layer(model, batches, 1e9)
+    assert config.k == 1 and len(config.provenance["kl"]) == 1
+    assert not hasattr(model, "_shortv_pruning_state")
