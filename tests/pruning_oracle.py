@@ -8,14 +8,16 @@ the hidden states, the rotary rows, the position ids and the mask's rows and col
 recomputed. Frozen (ShortV) layers run through the reference freeze: the stock layer, then the visual rows put back.
 
 Families: any whose decoder layers take ``(hidden_states, position_embeddings=, attention_mask=, position_ids=)``
-and nothing per token besides (Llama-like, Qwen-VL M-RoPE, Gemma 3 sliding windows, Qwen3.5 hybrids). A decoder
-that changes the hidden states between its first layers (DeepStack) is replayed from the input of the first layer
-after the last such change (the stock forward's own), so the cut must come after it. Refused with a one-line
-reason: a layer that takes other per-token inputs (Gemma 4's per-layer inputs and shared K/V).
+and nothing per token besides but a per-layer input, cut like the rest (Llama-like, Qwen-VL M-RoPE, Gemma 3 sliding
+windows, Qwen3.5 hybrids, Gemma 4: its KV-sharing layers read what the layers they share with stored in this run, so
+the cut must come before those). A decoder that changes the hidden states between its first layers (DeepStack) is
+replayed from the input of the first layer after the last such change (the stock forward's own), so the cut must
+come after it. Refused with a one-line reason: a layer that takes other per-token tensors.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,9 +27,10 @@ from torch import nn
 from shortv.frozen.reference import restore_positions
 from shortv.registry import find_decoder_layers, find_final_norm, find_inter_layer_update
 
-#: The tensor arguments of a layer that the oracle cuts down to the kept columns (other tensors are refused; flags
-#: and absent caches pass through).
-_PRUNED = {"hidden_states", "attention_mask", "position_embeddings", "position_ids"}
+#: The tensor arguments of a layer that the oracle cuts down to the kept columns (other tensors are refused; flags,
+#: absent caches and Gemma 4's dict of shared keys/values pass through). ``per_layer_input``: Gemma 4's per-token
+#: input of each layer (batch, seq, dims), passed positionally.
+_PRUNED = {"hidden_states", "attention_mask", "position_embeddings", "position_ids", "per_layer_input"}
 
 
 @dataclass
@@ -66,10 +69,11 @@ def capture_decoder_calls(model: nn.Module, inputs: dict) -> DecoderCalls:
 
     def recorder(index: int):
         def hook(module, args, layer_kwargs):
+            names = list(inspect.signature(module.forward).parameters)
+            layer_kwargs = {**dict(zip(names[1:], args[1:])), **layer_kwargs}  # positional ones by name
             unknown = sorted(k for k, v in layer_kwargs.items() if k not in _PRUNED and isinstance(v, torch.Tensor))
-            if len(args) > 1 or unknown:
-                raise ValueError(f"decoder layer {index} takes per-token inputs the oracle cannot prune: "
-                                 f"{unknown or [f'{len(args) - 1} more positional']}")
+            if unknown:
+                raise ValueError(f"decoder layer {index} takes per-token inputs the oracle cannot prune: {unknown}")
             first.append(args[0] if args else layer_kwargs["hidden_states"])
             kwargs[index] = {k: v for k, v in layer_kwargs.items() if k != "hidden_states"}
         return hook
@@ -101,6 +105,8 @@ def _gather(x: torch.Tensor, dim: int, columns: torch.Tensor, batch_dim: int = 0
 def prune_kwargs(kwargs: dict, columns: torch.Tensor) -> dict:
     """A layer's keyword arguments cut to the kept ``columns``: rotary rows, position ids, mask rows and columns."""
     out = dict(kwargs)
+    if kwargs.get("per_layer_input") is not None:  # (batch, seq, dims)
+        out["per_layer_input"] = _gather(kwargs["per_layer_input"], 1, columns)
     if kwargs.get("position_embeddings") is not None:  # (cos, sin): (batch, seq, d) or (sections, batch, seq, d)
         out["position_embeddings"] = tuple(_gather(x, -2, columns, -3) for x in kwargs["position_embeddings"])
     if kwargs.get("position_ids") is not None:  # (batch, seq) or (sections, batch, seq)
@@ -205,6 +211,13 @@ def pruned_forward(
     return PrunedOutput(find_final_norm(model)(hidden), columns)
 
 
+def logits_of(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on ``hidden`` (final-normed), then the logit soft-capping of a model whose forward applies it."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def extend_inputs(inputs: dict, token: torch.Tensor) -> dict:
     """``inputs`` with one more column: ``token`` (batch,) in ``input_ids``, 1 in the padding mask, the next
     position in explicit ``position_ids``, 0 (text) in any other per-token integer tensor (``mm_token_type_ids``)."""
@@ -231,6 +244,8 @@ def sample_calls(calls: DecoderCalls, index: int) -> DecoderCalls:
             out["position_ids"] = pick(out["position_ids"], -2)
         if isinstance(out.get("attention_mask"), torch.Tensor):
             out["attention_mask"] = pick(out["attention_mask"], 0)
+        if out.get("per_layer_input") is not None:
+            out["per_layer_input"] = pick(out["per_layer_input"], 0)
         kwargs.append(out)
     return DecoderCalls(calls.hidden_states[index : index + 1], kwargs, calls.start)
 
@@ -245,7 +260,6 @@ def pruned_greedy(model: nn.Module, inputs: dict, visual_mask: torch.Tensor, cut
     token: generated tokens never re-rank). ``reset(model)`` clears state a model keeps between calls;
     ``frozen_layers``: ShortV layers (reference freeze; generated tokens are text); ``banned``: token ids never
     chosen (EOS under generate's ``min_new_tokens``). Returns (batch, steps)."""
-    head = model.get_output_embeddings()
     kept = [kept_for(i) for i in range(len(visual_mask))]
     tokens = []
     for _ in range(steps):
@@ -258,7 +272,7 @@ def pruned_greedy(model: nn.Module, inputs: dict, visual_mask: torch.Tensor, cut
             out = pruned_forward(model, sample_calls(calls, i), visual[i : i + 1], cut, kept[i], frozen_layers)
             if callable(kept[i]):  # fix the prompt's choice for the later steps
                 kept[i] = out.columns[visual[i : i + 1].gather(1, out.columns)].view(1, -1)
-            logits = head(out.hidden_states[:, -1])
+            logits = logits_of(model, out.hidden_states[:, -1])
             logits[:, list(banned)] = float("-inf")
             token.append(logits.argmax(dim=-1))
         tokens.append(torch.cat(token))

@@ -11,6 +11,7 @@ import torch
 from pruning_oracle import (
     capture_decoder_calls,
     extend_inputs,
+    logits_of,
     pruned_forward,
     pruned_greedy,
     rank_by_attention,
@@ -121,7 +122,7 @@ def _check_each_sample(eager, inputs, config: TokenPruningConfig, logits, column
         assert columns[i, -n:].tolist() == oracle.columns[0].tolist()
         assert (columns[i, :-n] == -1).all()
         real = inputs["attention_mask"][i].bool()[oracle.columns[0]]
-        expected = eager.get_output_embeddings()(oracle.hidden_states[0])
+        expected = logits_of(eager, oracle.hidden_states[0])
         torch.testing.assert_close(logits[i, -n:][real], expected[real], rtol=0, atol=atol)
 
 
@@ -160,7 +161,7 @@ def _check_against_the_oracle(family: str, model, eager, method: str, padded: bo
     oracle = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, config.k, _oracle_kept(config, visual))
     assert torch.equal(columns, oracle.columns), (family, method)
     real = inputs["attention_mask"].bool().gather(1, columns)  # padding rows differ between sdpa and eager
-    expected = eager.get_output_embeddings()(oracle.hidden_states)
+    expected = logits_of(eager, oracle.hidden_states)
     torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=atol)
     # Not the unpatched model: the last position's logits move once visual tokens leave.
     assert not torch.allclose(logits[:, -1], unpatched[:, -1], atol=1e-3)
@@ -268,11 +269,9 @@ def test_refusals_leave_the_model_untouched(pair) -> None:
         remove_token_pruning(model)
 
 
-@pytest.mark.parametrize(("family", "message"), [                                                  ("qwen3_vl", "DeepStack"),
-                                                  ("gemma4", "share keys and values")])
-def test_unsupported_family_is_refused(family: str, message: str) -> None:
-    model = build_model(family, "sdpa")
-    with pytest.raises(ValueError, match=message):
+def test_deepstack_before_k_is_refused() -> None:
+    model = build_model("qwen3_vl", "sdpa")
+    with pytest.raises(ValueError, match="DeepStack"):
         apply_fastv(model, k=2)
     assert not hasattr(model, "_shortv_pruning_state")
 
@@ -304,7 +303,7 @@ def test_beam_scores_are_the_oracle_likelihoods(pair) -> None:
     reset_state(eager)
     oracle = pruned_forward(eager, capture_decoder_calls(eager, expanded), full_visual, config.k,
                             kept_visual.repeat_interleave(2, dim=0))
-    logits = eager.get_output_embeddings()(oracle.hidden_states[:, -STEPS - 1 : -1]).log_softmax(dim=-1)
+    logits = logits_of(eager, oracle.hidden_states[:, -STEPS - 1 : -1]).log_softmax(dim=-1)
     likelihood = logits.gather(2, out.sequences[:, prompt:, None]).sum(dim=(1, 2))
     torch.testing.assert_close(out.sequences_scores, likelihood, rtol=0, atol=1e-3)
 
@@ -343,7 +342,7 @@ def test_vtw_rule_chooses_the_first_layer_under_the_threshold(pair) -> None:
             calls = capture_decoder_calls(eager, inputs)
             out = pruned_forward(eager, calls, inputs.visual_mask, k, torch.zeros(len(original), 0, dtype=torch.long))
             with torch.no_grad():
-                withdrawn = eager.get_output_embeddings()(out.hidden_states[:, -1]).log_softmax(-1)
+                withdrawn = logits_of(eager, out.hidden_states[:, -1]).log_softmax(-1)
             values.append(divergence_between(withdrawn, original, "kl"))
         means.append(float(torch.cat(values).mean()))
     threshold = min(means) * 1.01
@@ -380,7 +379,7 @@ def test_padding_side_and_ranking_queries(pair, method: str, side: str) -> None:
     expected = oracle(last=last, real=real_rows)
     assert torch.equal(columns, expected.columns)
     real = real_rows.gather(1, columns)
-    torch.testing.assert_close(logits[real], eager.get_output_embeddings()(expected.hidden_states)[real],
+    torch.testing.assert_close(logits[real], logits_of(eager, expected.hidden_states)[real],
                                rtol=0, atol=ATOL)
     if config.rank == "last":  # ranking by the padding column would choose other visual tokens
         assert not torch.equal(oracle().columns, columns)
@@ -586,6 +585,31 @@ def test_ranking_reads_the_query_scale(monkeypatch) -> None:
     torch.testing.assert_close(received, expected, rtol=0, atol=1e-6)
 
 
+def _check_step_logits(model, eager, family: str, config: TokenPruningConfig) -> None:
+    """Each greedy step's logits (not only the argmax) equal the oracle's on the prompt's kept columns and the
+    tokens so far (batch 2, left padding)."""
+    inputs = _inputs(model, family, padded=True)
+    visual, k = inputs.visual_mask, config.k
+    apply_token_pruning(model, config)
+    try:
+        reset_state(model)
+        out = model.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    finally:
+        remove_token_pruning(model)
+    reset_state(eager)
+    ranked = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, k, _oracle_kept(config, visual))
+    extended, prompt = inputs, visual.shape[1]
+    for step in range(STEPS - 1):
+        extended = extend_inputs(extended, out.sequences[:, prompt + step])
+    reset_state(eager)
+    oracle = pruned_forward(eager, capture_decoder_calls(eager, extended),
+                            torch.cat([visual, visual.new_zeros(len(visual), STEPS - 1)], dim=1), k,
+                            ranked.columns[visual.gather(1, ranked.columns)].view(len(visual), -1))
+    expected = logits_of(eager, oracle.hidden_states[:, -STEPS:])
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), expected, rtol=0, atol=ATOL)
+
+
 def test_sliding_window_layers(monkeypatch) -> None:
     """Gemma 3 (layers [sliding, full, sliding, full], window 8, shorter than an image; bidirectional attention
     between image tokens): FastV at K = 2 and VTW at K = 1 (which prunes the first full-attention layer, for whose
@@ -601,23 +625,93 @@ def test_sliding_window_layers(monkeypatch) -> None:
         logits, columns, generated = _run_pruned(model, config, inputs)
         _check_each_sample(eager, inputs, config, logits, columns)
         assert torch.equal(generated, _oracle_greedy(eager, inputs, config))
-        # Each step's logits (not only the argmax) equal the oracle's on the prompt's kept columns and the tokens.
-        inputs = _inputs(model, "gemma3", padded=True)
-        visual = inputs.visual_mask
-        apply_token_pruning(model, config)
-        try:
-            out = model.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True)
-        finally:
-            remove_token_pruning(model)
-        ranked = pruned_forward(eager, capture_decoder_calls(eager, inputs), visual, k, _oracle_kept(config, visual))
-        extended, prompt = inputs, visual.shape[1]
-        for step in range(STEPS - 1):
-            extended = extend_inputs(extended, out.sequences[:, prompt + step])
-        oracle = pruned_forward(eager, capture_decoder_calls(eager, extended),
-                                torch.cat([visual, visual.new_zeros(len(visual), STEPS - 1)], dim=1), k,
-                                ranked.columns[visual.gather(1, ranked.columns)].view(len(visual), -1))
-        expected = eager.get_output_embeddings()(oracle.hidden_states[:, -STEPS:])
-        torch.testing.assert_close(torch.stack(out.logits, dim=1), expected, rtol=0, atol=ATOL)
+        _check_step_logits(model, eager, "gemma3", config)
     with pytest.raises(ValueError, match="StaticSlidingWindowLayer"):
         _run_pruned(model, config, inputs, cache_implementation="static")
+
+
+#: Gemma 4 with six layers [sliding, full] x 3 (window 4, shorter than an image; bidirectional attention within an
+#: image): layers 4 and 5 reuse the keys and values that layers 2 and 3 write (KV sharing), every layer takes a
+#: per-layer input (per token: cut to the kept columns from K on, in the oracle too), logits are soft-capped, and
+#: generate's prefill runs the KV-sharing layers on the last position only (``logits_to_keep=1``).
+GEMMA4_LAYERS = dict(num_hidden_layers=6, layer_types=["sliding_attention", "full_attention"] * 3,
+                     num_kv_shared_layers=2)
+
+
+@pytest.fixture(scope="module")
+def gemma4():
+    return (build_model("gemma4", "sdpa", init_std=0.2, text_overrides=GEMMA4_LAYERS),
+            build_model("gemma4", "eager", init_std=0.2, text_overrides=GEMMA4_LAYERS))
+
+
+@pytest.mark.parametrize(("method", "k"), [("fastv-last", 2), ("vtw", 1)])
+def test_gemma4_kv_sharing_and_per_layer_inputs(gemma4, method: str, k: int, monkeypatch) -> None:
+    """FastV (K = 2, ranking in a full layer) and VTW (K = 1, the first full layer pruned): prefill, greedy
+    ``generate`` and each step's logits equal the oracle at batch 2 with left padding, and with different visual
+    counts (padding slots); remove is bit-exact; every layer from K on sees t + kept rows, and the ones that hold
+    keys/values cache them (the KV-sharing layers hold none); a ``logits_to_keep`` that keeps text positions only
+    gives the same logits, one that keeps pruned positions is one line."""
+    monkeypatch.setitem(FAMILIES, "gemma4", (16, 16))
+    model, eager = gemma4
+    config = _config(method, k)
+    _check_against_the_oracle("gemma4", model, eager, method, True, k)
+    _check_step_logits(model, eager, "gemma4", config)
+    inputs = _mixed_inputs(model, "gemma4")
+    logits, columns, generated = _run_pruned(model, config, inputs)
+    _check_each_sample(eager, inputs, config, logits, columns)
+    assert (columns == -1).any()
+    assert torch.equal(generated, _oracle_greedy(eager, inputs, config))
+    rows, cache = _rows_and_cache(model, config, inputs)
+    seq, width = inputs["input_ids"].shape[1], columns.shape[1]
+    assert rows == [seq] * k + [width] * (6 - k) and width < seq
+    assert [int(cache.get_seq_length(i)) for i in range(4)] == [seq] * k + [width] * (4 - k)
+    assert [type(layer).__name__ for layer in cache.layers[4:]] == ["DummyLayer"] * 2
+    apply_token_pruning(model, config)
+    try:
+        with torch.no_grad():
+            reset_state(model)
+            torch.testing.assert_close(model(**inputs, logits_to_keep=3).logits, logits[:, -3:], rtol=0, atol=1e-5)
+            with pytest.raises(ValueError, match=r"gets the prompt's last 12 positions only \(logits_to_keep\), and "
+                                                 "FastV/VTW pruned some of them"):
+                reset_state(model)
+                model(**inputs, logits_to_keep=12)
+    finally:
+        remove_token_pruning(model)
+
+
+def test_gemma4_shortv_and_fastv_and_the_k_refusal(gemma4, monkeypatch) -> None:
+    """ShortV + FastV on Gemma 4 (frozen layers before K, at a K/V-writing layer from K on and at a K/V-reading
+    one) equals the oracle with the reference freeze, prefill and greedy decoding; a K after a layer whose keys
+    and values a later layer reuses is refused with one line naming the valid K, the model untouched."""
+    monkeypatch.setitem(FAMILIES, "gemma4", (16, 16))
+    model, eager = gemma4
+    config, shortv_layers = _config("fastv-last"), (0, 3, 5)
+    composed = TokenPruningConfig("fastv", config.k, config.ratio, shortv_layers=list(shortv_layers))
+    inputs = _mixed_inputs(model, "gemma4")
+    alone = _run_pruned(model, config, inputs, generate=False)[0]
+    logits, columns, generated = _run_pruned(model, composed, inputs)
+    _check_each_sample(eager, inputs, config, logits, columns, shortv_layers)
+    assert not torch.allclose(logits[:, -1], alone[:, -1], atol=1e-3)
+    assert torch.equal(generated, _oracle_greedy(eager, inputs, config, shortv_layers))
+    for k in (3, 5):
+        with pytest.raises(ValueError, match=r"^FastV on Gemma4ForConditionalGeneration needs K in \[1, 2\]: layers "
+                                             r"reuse the keys and values of earlier layers \(4 <- 2, 5 <- 3\)"):
+            apply_fastv(model, k=k)
+    assert not hasattr(model, "_shortv_pruning_state")
+    assert not any("forward" in layer.__dict__ for layer in model.model.language_model.layers)
+
+
+def test_gemma4_vtw_rule_searches_the_valid_k_only(gemma4, monkeypatch) -> None:
+    """VTW's KL rule on Gemma 4 tries K = 1, 2 (the K its KV sharing allows) and stops there: a threshold no K meets
+    is one line with both means and the refusal of K = 3; a loose one chooses K = 1."""
+    from shortv.pruning import choose_vtw_layer
+
+    monkeypatch.setitem(FAMILIES, "gemma4", (16, 16))
+    model, _ = gemma4
+    batches = [_inputs(model, "gemma4", padded=True)]
+    with pytest.raises(ValueError, match=r"below 1e-09: K=1: [^,]+, K=2: [^,;]+; larger K are refused: VTW on "
+                                         r"Gemma4ForConditionalGeneration needs K in \[1, 2\]"):
+        choose_vtw_layer(model, batches, 1e-9)
+    config = choose_vtw_layer(model, batches, 1e9)
+    assert config.k == 1 and len(config.provenance["kl"]) == 1
+    assert not hasattr(model, "_shortv_pruning_state")

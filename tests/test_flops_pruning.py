@@ -76,13 +76,16 @@ def _fast_frozen(model):
 
 
 # Llama-like GQA, M-RoPE, sandwich norms + QK-norm + sliding windows, hybrid linear attention, hybrid + MoE.
-FAMILIES = ["llama", "qwen2_vl", "gemma3", "qwen3_5", "qwen3_5_moe"]
+FAMILIES = ["llama", "qwen2_vl", "gemma3", "qwen3_5", "qwen3_5_moe", "gemma4"]
+#: Gemma 4 with six layers, the last two reusing the keys/values of layers 2 and 3, so that K = 1 and 2 are valid.
+OVERRIDES = {"gemma4": dict(num_hidden_layers=6, layer_types=["sliding_attention", "full_attention"] * 3,
+                            num_kv_shared_layers=2)}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request):
     family = request.param
-    model = build_model(family, "eager", init_std=0.2)  # eager: torch counts sdpa's CPU kernel as nothing
+    model = build_model(family, "eager", init_std=0.2, text_overrides=OVERRIDES.get(family))  # eager: torch counts sdpa's CPU kernel as nothing
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("eager")
     model.requires_grad_(False)  # see test_exact_count_is_what_torch_counts_per_layer

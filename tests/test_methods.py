@@ -219,16 +219,20 @@ def test_fastv_on_a_bare_lm_without_visual_ids_is_refused_before_generating(embe
 
 
 def test_an_unsupported_family_is_refused_before_any_run() -> None:
-    from tiny_models import build_model
+    """Every tiny family runs FastV now; a bare Phi-3 (not in the registry: no verified layer anatomy) does not."""
+    from transformers import Phi3Config, Phi3ForCausalLM
 
     from shortv.benchmark import BenchInputs, benchmark
 
-    model = build_model("gemma4", "sdpa")
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, pad_token_id=0,
+                                       eos_token_id=1, bos_token_id=2)).eval()
     ids = torch.zeros(1, 8, dtype=torch.long)
     mask = torch.zeros(1, 8, dtype=torch.bool)
     mask[:, 2:6] = True
-    with pytest.raises(ValueError, match="FastV does not support model_type='gemma4'"):
-        benchmark(model, BenchInputs.for_causal_lm(ids, mask), TokenPruningConfig("fastv", k=2), repeats=1, warmup=0)
+    with pytest.raises(ValueError, match="FastV does not support model_type='phi3'"):
+        benchmark(model, BenchInputs.for_causal_lm(ids, mask), TokenPruningConfig("fastv", k=1), repeats=1, warmup=0)
     assert applied_config(model) is None
 
 

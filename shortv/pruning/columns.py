@@ -48,19 +48,35 @@ def _empty_slots(mask: torch.Tensor, key_slots: int | None) -> torch.Tensor:
 
 
 def prefill_kwargs(kwargs: dict[str, Any], columns: torch.Tensor, real: torch.Tensor | None,
-                   key_slots: int | None = None, recurrent: bool = False) -> dict[str, Any]:
+                   key_slots: int | None = None, recurrent: bool = False, per_token: tuple[str, ...] = (),
+                   rows: int | None = None) -> dict[str, Any]:
     """The layer arguments of a pruned prefill: rotary rows, position ids, mask rows and columns at ``columns``;
     padding slots (``real`` False) are hidden from every query, and so are a static cache's slots past the kept
-    ones (``key_slots``: how many keys the layer's cache returns; None: as many as it holds).
+    ones (``key_slots``: how many keys the layer's cache returns; None: as many as it holds). ``per_token``: names
+    of further (batch, seq, ...) arguments cut the same way (Gemma 4's per-layer input).
+
+    ``rows``: how many query rows the layer gets, when the model passed it only its last ones (Gemma 4 past its
+    KV-sharing point, under ``logits_to_keep``): their arguments, already cut by the model to the prompt's last
+    ``rows`` columns, are kept (the caller checks that those are the last kept columns); the mask's key columns
+    are cut to ``columns`` (the keys the layer reads cover every kept column).
 
     An absent mask is the causal mask (sdpa's fast case): on ascending kept columns it is causal again.
     ``recurrent``: a linear-attention layer, whose mask is the 2-D padding mask (None: no padding) that zeroes its
     padding rows before they enter its conv and recurrent states: cut to the columns, padding slots zeroed too."""
     out = dict(kwargs)
+    sliced = rows is not None and rows < columns.shape[1]
+    queries = columns[:, -rows:] if sliced else columns
+
+    def cut(x: torch.Tensor, dim: int, batch_dim: int = 0) -> torch.Tensor:
+        return x if sliced and x.shape[dim] == rows else gather_columns(x, dim, queries, batch_dim)
+
+    for name in per_token:
+        if kwargs.get(name) is not None:
+            out[name] = cut(kwargs[name], 1)
     if kwargs.get("position_embeddings") is not None:  # (cos, sin), each (batch or 1, seq, dim)
-        out["position_embeddings"] = tuple(gather_columns(x, -2, columns, -3) for x in kwargs["position_embeddings"])
+        out["position_embeddings"] = tuple(cut(x, -2, -3) for x in kwargs["position_embeddings"])
     if kwargs.get("position_ids") is not None:  # (batch, seq) or (sections, batch, seq)
-        out["position_ids"] = gather_columns(kwargs["position_ids"], -1, columns, -2)
+        out["position_ids"] = cut(kwargs["position_ids"], -1, -2)
     mask = kwargs.get("attention_mask")
     if recurrent:
         if mask is not None:
@@ -70,12 +86,12 @@ def prefill_kwargs(kwargs: dict[str, Any], columns: torch.Tensor, real: torch.Te
         out["attention_mask"] = mask
         return out
     if mask is not None:
-        mask = gather_columns(gather_columns(mask, -1, columns), -2, columns)
+        mask = cut(gather_columns(mask, -1, columns), -2)
     if real is not None:
-        mask = _hide_padding(mask, real, columns, columns, ~real)
+        mask = _hide_padding(mask, real, queries, columns, None if sliced else ~real)
     if key_slots is not None:
         if mask is None:
-            mask = columns[:, None, None, :] <= columns[:, None, :, None]
+            mask = columns[:, None, None, :] <= queries[:, None, :, None]
         mask = _empty_slots(mask, key_slots)
     out["attention_mask"] = mask
     return out

@@ -17,8 +17,9 @@ logits meaningless, hidden from every query by the masks). The last position is 
 
 Layer kinds: a linear-attention layer from K on gets its 2-D padding mask cut to the kept columns (its conv and
 recurrent states are built over the kept tokens); a sliding-window layer from K on (and a full-attention one when
-the model lays its step masks out for a pruned layer) gets each step's mask rebuilt by original column. See
-docs/pruning.md for what each family allows.
+the model lays its step masks out for a pruned layer) gets each step's mask rebuilt by original column. A per-layer
+input (Gemma 4) is cut like the rotary rows; layers that reuse another layer's keys/values (KV sharing) need it on
+the same side of K (`kv_sources`). See docs/pruning.md for what each family allows.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import (
+    DummyLayer,
     DynamicLayer,
     DynamicSlidingWindowLayer,
     LinearAttentionCacheLayerMixin,
@@ -86,6 +88,8 @@ class Plan:
     past_length: int = 0
     #: prefill: the visual/text split of the kept rows, for ShortV layers from K on (None: no visual row left).
     layout: TokenLayout | None = None
+    #: prefill: the prompt's length (columns before the cut).
+    length: int = 0
 
 
 class PruningState:
@@ -125,11 +129,12 @@ def _kwargs(override: _InstanceOverride, original, hidden: torch.Tensor, args: t
 
 def _check_cache(cache: Any, sliding: frozenset[int]) -> None:
     """A dynamic or static cache whose layers FastV/VTW can hold kept positions in: full-attention, linear-attention,
-    and dynamic sliding-window layers where the model's layer is one (``sliding``: their indices)."""
+    and dynamic sliding-window layers where the model's layer is one (``sliding``: their indices); empty layers of
+    layers that read another layer's keys/values (KV sharing)."""
     if cache is None:
         return
     layers = getattr(cache, "layers", None)
-    allowed = (DynamicLayer, StaticLayer, LinearAttentionLayer)
+    allowed = (DynamicLayer, StaticLayer, LinearAttentionLayer, DummyLayer)
     if not isinstance(cache, (DynamicCache, StaticCache)) or not all(
             type(layer) in allowed or (type(layer) is DynamicSlidingWindowLayer and index in sliding)
             for index, layer in enumerate(layers)):
@@ -203,7 +208,7 @@ class CutForward(_InstanceOverride):
             columns, real = self._prune(hidden_states, bound, visual)
             rows = visual.gather(1, columns) if real is None else visual.gather(1, columns) & real  # pads: text
             kept = TokenLayout.from_visual_mask(rows) if bool(rows.any()) else None
-            state.plan = Plan(prefill=True, columns=columns, real=real, layout=kept)
+            state.plan = Plan(prefill=True, columns=columns, real=real, layout=kept, length=hidden.shape[1])
             state.last_columns = columns if real is None else columns.masked_fill(~real, -1)
             if cache is not None:  # the positions layers K.. hold: these columns, then every later one
                 setattr(cache, CACHE_ATTRIBUTE, (columns, real, hidden.shape[1]))
@@ -250,7 +255,8 @@ class KeptForward(_InstanceOverride):
     ShortV layer (``frozen``) freezes the kept visual rows in a pruned prefill."""
 
     def __init__(self, state: PruningState, layer: nn.Module, previous: Any, attribute: str, index: int,
-                 frozen: bool = False, recurrent: bool = False, window: int | None = None, rebuild: bool = False):
+                 frozen: bool = False, recurrent: bool = False, window: int | None = None, rebuild: bool = False,
+                 per_token: tuple[str, ...] = ()):
         super().__init__(layer, previous)
         self.state, self.attribute, self.index, self.frozen = state, attribute, index, frozen
         #: a linear-attention layer: its 2-D padding mask is cut in prefill; its steps need nothing cut.
@@ -259,6 +265,8 @@ class KeptForward(_InstanceOverride):
         self.window = window
         #: a full-attention layer whose step masks the model lays out for another cache (a pruned first full layer).
         self.rebuild = rebuild
+        #: further per-token arguments cut in prefill (a per-layer input); a step's are the new tokens' already.
+        self.per_token = per_token
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         plan, original = self.state.plan, self.original()
@@ -269,10 +277,18 @@ class KeptForward(_InstanceOverride):
         real = None if plan.real is None else plan.real.to(hidden_states.device)
         slots = _key_slots(_compat.cache_from_kwargs(bound), self.index)
         if plan.prefill:
-            bound = prefill_kwargs(bound, columns, real, slots, self.recurrent)
+            rows = hidden_states.shape[1]
+            if rows < columns.shape[1]:  # the model passes its last query rows only (Gemma 4 past its KV sharing)
+                last = torch.arange(plan.length - rows, plan.length, device=columns.device)
+                if not bool((columns[:, -rows:] == last).all()):
+                    raise ValueError(f"decoder layer {self.index} gets the prompt's last {rows} positions only "
+                                     "(logits_to_keep), and FastV/VTW pruned some of them; use logits_to_keep=1 or 0")
+            bound = prefill_kwargs(bound, columns, real, slots, self.recurrent, self.per_token, rows)
             if self.frozen and plan.layout is not None:
                 layout = plan.layout.to(hidden_states.device)
-                return self.state.fast.fast_frozen_forward(self.module, layout, hidden_states, **bound)
+                layout = layout.tail(rows) if rows < columns.shape[1] else layout  # None: no visual row left
+                if layout is not None:
+                    return self.state.fast.fast_frozen_forward(self.module, layout, hidden_states, **bound)
         elif self.window is not None or self.rebuild:  # a sliding cache returns its last window - 1 positions
             seq = hidden_states.shape[1]
             keys = columns.shape[1] if self.window is None else min(columns.shape[1] - seq, self.window - 1) + seq
@@ -291,6 +307,19 @@ def layer_anatomies(fast: FastLayer | None, layers: nn.ModuleList) -> list[Layer
         return [anatomy] * len(layers)
     anatomies = [anatomy.anatomy_of(layer) for layer in layers] if isinstance(anatomy, LayerKinds) else [None]
     return anatomies if all(isinstance(each, LayerAnatomy) for each in anatomies) else None
+
+
+def kv_sources(layers: nn.ModuleList, anatomies: list[LayerAnatomy]) -> dict[int, int]:
+    """{layer that reads another layer's keys/values: the layer that writes them} (KV sharing, `LayerAnatomy`): the
+    last earlier layer of the same ``attention.layer_type`` with ``attention.store_full_length_kv`` (-1: none)."""
+    attentions = [getattr(layer, anatomy.attention) for layer, anatomy in zip(layers, anatomies)]
+    sources = {}
+    for index, (attention, anatomy) in enumerate(zip(attentions, anatomies)):
+        if anatomy.kv_sharing and getattr(attention, "is_kv_shared_layer", False):
+            writers = [source for source in range(index) if getattr(attentions[source], "store_full_length_kv", False)
+                       and getattr(attentions[source], "layer_type", None) == attention.layer_type]
+            sources[index] = writers[-1] if writers else -1
+    return sources
 
 
 def get_pruning_state(model: nn.Module) -> PruningState | None:
@@ -313,9 +342,12 @@ def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.M
         raise ValueError(f"{name} does not support model_type={model_type_of(model)!r} (no verified layer anatomy); "
                          "it supports the families whose decoder layers are softmax or linear attention with a fast "
                          "ShortV anatomy")
-    if any(anatomy.kv_sharing or anatomy.per_layer_input for anatomy in anatomies):
-        raise ValueError(f"{name} does not support model_type={model_type_of(model)!r}: its layers share keys and "
-                         "values or take per-layer inputs")
+    sources = kv_sources(layers, anatomies)
+    valid = [k for k in range(1, len(layers)) if all(source >= k for reader, source in sources.items() if reader >= k)]
+    if config.k not in valid:
+        pairs = ", ".join(f"{reader} <- {source}" for reader, source in sorted(sources.items()))
+        raise ValueError(f"{name} on {type(model).__name__} needs K in {valid}: layers reuse the keys and values of "
+                         f"earlier layers ({pairs}), and a layer from K on must read those of a layer from K on")
     if find_inter_layer_update(model) is not None:
         updated = inter_layer_update_layers(model)
         if updated is None:
@@ -389,10 +421,11 @@ def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Modu
     window = getattr(model.config.get_text_config(), "sliding_window", None)
     state.sliding = frozenset(index for index, kind in enumerate(kinds) if kind == SLIDING)
     rebuild = config.k <= kinds.index("full_attention")  # the model lays its step masks out for a pruned layer
+    per_token = tuple({anatomy.per_layer_input.argument for anatomy in anatomies if anatomy.per_layer_input})
     for index in range(config.k, len(layers)):
         override(lambda layer, previous, attribute, index=index: KeptForward(
             state, layer, previous, attribute, index, index in frozen, anatomies[index].module == RECURRENT,
-            window if kinds[index] == SLIDING else None, rebuild and kinds[index] == "full_attention"),
+            window if kinds[index] == SLIDING else None, rebuild and kinds[index] == "full_attention", per_token),
             layers[index])
     if callable(getattr(model, "generate", None)):
         override(lambda model, previous, attribute: ShortVGenerate(entry, model, previous), model)

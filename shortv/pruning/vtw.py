@@ -2,7 +2,8 @@
 
 For each candidate ``K = 1, 2, ...`` the model runs each calibration input with VTW at ``K`` and without it, and
 the divergence of the next-token distributions at the last position is averaged over the inputs; the first ``K``
-whose mean is below ``threshold`` is chosen. The divergence is shortv's layer-contribution KL,
+whose mean is below ``threshold`` is chosen. A model that allows K up to some layer only (Gemma 4's KV sharing) is
+searched up to there. The divergence is shortv's layer-contribution KL,
 ``KL(P_withdrawn || P_original)`` (`shortv.contribution.divergence_between`). The returned config records the rule,
 the threshold and every mean it computed.
 """
@@ -15,9 +16,10 @@ import torch
 from torch import nn
 
 from ..contribution import divergence_between
+from ..patch import _unwrap
 from ..registry import find_decoder_layers
 from .config import TokenPruningConfig
-from .fastv import apply_vtw, get_pruning_state, remove_token_pruning
+from .fastv import _check_applicable, apply_vtw, get_pruning_state, remove_token_pruning
 
 
 def _last_log_probs(model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -38,7 +40,14 @@ def choose_vtw_layer(model: nn.Module, inputs: Iterable[dict], threshold: float)
         raise ValueError("choose_vtw_layer needs at least one calibration input")
     original = [_last_log_probs(model, batch) for batch in batches]
     means: list[float] = []
-    for k in range(1, len(find_decoder_layers(model))):
+    layers, refused = find_decoder_layers(model), ""
+    for k in range(1, len(layers)):
+        if means:  # past a K the model allows, the first one it refuses ends the search
+            try:
+                _check_applicable(_unwrap(model), TokenPruningConfig("vtw", k), layers)
+            except ValueError as error:
+                refused = f"; larger K are refused: {error}"
+                break
         apply_vtw(model, k)
         try:
             values = [divergence_between(_last_log_probs(model, batch), log_original, "kl")
@@ -51,4 +60,4 @@ def choose_vtw_layer(model: nn.Module, inputs: Iterable[dict], threshold: float)
             provenance = {"rule": "vtw_kl", "threshold": float(threshold), "kl": means, "samples": samples}
             return TokenPruningConfig("vtw", k, provenance=provenance)
     listed = ", ".join(f"K={k}: {value:.4g}" for k, value in enumerate(means, start=1))
-    raise ValueError(f"no K withdraws the visual tokens with a mean KL below {threshold}: {listed}")
+    raise ValueError(f"no K withdraws the visual tokens with a mean KL below {threshold}: {listed}{refused}")
