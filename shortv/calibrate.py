@@ -190,10 +190,10 @@ def calibrate(
 
 
 def _check_vtw(model: Any) -> None:
-    """VTW applies to this model (one line otherwise), before any LC is computed."""
-    from .pruning import apply_vtw, remove_token_pruning
+    """VTW applies to this model at some K (one line otherwise), before any LC is computed."""
+    from .pruning.vtw import vtw_layers
 
-    remove_token_pruning(apply_vtw(model, 1))
+    vtw_layers(model)
 
 
 def _vtw_rule(model: Any, processor: Any, samples: list, threshold: float) -> Any:

@@ -303,7 +303,8 @@ def calibrate(
     if result.vtw_config is not None:
         rule = result.vtw_config.provenance
         console.print(f"VTW by its KL rule: K={result.vtw_config.k} (mean KL {rule['kl'][-1]:.3g} < {rule['threshold']}"
-                      f" on {rule['samples']} samples; K=1..{len(rule['kl'])}: {', '.join(f'{v:.3g}' for v in rule['kl'])})")
+                      f" on {rule['samples']} samples; K={rule['first_k']}..{result.vtw_config.k}: "
+                      f"{', '.join(f'{v:.3g}' for v in rule['kl'])})")
         console.print(f"wrote {out / 'vtw_config.json'}")
 
 

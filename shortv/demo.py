@@ -338,7 +338,7 @@ def _compare_methods(report: DemoReport, model: Any, processor: Any, samples: li
                                                *span, 0.0))
     else:
         report.vtw_rule["calibration_samples"] = len(calibration_samples)
-        kl = report.vtw_rule["kl"][setting.k - 1]
+        kl = report.vtw_rule["kl"][setting.k - report.vtw_rule["first_k"]]
         report.comparison.append(ComparisonRow(None, "vtw_rule", asdict(setting),
                                                f"{setting.describe()} (mean KL {kl:.3g} < {VTW_THRESHOLD})",
                                                setting.flops_ratio, *span, 0.0, *score(setting)))

@@ -533,6 +533,34 @@ def test_hybrid_fastv_ranks_in_a_full_attention_layer_only(hybrid) -> None:
     assert not any("forward" in layer.__dict__ for layer in model.model.language_model.layers)
 
 
+def test_hybrid_vtw_rule_starts_at_the_first_k_the_model_allows(hybrid, monkeypatch) -> None:
+    """VTW's KL rule on Qwen3.5 skips the K it refuses (K = 1: the cut must pass the first full-attention layer) and
+    starts at K = 2; the means it records are the oracle's KL at those K."""
+    from shortv.contribution import divergence_between
+    from shortv.pruning import choose_vtw_layer
+    from shortv.pruning.vtw import vtw_layers
+
+    monkeypatch.setitem(FAMILIES, "qwen3_5", HYBRID_SIZE)
+    model, eager = hybrid
+    candidates, refused = vtw_layers(model)
+    assert candidates[0] == 2 and candidates[-1] == len(model.model.language_model.layers) - 1 and refused is None
+    inputs = _inputs(model, "qwen3_5", padded=True)
+    reset_state(eager)
+    with torch.no_grad():
+        original = eager(**inputs).logits[:, -1].log_softmax(-1)
+    reset_state(eager)
+    calls = capture_decoder_calls(eager, inputs)
+    out = pruned_forward(eager, calls, inputs.visual_mask, 2, torch.zeros(len(original), 0, dtype=torch.long))
+    with torch.no_grad():
+        withdrawn = eager.get_output_embeddings()(out.hidden_states[:, -1])
+    expected = float(divergence_between(withdrawn.log_softmax(-1), original, "kl").mean())
+    config = choose_vtw_layer(model, [inputs], 1e9)
+    assert (config.k, config.provenance["first_k"]) == (2, 2)
+    assert config.provenance["kl"] == pytest.approx([expected], rel=1e-3, abs=1e-6)
+    with pytest.raises(ValueError, match=r"below 1e-30: K=2: [^,]+, K=3: [^,;]+$"):
+        choose_vtw_layer(model, [inputs], 1e-30)
+
+
 def test_hybrid_moe_and_static_cache(hybrid, monkeypatch) -> None:
     """Qwen3.5 MoE (FastV, batch 2, left padding) against the oracle; the dense hybrid's static cache (its linear
     layers' states beside static key/value buffers) decodes as the oracle."""
