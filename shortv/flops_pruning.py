@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 from .flops import Formula, LayerDims, _frozen_set, layer_flops
+from .pruning.config import check_cut
 
 Ranking = Literal["last", "mean"]
 _RANKINGS: tuple[str, ...] = ("last", "mean")
@@ -66,9 +67,7 @@ def _check_ratio(ratio: float) -> None:
 
 def _check_cut(dims: LayerDims, k: int) -> int:
     k = operator.index(k)
-    if not 1 <= k <= dims.num_layers - 1:
-        raise ValueError(f"K (the first pruned layer) must be in 1..{dims.num_layers - 1} for a model of "
-                         f"{dims.num_layers} layers, got {k}")
+    check_cut(k, dims.num_layers)
     return k
 
 

@@ -12,6 +12,7 @@ from ..config import ShortVConfig
 from ..flops import Formula, LayerDims
 from ..flops_pruning import budget_flops, fastv_budget, vtw_budget
 from ..pruning import TokenPruningConfig, apply_token_pruning, remove_token_pruning
+from ..pruning.config import check_cut
 from .base import Method, check_layers
 
 
@@ -69,7 +70,5 @@ class TokenPruning(Method):
         return record
 
     def check(self, config: TokenPruningConfig, num_layers: int) -> None:
-        if not 1 <= config.k <= num_layers - 1:
-            raise ValueError(f"K (the first pruned layer) must be in 1..{num_layers - 1} for a model of {num_layers} "
-                             f"decoder layers, got {config.k}")
+        check_cut(config.k, num_layers)
         check_layers(sorted(config.shortv_layers), num_layers, "ShortV layers")

@@ -20,6 +20,13 @@ METHODS = ("fastv", "vtw")
 RANKS = ("last", "mean")
 
 
+def check_cut(k: int, num_layers: int) -> None:
+    """K must leave layers ``0..K-1`` unpruned and at least one layer to prune: ``1 <= K <= num_layers - 1``."""
+    if not 1 <= k <= num_layers - 1:
+        raise ValueError(f"K (the first pruned layer) must be in 1..{num_layers - 1} for a model of {num_layers} "
+                         f"decoder layers, got {k}")
+
+
 @dataclass
 class TokenPruningConfig:
     """Layers ``0..k-1`` see every token; layers ``k..`` see the text tokens and the kept visual ones only.

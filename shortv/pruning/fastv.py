@@ -66,7 +66,7 @@ from ..registry import (
     visual_token_ids,
 )
 from .columns import decode_kwargs, gather_columns, prefill_kwargs, window_decode_mask
-from .config import TokenPruningConfig
+from .config import TokenPruningConfig, check_cut
 from .ranking import kept_layout, received_attention, top_visual
 
 STATE_ATTRIBUTE = "_shortv_pruning_state"
@@ -328,9 +328,7 @@ def get_pruning_state(model: nn.Module) -> PruningState | None:
 
 def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.ModuleList) -> LayerAnatomy:
     name = f"{config.method.upper() if config.method == 'vtw' else 'FastV'}"
-    if not 1 <= config.k <= len(layers) - 1:
-        raise ValueError(f"K (the first pruned layer) must be in 1..{len(layers) - 1} for {type(model).__name__}'s "
-                         f"{len(layers)} decoder layers, got {config.k}")
+    check_cut(config.k, len(layers))
     if get_shortv_state(model) is not None:
         raise ValueError(f"{name} on a model with apply_shortv's ShortV is not supported; remove_shortv(model) and "
                          "put the layers in TokenPruningConfig(shortv_layers=...)")
