@@ -17,8 +17,7 @@ import re
 import string
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,16 @@ from .files import atomic_write_text, exclusive_output
 from .fingerprint import WeightsFingerprint, fingerprint_model
 from .flops import LayerDims
 from .loading import context_length, inputs_for, load_model, model_id_of, resolve_model
-from .methods import MethodRun, applied_config, describe_record, load_config, method_of, parse_spec, plan_runs, runs_of
+from .methods import (
+    MethodRun,
+    applied_config,
+    describe_record,
+    load_config,
+    parse_spec,
+    plan_runs,
+    runs_of,
+    without_method,
+)
 from .processes import is_main_process, main_holds, on_main, process_device_map, process_index, share
 from .records import append_records, check_fresh, check_weights, merge_shards, shard_path, start_run
 from .registry import find_decoder_layers, visual_token_ids
@@ -214,20 +222,6 @@ def _run_settings(model: Any, runs: Sequence[MethodRun], samples: Sequence[VQASa
     }
 
 
-@contextmanager
-def _unpatched(model: Any) -> Iterator[Any]:
-    """The model without the method it came with (if any) for the block; that method applied again after it."""
-    config = applied_config(model)
-    method = None if config is None else method_of(config)
-    if method is not None:
-        method.remove(model)
-    try:
-        yield model
-    finally:
-        if method is not None:
-            method.apply(model, config)
-
-
 def _check_runs(model: Any, runs: Sequence[MethodRun]) -> None:
     """Each method applies to this model (family, K, layers: its own checks) before anything is generated."""
     for run in runs:
@@ -283,7 +277,7 @@ def evaluate(
     if video is not None:
         check_takes_video(processor, f"{video.source}: the sample has a video")
     check_context(processor, samples, context_length(model.config), new_tokens=max_new_tokens)
-    with _unpatched(model):
+    with without_method(model):
         _check_runs(model, runs)
         if out_dir is None:
             return _summarize(model, runs, _predict(model, processor, samples, runs, batch_size, max_new_tokens, None,

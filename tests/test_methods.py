@@ -310,3 +310,19 @@ def test_bench_refuses_bad_method_parameters_before_loading_a_model(monkeypatch,
     for name in ("bench_embedded", "bench_shape", "bench_pretrained"):
         monkeypatch.setattr(benchmark, name, no_model)
     assert re.search(message, single_error_line(runner.invoke(app, ["bench", *arguments])))
+
+
+def test_evaluate_leaves_a_switched_off_shortv_as_it_came(embedded) -> None:
+    """`evaluate` takes the model's own method off for the run and puts it back, switched off if it came so."""
+    from shortv import get_shortv_state
+
+    model, processor, samples = embedded
+    apply_shortv(model, SHORTV)
+    get_shortv_state(model).enabled = False
+    try:
+        evaluate(model, processor, samples[:BATCH], [CONFIGS["fastv"]], batch_size=BATCH, max_new_tokens=2,
+                 progress=False)
+        state = get_shortv_state(model)
+        assert state is not None and state.config == SHORTV and state.enabled is False
+    finally:
+        remove_shortv(model)

@@ -11,9 +11,10 @@ every step on a `Clock` (CUDA events on a GPU), so from a single call we get
 
 Baseline and the method (ShortV, or any of `shortv.methods`) always run on the *same* model object: the method is
 applied once, and the baseline runs under its `Method.unpatched` (ShortV switched off with `disable_shortv`; FastV /
-VTW removed, bit-exact, and applied again after the run, outside the timed call). Runs are interleaved and their order alternates every repetition
-(B S, S B, B S, ...), so drift from thermal state or other processes on the machine hits both alike. Every
-number is reported as median / min / max over the repetitions, after ``warmup`` untimed rounds of both.
+VTW removed, bit-exact, and applied again after the run, outside the timed call). Runs are interleaved and their
+order alternates every repetition (B S, S B, B S, ...), so drift from thermal state or other processes on the
+machine hits both alike. Every number is reported as median / min / max over the repetitions, after ``warmup``
+untimed rounds of both.
 
 The measured prefill speedup is reported beside the FLOPs-ideal one (`ideal.py`) for the model's own decoder dims
 and the real per-sample token counts (padding counts as text, as the engine treats it). The vision encoder of a
@@ -33,10 +34,9 @@ descheduled thread; that inflates both variants, and mostly the per-token work S
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -44,8 +44,8 @@ from torch import nn
 from ..config import ShortVConfig
 from ..cuda_graphs import compile_decoder, static_cache, uncompile_decoder
 from ..flops import LayerDims
-from ..methods import applied_config, coerce_config, method_of
-from ..patch import get_shortv_state, using_visual_mask
+from ..methods import applied_config, coerce_config, method_of, without_method
+from ..patch import using_visual_mask
 from .devices import Clock, dtype_name, model_device, model_dtype, torch_threads
 from .ideal import method_ideal_speedup
 from .inputs import BenchInputs
@@ -82,21 +82,13 @@ def interleaved(
 def method_applied(model: nn.Module, config: Any) -> Iterator[None]:
     """Apply ``config`` (any method's, `shortv.methods`) for the block, then put back whatever method the model had
     before (a ShortV one switched off stays off)."""
-    previous = applied_config(model)
-    state = get_shortv_state(model)
-    enabled = state.enabled if state is not None else True
-    if previous is not None:
-        method_of(previous).remove(model)
     method = method_of(config)
-    method.apply(model, config)
-    try:
-        yield
-    finally:
-        method.remove(model)
-        if previous is not None:
-            method_of(previous).apply(model, previous)
-            if state is not None:
-                get_shortv_state(model).enabled = enabled  # type: ignore[union-attr]
+    with without_method(model):
+        method.apply(model, config)
+        try:
+            yield
+        finally:
+            method.remove(model)
 
 
 def variant_context(model: nn.Module, inputs: BenchInputs, variant: str) -> ExitStack:

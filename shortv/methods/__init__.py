@@ -17,8 +17,16 @@ See docs/evaluation.md ("Several methods in one run").
 
 from .base import Method, describe_record
 from .plan import MethodRun, parse_spec, plan_runs, runs_of
-from .registry import METHODS, applied_config, coerce_config, config_from_dict, get_method, load_config, method_of
+from .registry import (
+    METHODS,
+    applied_config,
+    coerce_config,
+    config_from_dict,
+    get_method,
+    load_config,
+    method_of,
+    without_method,
+)
 
 __all__ = ["METHODS", "Method", "MethodRun", "applied_config", "coerce_config", "config_from_dict", "describe_record",
-           "get_method",
-           "load_config", "method_of", "parse_spec", "plan_runs", "runs_of"]
+           "get_method", "load_config", "method_of", "parse_spec", "plan_runs", "runs_of", "without_method"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,25 @@ def applied_config(model: Any) -> ShortVConfig | TokenPruningConfig | None:
 
     state = get_shortv_state(model) or get_pruning_state(model)
     return None if state is None else state.config
+
+
+@contextmanager
+def without_method(model: Any) -> Iterator[Any]:
+    """The model without the method it came with (if any) for the block; that method applied again after it, a ShortV
+    that was switched off (`disable_shortv`) switched off again."""
+    from ..patch import get_shortv_state
+
+    config = applied_config(model)
+    if config is None:
+        yield model
+        return
+    state = get_shortv_state(model)
+    enabled = True if state is None else state.enabled
+    method = method_of(config)
+    method.remove(model)
+    try:
+        yield model
+    finally:
+        method.apply(model, config)
+        if state is not None:
+            get_shortv_state(model).enabled = enabled
