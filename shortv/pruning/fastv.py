@@ -326,7 +326,19 @@ def get_pruning_state(model: nn.Module) -> PruningState | None:
     return getattr(_unwrap(model), STATE_ATTRIBUTE, None)
 
 
-def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.ModuleList) -> LayerAnatomy:
+@dataclass
+class LayerPlan:
+    """What `_check_applicable` learnt of the decoder layers, for `apply_token_pruning` to wire them."""
+
+    #: each layer's anatomy (one per layer type in a hybrid model)
+    anatomies: list[LayerAnatomy]
+    #: each layer's type (``full_attention``, ``sliding_attention``, ``linear_attention``)
+    kinds: list[str]
+    #: the sliding-window layers' window (None: the model has none)
+    window: int | None
+
+
+def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.ModuleList) -> LayerPlan:
     name = f"{config.method.upper() if config.method == 'vtw' else 'FastV'}"
     check_cut(config.k, len(layers))
     if get_shortv_state(model) is not None:
@@ -381,7 +393,7 @@ def _check_applicable(model: nn.Module, config: TokenPruningConfig, layers: nn.M
     implementation = attention_implementation(getattr(layers[softmax[0]], anatomies[softmax[0]].attention))
     if implementation not in SUPPORTED_ATTENTION:
         raise ValueError(f"{name} supports attn_implementation {SUPPORTED_ATTENTION}, got {implementation!r}")
-    return anatomies
+    return LayerPlan(anatomies, kinds, window)
 
 
 def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Module:
@@ -391,7 +403,8 @@ def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Modu
         raise TypeError(f"apply_token_pruning expects a TokenPruningConfig, got {type(config).__name__}")
     wrapper, model = model, _unwrap(model)
     layers = find_decoder_layers(model)
-    anatomies = _check_applicable(model, config, layers)
+    plan = _check_applicable(model, config, layers)
+    anatomies, kinds, window = plan.anatomies, plan.kinds, plan.window
     entries = entry_modules(model, _decoder_layers_path(model, layers))
     if get_pruning_state(model) is not None:
         remove_token_pruning(model)
@@ -415,11 +428,10 @@ def apply_token_pruning(model: nn.Module, config: TokenPruningConfig) -> nn.Modu
                  layers[index])
     override(lambda layer, previous, attribute: CutForward(state, layer, previous, attribute, config.k - 1),
              layers[config.k - 1])
-    kinds = layer_types(model) or ["full_attention"] * len(layers)
-    window = getattr(model.config.get_text_config(), "sliding_window", None)
     state.sliding = frozenset(index for index, kind in enumerate(kinds) if kind == SLIDING)
     rebuild = config.k <= kinds.index("full_attention")  # the model lays its step masks out for a pruned layer
-    per_token = tuple({anatomy.per_layer_input.argument for anatomy in anatomies if anatomy.per_layer_input})
+    per_token = tuple(dict.fromkeys(anatomy.per_layer_input.argument for anatomy in anatomies
+                                    if anatomy.per_layer_input))
     for index in range(config.k, len(layers)):
         override(lambda layer, previous, attribute, index=index: KeptForward(
             state, layer, previous, attribute, index, index in frozen, anatomies[index].module == RECURRENT,
