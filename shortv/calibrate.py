@@ -182,7 +182,7 @@ def calibrate(
                         plot_operator_contribution(lc, plot_path, chosen=operator_config.frozen_operators)
         vtw_config = None
         if vtw_threshold is not None:
-            vtw_config = _vtw_rule(model, processor, samples, vtw_threshold)
+            vtw_config = vtw_rule(model, processor, samples, vtw_threshold)
             vtw_config.provenance["data"] = str(Path(data).resolve())
             if is_main_process():
                 vtw_config.save(out_dir / VTW_CONFIG_FILE)
@@ -196,13 +196,14 @@ def _check_vtw(model: Any) -> None:
     vtw_layers(model)
 
 
-def _vtw_rule(model: Any, processor: Any, samples: list, threshold: float) -> Any:
-    """VTW's config at the K its KL rule picks on ``samples`` (left-padded batches of `VTW_BATCH_SIZE`)."""
+def vtw_rule(model: Any, processor: Any, samples: list, threshold: float, batch_size: int = VTW_BATCH_SIZE) -> Any:
+    """VTW's config at the K its KL rule picks on the VQA ``samples`` (left-padded batches of ``batch_size``;
+    `shortv.pruning.choose_vtw_layer`)."""
     from .evaluation import batch_inputs
     from .pruning import choose_vtw_layer
 
-    batches = [inputs_for(model, batch_inputs(processor, samples[start:start + VTW_BATCH_SIZE]))
-               for start in range(0, len(samples), VTW_BATCH_SIZE)]
+    batches = [inputs_for(model, batch_inputs(processor, samples[start:start + batch_size]))
+               for start in range(0, len(samples), batch_size)]
     return choose_vtw_layer(model, batches, threshold)
 
 

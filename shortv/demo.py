@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .benchmark import BenchInputs, benchmark
 from .benchmark.report import SMALL_MODEL_CAVEAT
-from .calibrate import calibrate
+from .calibrate import calibrate, vtw_rule
 from .config import ShortVConfig
 from .contribution import LCResult
 from .data import VQASample, read_jsonl, subsample
@@ -326,12 +326,11 @@ def _compare_methods(report: DemoReport, model: Any, processor: Any, samples: li
         return known[setting]
 
     report.comparison = compare(score, targets, lc, dims, t, v)
-    batches = [inputs_for(model, batch_inputs(processor, calibration_samples[start : start + batch_size]))
-               for start in range(0, len(calibration_samples), batch_size)]
     grid = method_grid("vtw", dims, t, v, lc.order)
     span = (grid[0].flops_ratio, grid[-1].flops_ratio)
     try:
-        setting, report.vtw_rule = vtw_rule_setting(model, batches, dims, t, v, VTW_THRESHOLD)
+        rule = vtw_rule(model, processor, calibration_samples, VTW_THRESHOLD, batch_size)
+        setting, report.vtw_rule = vtw_rule_setting(rule, dims, t, v)
     except ValueError as error:  # no K meets the threshold: said in the row
         report.vtw_rule = {"rule": "vtw_kl", "threshold": VTW_THRESHOLD, "error": str(error)}
         report.comparison.append(ComparisonRow(None, "vtw_rule", None, f"no K with mean KL < {VTW_THRESHOLD}", None,

@@ -169,12 +169,9 @@ def matches(targets: tuple[float, ...], lc: LCResult, dims: LayerDims, t: int, v
             for target in targets for method in METHODS]
 
 
-def vtw_rule_setting(model: Any, calibration_inputs: list[dict], dims: LayerDims, t: int, v: int,
-                     threshold: float = VTW_THRESHOLD) -> tuple[Setting, dict[str, Any]]:
-    """VTW at the K its own KL rule chooses on ``calibration_inputs``, and the rule's record (threshold, KL per K)."""
-    from .pruning import choose_vtw_layer
-
-    config = choose_vtw_layer(model, calibration_inputs, threshold)
+def vtw_rule_setting(config: Any, dims: LayerDims, t: int, v: int) -> tuple[Setting, dict[str, Any]]:
+    """The demo's setting of the VTW ``config`` its own KL rule chose (`shortv.calibrate.vtw_rule`), and the rule's
+    record (threshold, KL per K)."""
     return Setting("vtw_rule", vtw_ratio(dims, t, v, config.k), k=config.k, ratio=1.0, kept=0), config.provenance
 
 
